@@ -1,0 +1,198 @@
+"""BrainSegFounder's Swin-UNETR behind nnU-Net's network convention.
+
+``BSFSwinUNETR(input_channels, num_classes, deep_supervision=False, **arch_kwargs)`` is a subclass of MONAI's
+``SwinUNETR``: its ``state_dict`` keys are exactly MONAI's (``swinViT.*``, ``encoder1..10``, ``decoder1..5``,
+``out.*``), so official checkpoints load without renaming. What we add:
+
+* ``merging``: the 3D patch-merging flavour. ``"legacy"`` reproduces MONAI before 1.5 (0.9-1.4), which is what
+  BrainSegFounder's published weights were trained with; it concatenates the 8 sub-grids in an order that repeats
+  two of them ((0,1,0) and (0,0,1) twice) and never uses (1,1,0) and (0,1,1). ``"fixed"`` is MONAI >= 1.5's
+  ``"merging"``: all 8 sub-grids. Weights trained with one flavour compute something else in the other.
+* ``attention``: ``"sdpa"`` runs window attention through ``torch.nn.functional.scaled_dot_product_attention``
+  with the relative-position bias and shift mask as an additive bias, in training and inference;
+  ``"monai"`` keeps MONAI's explicit softmax(QK^T)V. Both compute the same function (tests check 1e-4).
+* ``axis_order``: nnU-Net feeds (z, y, x) arrays; weights trained in MONAI pipelines saw (x, y, z). With
+  ``axis_order="xyz"`` the network transposes its input to (x, y, z) and the logits back, so imported MONAI
+  weights see the orientation they were trained with. ``"zyx"`` (default) does nothing.
+* ``use_checkpoint``: gradient checkpointing of every Swin block (MONAI's mechanism).
+
+This module knows nothing about trainers or nnU-Net.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAttention
+from torch import nn
+
+MERGING_MODES = ("legacy", "fixed")
+ATTENTION_MODES = ("sdpa", "monai")
+AXIS_ORDERS = ("zyx", "xyz")
+
+# Sub-grid offsets (d, h, w) concatenated along channels, in order.
+LEGACY_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+FIXED_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+
+
+class _OffsetPatchMerging(PatchMergingV2):
+    """3D patch merging that concatenates the sub-grids listed in ``offsets`` (same parameters as MONAI's)."""
+
+    offsets: tuple = FIXED_OFFSETS
+
+    def forward(self, x):
+        if x.dim() != 5:
+            return super().forward(x)
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.offsets], -1)
+        return self.reduction(self.norm(x))
+
+
+class LegacyPatchMerging(_OffsetPatchMerging):
+    """MONAI < 1.5 patch merging (BrainSegFounder's published weights)."""
+
+    offsets = LEGACY_OFFSETS
+
+
+class FixedPatchMerging(_OffsetPatchMerging):
+    """MONAI >= 1.5 patch merging (all eight 2x2x2 sub-grids)."""
+
+    offsets = FIXED_OFFSETS
+
+
+assert sorted(FIXED_OFFSETS) == sorted(itertools.product(range(2), repeat=3))
+
+MERGING_CLASSES = {"legacy": LegacyPatchMerging, "fixed": FixedPatchMerging}
+
+
+def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
+    """WindowAttention.forward through fused scaled-dot-product attention (same maths as MONAI's)."""
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
+    bias = bias.reshape(n, n, -1).permute(2, 0, 1)  # heads, n, n
+    if mask is not None:
+        nw = mask.shape[0]
+        bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # nw, heads, n, n
+        q = q.reshape(b // nw, nw, self.num_heads, n, -1)
+        k = k.reshape(b // nw, nw, self.num_heads, n, -1)
+        v = v.reshape(b // nw, nw, self.num_heads, n, -1)
+    bias = bias.to(q.dtype)
+    p = self.attn_drop.p if self.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
+    out = out.reshape(b, self.num_heads, n, -1).transpose(1, 2).reshape(b, n, c)
+    return self.proj_drop(self.proj(out))
+
+
+class SDPAWindowAttention(WindowAttention):
+    """MONAI's WindowAttention (same parameters and buffers) computed with ``scaled_dot_product_attention``."""
+
+    forward = _sdpa_window_attention_forward
+
+
+def _swap_attention(module: nn.Module) -> int:
+    n = 0
+    for m in module.modules():
+        if type(m) is WindowAttention:
+            m.__class__ = SDPAWindowAttention
+            n += 1
+    return n
+
+
+def _as_int_tuple(v, name: str, length: int = 4) -> tuple:
+    try:
+        t = tuple(int(i) for i in v)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of {length} integers, got {v!r}") from None
+    if len(t) != length or min(t) < 1:
+        raise ValueError(f"{name} must be {length} positive integers, got {v!r}")
+    return t
+
+
+class BSFSwinUNETR(SwinUNETR):
+    """Swin-UNETR with nnU-Net's constructor convention. See the module docstring for the extra options."""
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        deep_supervision: bool = False,
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        patch_size: int = 2,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        dropout_path_rate: float = 0.0,
+        use_checkpoint: bool = False,
+        merging: str = "legacy",
+        attention: str = "sdpa",
+        axis_order: str = "zyx",
+        norm_name: str = "instance",
+        normalize: bool = True,
+        **unused,
+    ) -> None:
+        if unused:
+            raise ValueError(
+                f"BSFSwinUNETR got unknown architecture arguments {sorted(unused)}; valid ones are feature_size, "
+                "depths, num_heads, window_size, patch_size, drop_rate, attn_drop_rate, dropout_path_rate, "
+                "use_checkpoint, merging, attention, axis_order, norm_name, normalize"
+            )
+        if merging not in MERGING_MODES:
+            raise ValueError(f"merging must be one of {MERGING_MODES} (legacy = MONAI < 1.5, BrainSegFounder's "
+                             f"published weights; fixed = MONAI >= 1.5), got {merging!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if axis_order not in AXIS_ORDERS:
+            raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
+        if int(feature_size) % 12:
+            raise ValueError(f"feature_size must be a multiple of 12, got {feature_size}")
+        depths = _as_int_tuple(depths, "depths")
+        num_heads = _as_int_tuple(num_heads, "num_heads")
+        super().__init__(
+            in_channels=int(input_channels),
+            out_channels=int(num_classes),
+            patch_size=int(patch_size),
+            depths=depths,
+            num_heads=num_heads,
+            window_size=int(window_size),
+            feature_size=int(feature_size),
+            norm_name=norm_name,
+            drop_rate=float(drop_rate),
+            attn_drop_rate=float(attn_drop_rate),
+            dropout_path_rate=float(dropout_path_rate),
+            normalize=bool(normalize),
+            use_checkpoint=bool(use_checkpoint),
+            spatial_dims=3,
+            downsample=MERGING_CLASSES[merging],
+        )
+        self.merging = merging
+        self.attention = attention
+        self.axis_order = axis_order
+        # nnU-Net asks for deep supervision through the trainer; Swin-UNETR has a single output.
+        self.deep_supervision = False
+        if attention == "sdpa":
+            _swap_attention(self)
+
+    def set_axis_order(self, axis_order: str) -> None:
+        if axis_order not in AXIS_ORDERS:
+            raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
+        self.axis_order = axis_order
+
+    def forward(self, x_in):
+        if self.axis_order == "xyz":
+            x_in = x_in.permute(0, 1, 4, 3, 2)
+        out = super().forward(x_in)
+        if self.axis_order == "xyz":
+            out = out.permute(0, 1, 4, 3, 2)
+        return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

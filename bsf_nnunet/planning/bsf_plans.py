@@ -1,0 +1,103 @@
+"""``bsf-nnunet plan``: a named nnU-Net plans file with a BrainSegFounder-like 3d_fullres configuration.
+
+Runs nnU-Net's own fingerprinting, planning (with a fixed target spacing and plans name) and preprocessing
+through its Python API, then rewrites the 3d_fullres configuration for Swin-UNETR (patch size, batch size,
+architecture). Train on it with ``nnUNetv2_train ID 3d_fullres FOLD -tr BSFTrainer -p BSFPlans``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Optional, Sequence
+
+from .presets import bsf_plans_defaults
+from .swin_config import ConfigurationError, check_user_patch, derive_swin_configuration
+
+
+def atomic_write_json(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=4)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Sequence[int], batch_size: int,
+                   merging: str = "legacy") -> tuple:
+    """Return (new plans, notes): ``plans`` with only a Swin-UNETR 3d_fullres configuration, renamed."""
+    if "3d_fullres" not in plans.get("configurations", {}):
+        raise ConfigurationError(
+            f"The plans {plans.get('plans_name')!r} have no 3d_fullres configuration "
+            f"(found: {sorted(plans.get('configurations', {}))}). BrainSegFounder is a 3D model: plan with "
+            "`nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres` or `bsf-nnunet plan -d ID`."
+        )
+    patch, note = check_user_patch(patch_size)
+    notes = [note] if note else []
+    conf = dict(plans["configurations"]["3d_fullres"])
+    conf["patch_size"] = patch
+    conf["batch_size"] = int(batch_size)
+    conf, derived_notes = derive_swin_configuration(conf, variant=variant, merging=merging,
+                                                    memory_budget_gb=math.inf)
+    notes += derived_notes
+    conf["data_identifier"] = f"{plans_name}_3d_fullres"
+    new = dict(plans)
+    new["plans_name"] = plans_name
+    new["configurations"] = {"3d_fullres": conf}
+    return new, notes
+
+
+def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Optional[Sequence[int]] = None,
+                 spacing: Optional[Sequence[float]] = None, plans_name: Optional[str] = None,
+                 batch_size: Optional[int] = None, num_processes: int = 4, preprocess: bool = True,
+                 verbose: bool = True) -> str:
+    """Fingerprint (if needed), plan and preprocess ``dataset_id``; return the path of the written plans file."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset, plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    for var, env in ((nnUNet_raw, "nnUNet_raw"), (nnUNet_preprocessed, "nnUNet_preprocessed")):
+        if not var.is_set():
+            raise ConfigurationError(f"Environment variable {env} is not set: set it as for nnUNetv2_plan_and_preprocess.")
+    defaults = bsf_plans_defaults()
+    variant = variant or defaults["variant"]
+    patch_size = list(patch_size or defaults["patch_size"])
+    spacing = [float(s) for s in (spacing or defaults["spacing"])]
+    plans_name = plans_name or defaults["plans_name"]
+    batch_size = int(batch_size or defaults["batch_size"])
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigurationError(f"--spacing needs 3 positive values (z y x in mm), got {spacing}.")
+    check_user_patch(patch_size)  # fail early on nonsense
+    try:
+        dataset_name = maybe_convert_to_dataset_name(int(dataset_id))
+    except RuntimeError as e:
+        raise ConfigurationError(f"Dataset {dataset_id}: {e}") from None
+    fp = os.path.join(str(nnUNet_preprocessed), dataset_name, "dataset_fingerprint.json")
+    if not os.path.isfile(fp):
+        extract_fingerprint_dataset(int(dataset_id), num_processes=num_processes, check_dataset_integrity=True)
+    _, plans_id = plan_experiment_dataset(int(dataset_id), ExperimentPlanner, overwrite_target_spacing=spacing,
+                                          overwrite_plans_name=plans_name)
+    plans_file = os.path.join(str(nnUNet_preprocessed), dataset_name, plans_id + ".json")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    new, notes = make_bsf_plans(plans, plans_name, variant, patch_size, batch_size)
+    atomic_write_json(plans_file, new)
+    if verbose:
+        c = new["configurations"]["3d_fullres"]
+        print(f"Wrote {plans_file}: 3d_fullres spacing {c['spacing']}, patch {c['patch_size']}, batch "
+              f"{c['batch_size']}, variant {variant}")
+        for n in notes:
+            print(f"  note: {n}")
+    if preprocess:
+        preprocess_dataset(int(dataset_id), plans_identifier=plans_name, configurations=("3d_fullres",),
+                           num_processes=(num_processes,), verbose=False)
+    return plans_file

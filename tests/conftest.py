@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A CI-sized variant of BSFTrainer_Toy (and of nnUNetTrainer) in an extra trainer folder. It is found through
+# nnUNet_extTrainer next to the folder that the bsf-nnunet install registers, which checks that the user's own
+# entries are kept.
+CI_TRAINERS = textwrap.dedent('''
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from bsf_nnunet.training import BSFTrainer_Toy
+
+
+    class BSFTrainer_CI(BSFTrainer_Toy):
+        bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=12,
+                          num_val_iterations_per_epoch=1, initial_lr=2e-3)
+
+
+    class nnUNetTrainer_CI(nnUNetTrainer):
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 1
+            self.num_iterations_per_epoch = 4
+            self.num_val_iterations_per_epoch = 1
+''')
+
+
+@pytest.fixture
+def nnunet_env(tmp_path):
+    """Environment for nnU-Net subprocesses: temp raw/preprocessed/results folders and the CI trainers."""
+    ext = tmp_path / "ext_trainers"
+    ext.mkdir()
+    (ext / "ci_trainers.py").write_text(CI_TRAINERS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update({
+        "nnUNet_raw": str(tmp_path / "raw"),
+        "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
+        "nnUNet_results": str(tmp_path / "results"),
+        "nnUNet_extTrainer": str(ext),
+        "nnUNet_n_proc_DA": "1",
+        "nnUNet_def_n_proc": "1",
+        "OMP_NUM_THREADS": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[k], exist_ok=True)
+    return env
+
+
+def run_cmd(cmd, env, cwd=None, timeout=900):
+    """Run a command; on failure show its output."""
+    p = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{p.stdout[-6000:]}")
+    return p.stdout
+
+
+@pytest.fixture
+def run():
+    return run_cmd
+
+
+PY = sys.executable

@@ -1,0 +1,124 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import PatchMergingV2
+
+from bsf_nnunet.network import BSFSwinUNETR, count_parameters
+from bsf_nnunet.planning.presets import variant_arch_kwargs
+
+TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
+
+
+class PreMonai15PatchMerging(PatchMergingV2):
+    """Independent re-statement of MONAI 0.9-1.4's 3D PatchMerging.forward (the computation BrainSegFounder's
+    published weights were trained with): eight strided slices, two of them repeated."""
+
+    def forward(self, x):
+        x0 = x[:, 0::2, 0::2, 0::2, :]
+        x1 = x[:, 1::2, 0::2, 0::2, :]
+        x2 = x[:, 0::2, 1::2, 0::2, :]
+        x3 = x[:, 0::2, 0::2, 1::2, :]
+        x4 = x[:, 1::2, 0::2, 1::2, :]
+        x5 = x[:, 0::2, 1::2, 0::2, :]
+        x6 = x[:, 0::2, 0::2, 1::2, :]
+        x7 = x[:, 1::2, 1::2, 1::2, :]
+        x = torch.cat([x0, x1, x2, x3, x4, x5, x6, x7], -1)
+        return self.reduction(self.norm(x))
+
+
+@pytest.mark.parametrize("variant,expected_m", [("tiny", 62.19), ("small", 64.08), ("big", 69.73), ("large", 277.1)])
+def test_parameter_counts(variant, expected_m):
+    net = BSFSwinUNETR(4, 3, **variant_arch_kwargs(variant))
+    assert count_parameters(net) / 1e6 == pytest.approx(expected_m, abs=0.01 if variant != "large" else 0.1)
+
+
+def test_state_dict_keys_equal_monai():
+    ours = BSFSwinUNETR(4, 3, **TOY)
+    ref = SwinUNETR(in_channels=4, out_channels=3, **TOY)
+    assert list(ours.state_dict().keys()) == list(ref.state_dict().keys())
+    for k, v in ref.state_dict().items():
+        assert ours.state_dict()[k].shape == v.shape, k
+
+
+def _pair(merging, attention, downsample):
+    torch.manual_seed(0)
+    ours = BSFSwinUNETR(2, 3, merging=merging, attention=attention, **TOY).eval()
+    ref = SwinUNETR(in_channels=2, out_channels=3, downsample=downsample, **TOY).eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("attention", ["monai", "sdpa"])
+@pytest.mark.parametrize("merging,downsample", [("fixed", "merging"), ("legacy", PreMonai15PatchMerging)])
+def test_output_equals_monai(merging, downsample, attention):
+    ours, ref = _pair(merging, attention, downsample)
+    x = torch.randn(1, 2, 64, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert a.shape == (1, 3, 64, 64, 96)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_legacy_and_fixed_merging_differ():
+    """Loading weights into the other merging mode silently computes something else: the modes must differ."""
+    legacy = BSFSwinUNETR(2, 3, merging="legacy", **TOY).eval()
+    fixed = BSFSwinUNETR(2, 3, merging="fixed", **TOY).eval()
+    fixed.load_state_dict(legacy.state_dict())
+    x = torch.randn(1, 2, 64, 64, 64)
+    with torch.no_grad():
+        assert (legacy(x) - fixed(x)).abs().max() > 1e-3
+
+
+def test_sdpa_gradients_match_monai_attention():
+    torch.manual_seed(0)
+    a = BSFSwinUNETR(1, 2, attention="sdpa", **TOY).double()
+    b = BSFSwinUNETR(1, 2, attention="monai", **TOY).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 1, 64, 64, 64, dtype=torch.float64)
+    a(x).square().mean().backward()
+    b(x).square().mean().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9), n
+
+
+def test_axis_order_xyz_transposes_input_and_output():
+    torch.manual_seed(0)
+    net = BSFSwinUNETR(1, 2, axis_order="zyx", **TOY).eval()
+    x = torch.randn(1, 1, 64, 96, 128)
+    with torch.no_grad():
+        ref = net(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+        net.set_axis_order("xyz")
+        out = net(x)
+    assert out.shape == (1, 2, 64, 96, 128)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="merging"):
+        BSFSwinUNETR(1, 2, merging="v2", **TOY)
+    with pytest.raises(ValueError, match="unknown architecture arguments"):
+        BSFSwinUNETR(1, 2, n_stages=4, **TOY)
+    with pytest.raises(ValueError, match="depths"):
+        BSFSwinUNETR(1, 2, feature_size=12, depths=(1, 1), num_heads=(3, 6, 12, 24))
+
+
+def test_fixed_offsets_cover_all_subgrids():
+    from bsf_nnunet.network.swin_unetr import FIXED_OFFSETS, LEGACY_OFFSETS
+
+    assert sorted(FIXED_OFFSETS) == sorted(itertools.product(range(2), repeat=3))
+    assert len(set(LEGACY_OFFSETS)) == 6
+
+
+def test_nnunet_convention_via_get_network_from_plans():
+    """Plans can name the class: nnU-Net's generic builder constructs it from the dotted path."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    net = get_network_from_plans("bsf_nnunet.network.swin_unetr.BSFSwinUNETR", dict(TOY, merging="legacy"), [],
+                                 2, 3, allow_init=True, deep_supervision=False)
+    assert isinstance(net, BSFSwinUNETR)
+    out = net(torch.randn(1, 2, 64, 64, 64))
+    assert out.shape == (1, 3, 64, 64, 64)
+    assert not F.softmax(out, 1).isnan().any()
