@@ -51,7 +51,7 @@ def _pair(merging, attention, downsample):
     return ours, ref
 
 
-@pytest.mark.parametrize("attention", ["monai", "sdpa"])
+@pytest.mark.parametrize("attention", ["monai", "sdpa", "auto"])
 @pytest.mark.parametrize("merging,downsample", [("fixed", "merging"), ("legacy", PreMonai15PatchMerging)])
 def test_output_equals_monai(merging, downsample, attention):
     ours, ref = _pair(merging, attention, downsample)

@@ -10,7 +10,9 @@
   ``"merging"``: all 8 sub-grids. Weights trained with one flavour compute something else in the other.
 * ``attention``: ``"sdpa"`` runs window attention through ``torch.nn.functional.scaled_dot_product_attention``
   with the relative-position bias and shift mask as an additive bias, in training and inference;
-  ``"monai"`` keeps MONAI's explicit softmax(QK^T)V. Both compute the same function (tests check 1e-4).
+  ``"monai"`` keeps MONAI's explicit softmax(QK^T)V; ``"auto"`` (default) uses SDPA on CUDA tensors and MONAI's
+  path on CPU, where SDPA measured slower for the fs48 variants (bench/train_step.py). All compute the same
+  function (tests check 1e-4).
 * ``axis_order``: nnU-Net feeds (z, y, x) arrays; weights trained in MONAI pipelines saw (x, y, z). With
   ``axis_order="xyz"`` the network transposes its input to (x, y, z) and the logits back, so imported MONAI
   weights see the orientation they were trained with. ``"zyx"`` (default) does nothing.
@@ -29,7 +31,7 @@ from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAtte
 from torch import nn
 
 MERGING_MODES = ("legacy", "fixed")
-ATTENTION_MODES = ("sdpa", "monai")
+ATTENTION_MODES = ("auto", "sdpa", "monai")
 AXIS_ORDERS = ("zyx", "xyz")
 
 # Sub-grid offsets (d, h, w) concatenated along channels, in order.
@@ -95,11 +97,20 @@ class SDPAWindowAttention(WindowAttention):
     forward = _sdpa_window_attention_forward
 
 
-def _swap_attention(module: nn.Module) -> int:
+class AutoWindowAttention(WindowAttention):
+    """Fused attention on CUDA tensors, MONAI's explicit attention on CPU (measured faster there for fs48)."""
+
+    def forward(self, x, mask):
+        if x.is_cuda:
+            return _sdpa_window_attention_forward(self, x, mask)
+        return WindowAttention.forward(self, x, mask)
+
+
+def _swap_attention(module: nn.Module, cls=SDPAWindowAttention) -> int:
     n = 0
     for m in module.modules():
-        if type(m) is WindowAttention:
-            m.__class__ = SDPAWindowAttention
+        if isinstance(m, WindowAttention):
+            m.__class__ = cls
             n += 1
     return n
 
@@ -132,7 +143,7 @@ class BSFSwinUNETR(SwinUNETR):
         dropout_path_rate: float = 0.0,
         use_checkpoint: bool = False,
         merging: str = "legacy",
-        attention: str = "sdpa",
+        attention: str = "auto",
         axis_order: str = "zyx",
         norm_name: str = "instance",
         normalize: bool = True,
@@ -177,8 +188,8 @@ class BSFSwinUNETR(SwinUNETR):
         self.axis_order = axis_order
         # nnU-Net asks for deep supervision through the trainer; Swin-UNETR has a single output.
         self.deep_supervision = False
-        if attention == "sdpa":
-            _swap_attention(self)
+        if attention != "monai":
+            _swap_attention(self, SDPAWindowAttention if attention == "sdpa" else AutoWindowAttention)
 
     def set_axis_order(self, axis_order: str) -> None:
         if axis_order not in AXIS_ORDERS:

@@ -12,7 +12,9 @@ Variants are subclasses that change class attributes (nnU-Net's idiom); architec
 from __future__ import annotations
 
 import contextlib
+import os
 import pydoc
+import weakref
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -22,6 +24,14 @@ from torch import nn
 from ..planning.presets import get_variant
 from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
 from .lr import WarmupCosineLR
+
+PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
+UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "module", module)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
 
 
 def _bf16_supported(device: torch.device) -> bool:
@@ -51,6 +61,9 @@ class BSFTrainer(nnUNetTrainer):
     bsf_max_batch_size = None
     bsf_extra_arch_kwargs = None  # e.g. {"use_checkpoint": True}
     bsf_warmup_fraction = 0.05  # of num_epochs
+    bsf_use_pretraining = True  # False: never load pretrained weights (the scratch baseline)
+    bsf_pretrain_trainer = "BSFPretrainTrainer"  # stage chaining: its fold F results initialise fold F
+    bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 50}
 
@@ -63,6 +76,7 @@ class BSFTrainer(nnUNetTrainer):
         self.bsf_amp_dtype = torch.bfloat16 if _bf16_supported(self.device) else None
         if self.bsf_amp_dtype is not None:
             self.grad_scaler = None  # bf16 needs no loss scaling
+        self.bsf_pretrained_from = None
         self._adapt_configuration(configuration)
 
     # ------------------------------------------------------------------ configuration
@@ -112,6 +126,92 @@ class BSFTrainer(nnUNetTrainer):
     def _get_deep_supervision_scales(self):
         return None
 
+    def initialize(self):
+        super().initialize()
+        # lets our -pretrained_weights handler find the trainer that owns this network
+        _unwrap(self.network).__dict__["_bsf_owner"] = weakref.ref(self)
+
+    # ------------------------------------------------------------------ pretrained weights
+    def target_channel_names(self) -> list:
+        cn = self.dataset_json["channel_names"]
+        return [str(cn[k]) for k in sorted(cn, key=int)]
+
+    def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
+        """Initialise from any supported checkpoint (ours, nnU-Net's, official MONAI SSL/fine-tuned, raw)."""
+        if not self.bsf_use_pretraining:
+            raise ConfigurationError(
+                f"{self.__class__.__name__} trains from scratch by definition and never loads pretrained weights; "
+                f"drop -pretrained_weights or use BSFTrainer.")
+        from ..weights import load_checkpoint, parse_channel_list, transfer_weights
+
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = load_checkpoint(path, allow_unsafe_pickle=os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true"))
+        src = os.environ.get(PRETRAINED_CHANNELS_ENV)
+        src = parse_channel_list(src) if src else None
+        report = transfer_weights(_unwrap(self.network), ckpt, source_channels=src,
+                                  target_channels=self.target_channel_names(), verbose=False,
+                                  encoder_only=self._pretrained_encoder_only())
+        axis = ckpt.metadata.get("axis_order", "zyx")
+        if axis != getattr(_unwrap(self.network), "axis_order", axis):
+            _unwrap(self.network).set_axis_order(axis)
+            self.configuration_manager.configuration["architecture"]["arch_kwargs"]["axis_order"] = axis
+            self.plans_manager.plans["configurations"][self.configuration_name]["architecture"]["arch_kwargs"][
+                "axis_order"] = axis
+            self.print_to_log_file(f"  the checkpoint was trained on {axis} arrays: the network now transposes "
+                                   "nnU-Net's (z, y, x) input to match (recorded in plans.json)")
+        self.bsf_pretrained_from = os.path.abspath(path)
+        self.print_to_log_file(f"Initialised from {path} ({how}):\n{report.summary()}")
+
+    def _pretrained_encoder_only(self) -> bool:
+        return False
+
+    def _chained_checkpoint(self):
+        from nnunetv2.paths import nnUNet_results
+
+        if not nnUNet_results.is_set() or not self.bsf_pretrain_trainer:
+            return None
+        folder = os.path.join(str(nnUNet_results), self.plans_manager.dataset_name,
+                              f"{self.bsf_pretrain_trainer}__{self.plans_manager.plans_name}__{self.configuration_name}",
+                              f"fold_{self.fold}")
+        return os.path.join(folder, "checkpoint_final.pth")
+
+    def _maybe_chain_pretraining(self) -> None:
+        if self.current_epoch > 0 or self.bsf_pretrained_from is not None:
+            return  # resumed (--c) or -pretrained_weights given
+        if not self.bsf_use_pretraining:
+            self.print_to_log_file(f"{self.__class__.__name__}: random initialisation (scratch baseline).")
+            return
+        ckpt = self._chained_checkpoint()
+        if ckpt and os.path.isfile(ckpt):
+            self.load_bsf_pretrained(ckpt, how=f"stage chaining from {self.bsf_pretrain_trainer} fold {self.fold}")
+        else:
+            self.print_to_log_file(f"No self-supervised pretraining found ({ckpt}); training from random "
+                                   "initialisation. Pretrain with -tr " + str(self.bsf_pretrain_trainer) +
+                                   " or pass -pretrained_weights.")
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._maybe_chain_pretraining()
+        super().on_train_start()
+
+    def on_train_epoch_start(self):
+        if self.bsf_freeze_encoder_epochs:
+            frozen = self.current_epoch < self.bsf_freeze_encoder_epochs
+            for p in _unwrap(self.network).swinViT.parameters():
+                p.requires_grad_(not frozen)
+            if self.current_epoch in (0, self.bsf_freeze_encoder_epochs):
+                self.print_to_log_file(f"encoder (swinViT) {'frozen' if frozen else 'trainable'}")
+        super().on_train_epoch_start()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written)."""
+        tmp = os.path.join(os.path.dirname(filename), ".tmp_" + os.path.basename(filename))
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
@@ -149,12 +249,49 @@ class BSFTrainer_Large(BSFTrainer):
 class BSFTrainer_scratch(BSFTrainer):
     """The Small variant trained from random initialisation: the baseline of the low-data study."""
 
+    bsf_use_pretraining = False
+
+
+class BSFTrainer_freeze50(BSFTrainer):
+    """Small variant with the pretrained encoder frozen for the first 50 epochs."""
+
+    bsf_freeze_encoder_epochs = 50
+
 
 class BSFTrainer_Toy(BSFTrainer):
     """Feature size 12, depths 1-1-1-1: for tests, demos and quick checks (minutes on a CPU)."""
 
     bsf_variant = "toy"
     bsf_patch_cap = 64
+    bsf_pretrain_trainer = "BSFPretrainTrainer_Toy"
     bsf_warmup_fraction = 0.2
     bsf_recipe = dict(BSFTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
                       num_val_iterations_per_epoch=5, initial_lr=1e-3)
+
+
+class BSFTrainer_Toy_scratch(BSFTrainer_Toy):
+    """The toy variant from random initialisation (the demo's baseline)."""
+
+    bsf_use_pretraining = False
+
+
+def _install_pretrained_weights_handler() -> None:
+    """Make nnU-Net's ``-pretrained_weights`` use our loader for BSF networks (other trainers: nnU-Net's own)."""
+    try:
+        import nnunetv2.run.run_training as rt
+    except Exception:  # pragma: no cover - nnU-Net layout changed
+        return
+    original = getattr(rt.load_pretrained_weights, "_bsf_original", rt.load_pretrained_weights)
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        ref = _unwrap(network).__dict__.get("_bsf_owner")
+        trainer = ref() if ref is not None else None
+        if trainer is None:
+            return original(network, fname, verbose)
+        trainer.load_bsf_pretrained(fname)
+
+    load_pretrained_weights._bsf_original = original
+    rt.load_pretrained_weights = load_pretrained_weights
+
+
+_install_pretrained_weights_handler()

@@ -1,0 +1,374 @@
+"""BSFPretrainTrainer: BrainSegFounder's self-supervised stages 1 and 2 as an nnU-Net trainer.
+
+    nnUNetv2_train 500 3d_fullres all -tr BSFPretrainTrainer                        # stage 1 (e.g. UK Biobank)
+    nnUNetv2_train 4 3d_fullres 0 -tr BSFPretrainTrainer -pretrained_weights S1.pth  # stage 2, fold 0's train cases
+
+Swin-UNETR encoder + rotation, contrastive and reconstruction heads (``bsf_nnunet.ssl``); two augmented views per
+crop (rotation + inpainting masks, made on the device); loss = CE(rotation) + NT-Xent (tau 0.5, negatives gathered
+across DDP ranks) + L1 reconstruction. AdamW (lr 4e-4, wd 0.1), warmup then cosine per step, bf16 autocast on CUDA,
+gradient clipping. Validation loss on the fold's validation cases (held-out cases never enter pretraining).
+Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``); they load with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import weakref
+from time import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..planning.swin_config import ConfigurationError
+from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap
+from .checkpointing import atomic_torch_save, safe_torch_load
+from .lr import WarmupCosineLR
+from .ssl_data import SSLCropLoader
+
+SSL_LOG_KEYS = ("ssl_rot", "ssl_con", "ssl_rec", "val_ssl_rot", "val_ssl_con", "val_ssl_rec")
+
+
+class SSLDivergedError(RuntimeError):
+    pass
+
+
+class BSFPretrainTrainer(BSFTrainer):
+    """Self-supervised pretraining of the Small variant on 96^3 crops."""
+
+    bsf_crop_size = 96
+    bsf_crops_per_volume = 2
+    bsf_volumes_per_batch = None  # None: the configuration's batch size
+    bsf_foreground_probability = 0.9
+    bsf_loss_weights = (1.0, 1.0, 1.0)  # rotation, contrastive, reconstruction
+    bsf_temperature = 0.5
+    bsf_seed = 12345
+    bsf_grad_clip = 12.0
+    bsf_recipe = {"initial_lr": 4e-4, "weight_decay": 0.1, "num_epochs": 100, "num_iterations_per_epoch": 250,
+                  "num_val_iterations_per_epoch": 25}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:
+            if torch.cuda.is_available() and device.type == "cuda":
+                # nnU-Net picks cuda:<global rank>; on several nodes the GPU index is the local rank
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.local_rank)))
+            else:
+                self.device = torch.device("cpu")  # gloo / CPU DDP (tests, CPU clusters)
+        self.bsf_stage = 1
+        self.bsf_parent = None
+        self.global_step = 0
+        for k in SSL_LOG_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(k, [])
+
+    # crops replace nnU-Net's patch: cubic, multiple of 32, >= 64
+    def _adapt_configuration(self, configuration: str) -> None:
+        crop = int(self.bsf_crop_size)
+        if crop % 32 or crop < 64:
+            raise ConfigurationError(f"{self.__class__.__name__}: crop size {crop} must be a multiple of 32 and >= 64.")
+        resolved = self.plans_manager._internal_resolve_configuration_inheritance(configuration)
+        resolved = dict(resolved, patch_size=[crop] * 3)
+        self.plans_manager.plans["configurations"][configuration] = resolved
+        super()._adapt_configuration(configuration)
+
+    def _set_batch_size_and_oversample(self):
+        """The configured batch size is per process (nnU-Net would split it across ranks)."""
+        self.batch_size = self.configuration_manager.batch_size
+
+    # ------------------------------------------------------------------ network
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        from ..ssl.model import BSFSSLModel
+
+        kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        return BSFSSLModel(num_input_channels, **kwargs)
+
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("BSFPretrainTrainer.initialize called twice")
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                       self.num_input_channels, 0, False).to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
+        _unwrap(self.network).__dict__["_bsf_owner"] = weakref.ref(self)
+        self.loss = self._build_loss()
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+
+    def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
+        """Stage 2: start from a stage-1 (or official SSL) checkpoint, encoder and heads."""
+        super().load_bsf_pretrained(path, how)
+        self.bsf_stage = 2
+        self.bsf_parent = os.path.abspath(path)
+
+    def _build_loss(self):
+        from ..ssl.losses import SSLLoss
+
+        w = self.bsf_loss_weights
+        return SSLLoss(w_rot=w[0], w_con=w[1], w_rec=w[2], temperature=self.bsf_temperature)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        warmup = max(1, int(round(self.bsf_warmup_fraction * total))) if total > 1 else 0
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, total, warmup)
+
+    @property
+    def _module(self) -> nn.Module:
+        m = self.network.module if self.is_ddp else self.network
+        return getattr(m, "_orig_mod", m)
+
+    # ------------------------------------------------------------------ data
+    def get_dataloaders(self):
+        tr_keys, val_keys = self.do_split()
+        if self.fold != "all":
+            overlap = set(tr_keys) & set(val_keys)
+            if overlap:
+                raise ConfigurationError(f"splits_final.json fold {self.fold}: cases {sorted(overlap)[:5]} are in both "
+                                         "train and val; held-out cases must not be pretrained on.")
+        self.print_to_log_file(f"Pretraining on {len(tr_keys)} cases, validating on {len(val_keys)} cases")
+        ds_tr = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+        ds_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
+        rank = dist.get_rank() if self.is_ddp else 0
+        world = dist.get_world_size() if self.is_ddp else 1
+        vpb = self.bsf_volumes_per_batch or self.batch_size
+        common = dict(crop_size=self.configuration_manager.patch_size, volumes_per_batch=vpb,
+                      crops_per_volume=self.bsf_crops_per_volume,
+                      foreground_probability=self.bsf_foreground_probability, rank=rank, world_size=world)
+        tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, **common)
+        val = SSLCropLoader(ds_val, val_keys, seed=self.bsf_seed + 1, fixed=True, **common)
+        return tr, val
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        os.makedirs(self.output_folder, exist_ok=True)
+        if self.local_rank == 0:
+            self.dataset_class.unpack_dataset(self.preprocessed_dataset_folder, overwrite_existing=False,
+                                              num_processes=1, verify=True)
+        if self.is_ddp:
+            dist.barrier()
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+
+        if self.local_rank == 0:
+            save_json(self.plans_manager.plans, os.path.join(self.output_folder_base, "plans.json"), sort_keys=False)
+            save_json(self.dataset_json, os.path.join(self.output_folder_base, "dataset.json"), sort_keys=False)
+        self.global_step = self.current_epoch * self.num_iterations_per_epoch
+        self.print_to_log_file(f"Self-supervised pretraining, stage {self.bsf_stage}"
+                               + (f" (parent: {self.bsf_parent})" if self.bsf_parent else ""))
+
+    def _view_generator(self, epoch: int, val: bool) -> torch.Generator:
+        rank = dist.get_rank() if self.is_ddp else 0
+        g = torch.Generator()
+        g.manual_seed(self.bsf_seed * 1000003 + (0 if val else epoch) * 101 + rank * 7 + (1 if val else 0))
+        return g
+
+    def on_train_epoch_start(self):
+        self.network.train()
+        self.dataloader_train.set_epoch(self.current_epoch)
+        self._gen_train = self._view_generator(self.current_epoch, False)
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        self.print_to_log_file(f"Current learning rate: {self.optimizer.param_groups[0]['lr']:.3g}")
+        self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
+
+    def _forward_losses(self, batch: dict, generator: torch.Generator):
+        from ..ssl.views import make_views
+
+        crops = torch.from_numpy(batch["data"]).to(self.device, non_blocking=True)
+        v = make_views(crops, generator)
+        x = torch.cat([v["view1"], v["view2"]])
+        with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
+                torch.autocast(self.device.type, enabled=self.bsf_amp_dtype is not None):
+            rot, con, rec = self.network(x)
+        n = crops.shape[0]
+        return self.loss(rot.float(), torch.cat([v["rot1"], v["rot2"]]), con[:n].float(), con[n:].float(),
+                         rec.float(), torch.cat([v["target1"], v["target2"]]))
+
+    def train_step(self, batch: dict) -> dict:
+        self.lr_scheduler.step(self.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, parts = self._forward_losses(batch, self._gen_train)
+        if not torch.isfinite(total):
+            raise SSLDivergedError(
+                f"Pretraining loss became {total.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(rotation {float(parts['rot']):.4g}, contrastive {float(parts['con']):.4g}, reconstruction "
+                f"{float(parts['rec']):.4g}). The last good checkpoint in {self.output_folder} is intact; lower the "
+                "learning rate (a BSFPretrainTrainer subclass with a smaller initial_lr) and continue with --c.")
+        total.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.bsf_grad_clip)
+        if not torch.isfinite(gn):
+            raise SSLDivergedError(f"Gradient norm became {gn.item()} at step {self.global_step}: exploding gradients. "
+                                   f"The last good checkpoint in {self.output_folder} is intact; continue with --c and "
+                                   "a lower learning rate.")
+        self.optimizer.step()
+        self.global_step += 1
+        return {"loss": total.detach().cpu().numpy(), **{k: float(v) for k, v in parts.items()}}
+
+    def _reduce(self, values):
+        m = float(np.mean(values))
+        if self.is_ddp:
+            t = torch.tensor([m], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            m = t.item() / dist.get_world_size()
+        return m
+
+    def on_train_epoch_end(self, train_outputs):
+        self.logger.log("train_losses", self._reduce([o["loss"] for o in train_outputs]), self.current_epoch)
+        for k in ("rot", "con", "rec"):
+            self.logger.log(f"ssl_{k}", self._reduce([o[k] for o in train_outputs]), self.current_epoch)
+
+    def on_validation_epoch_start(self):
+        self.network.eval()
+        self.dataloader_val.set_epoch(self.current_epoch)
+        self._gen_val = self._view_generator(self.current_epoch, True)
+
+    def validation_step(self, batch: dict) -> dict:
+        total, parts = self._forward_losses(batch, self._gen_val)
+        return {"loss": total.detach().cpu().numpy(), **{k: float(v) for k, v in parts.items()}}
+
+    def on_validation_epoch_end(self, val_outputs):
+        if not val_outputs:
+            return
+        self.logger.log("val_losses", self._reduce([o["loss"] for o in val_outputs]), self.current_epoch)
+        for k in ("rot", "con", "rec"):
+            self.logger.log(f"val_ssl_{k}", self._reduce([o[k] for o in val_outputs]), self.current_epoch)
+
+    def on_epoch_end(self):
+        log = self.logger.local_logger.my_fantastic_logging
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        e = self.current_epoch
+        msg = f"train loss {log['train_losses'][e]:.4f} (rot {log['ssl_rot'][e]:.4f}, con {log['ssl_con'][e]:.4f}, " \
+              f"rec {log['ssl_rec'][e]:.4f})"
+        if len(log["val_losses"]) > e:
+            msg += f", val loss {log['val_losses'][e]:.4f}"
+        self.print_to_log_file(msg)
+        self.print_to_log_file(f"Epoch time: {log['epoch_end_timestamps'][e] - log['epoch_start_timestamps'][e]:.2f} s")
+        if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        val = log["val_losses"][e] if len(log["val_losses"]) > e else log["train_losses"][e]
+        if self._best_ema is None or val < self._best_ema:
+            self._best_ema = float(val)
+            self.print_to_log_file(f"New best validation loss: {val:.4f}")
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            from .progress import plot_ssl_progress
+
+            plot_ssl_progress(log, os.path.join(self.output_folder, "progress.png"))
+        self.current_epoch += 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """No segmentation to validate: the validation loss is computed every epoch."""
+        self.print_to_log_file("Pretraining: no segmentation validation (see val losses in progress.png).")
+
+    # ------------------------------------------------------------------ checkpoints
+    def bsf_metadata(self) -> dict:
+        cm = self.configuration_manager
+        arch = dict(cm.network_arch_init_kwargs)
+        return {
+            "format": "bsf_pretrain",
+            "stage": int(self.bsf_stage),
+            "parent": self.bsf_parent,
+            "variant": cm.configuration.get("bsf", {}).get("variant", self.bsf_variant),
+            "arch_kwargs": arch,
+            "merging": arch.get("merging", self.bsf_merging),
+            "axis_order": arch.get("axis_order", "zyx"),
+            "channel_names": [str(self.dataset_json["channel_names"][k])
+                              for k in sorted(self.dataset_json["channel_names"], key=int)],
+            "patch_size": [int(p) for p in cm.patch_size],
+            "spacing": [float(s) for s in cm.spacing],
+            "normalization": list(cm.normalization_schemes),
+            "use_mask_for_norm": [bool(b) for b in cm.use_mask_for_norm],
+            "dataset": self.plans_manager.dataset_name,
+            "plans": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": str(self.fold),
+            "trainer": self.__class__.__name__,
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        log = {k: [float(x) if not isinstance(x, list) else [float(y) for y in x] for x in v]
+               for k, v in self.logger.local_logger.my_fantastic_logging.items()}
+        checkpoint = {
+            "network_weights": self._module.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": None,
+            "logging": log,
+            "_best_ema": None if self._best_ema is None else float(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "global_step": int(self.global_step),
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": None,
+            "bsf_metadata": self.bsf_metadata(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if isinstance(filename_or_checkpoint, str):
+            ckpt = safe_torch_load(filename_or_checkpoint)
+        else:
+            ckpt = filename_or_checkpoint
+        self._module.load_state_dict(ckpt["network_weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.current_epoch = int(ckpt["current_epoch"])
+        self.global_step = int(ckpt.get("global_step", self.current_epoch * self.num_iterations_per_epoch))
+        self._best_ema = ckpt.get("_best_ema")
+        for k, v in ckpt.get("logging", {}).items():
+            self.logger.local_logger.my_fantastic_logging[k] = list(v)
+        meta = ckpt.get("bsf_metadata", {})
+        self.bsf_stage = meta.get("stage", self.bsf_stage)
+        self.bsf_parent = meta.get("parent", self.bsf_parent)
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+
+    def on_train_end(self):
+        self.current_epoch -= 1
+        self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_final.pth"))
+        self.current_epoch += 1
+        latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
+        if self.local_rank == 0 and os.path.isfile(latest):
+            os.remove(latest)
+        self.print_to_log_file("Pretraining done.")
+
+
+class BSFPretrainTrainer_Toy(BSFPretrainTrainer):
+    """Toy encoder (as BSFTrainer_Toy) on 64^3 crops, 5 epochs of 25 iterations: minutes on a CPU."""
+
+    bsf_variant = "toy"
+    bsf_crop_size = 64
+    bsf_patch_cap = 64
+    bsf_warmup_fraction = 0.1
+    bsf_recipe = dict(BSFPretrainTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
+                      num_val_iterations_per_epoch=2, initial_lr=1e-3)
+
+
+class BSFPretrainTrainer_Tiny(BSFPretrainTrainer):
+    bsf_variant = "tiny"
+
+
+class BSFPretrainTrainer_Big(BSFPretrainTrainer):
+    bsf_variant = "big"
+
+
+class BSFPretrainTrainer_Large(BSFPretrainTrainer):
+    bsf_variant = "large"
