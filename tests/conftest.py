@@ -10,12 +10,23 @@ import pytest
 # entries are kept.
 CI_TRAINERS = textwrap.dedent('''
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from bsf_nnunet.training import BSFTrainer_Toy
+    from bsf_nnunet.training import BSFPretrainTrainer_Toy, BSFTrainer_Toy
 
 
     class BSFTrainer_CI(BSFTrainer_Toy):
         bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=12,
                           num_val_iterations_per_epoch=1, initial_lr=2e-3)
+
+
+    class BSFTrainer_CI_chain(BSFTrainer_CI):
+        bsf_pretrain_trainer = "BSFPretrainTrainer_CI"
+
+
+    class BSFPretrainTrainer_CI(BSFPretrainTrainer_Toy):
+        bsf_crops_per_volume = 1
+        bsf_volumes_per_batch = 1
+        bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=3,
+                          num_val_iterations_per_epoch=1)
 
 
     class nnUNetTrainer_CI(nnUNetTrainer):

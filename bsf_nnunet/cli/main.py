@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # sub-command modules, each with register(subparsers)
-COMMANDS = ["plan", "info"]
+COMMANDS = ["plan", "import-model", "demo", "info"]
 
 
 class CLIError(Exception):
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bsf-nnunet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"{__package__}.{name}").register(sub)
+        importlib.import_module(f"{__package__}.{name.replace('-', '_')}").register(sub)
     return parser
 
 

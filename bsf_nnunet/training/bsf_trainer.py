@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pydoc
+import signal
+import threading
 import weakref
 
 import torch
@@ -26,6 +28,7 @@ from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, deriv
 from .lr import WarmupCosineLR
 
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
+STOP_AFTER_EPOCH_ENV = "BSF_STOP_AFTER_EPOCH"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
 
 
@@ -195,6 +198,43 @@ class BSFTrainer(nnUNetTrainer):
             self.initialize()
         self._maybe_chain_pretraining()
         super().on_train_start()
+        self._install_preemption_handlers()
+
+    # ------------------------------------------------------------------ pre-emption
+    def _install_preemption_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (cluster pre-emption): finish the current iteration, save, exit 0; --c continues."""
+        self._bsf_stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._bsf_stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_now(self, reason: str, mid_epoch: bool) -> None:
+        # checkpoints store current_epoch + 1 as the epoch to run next: after an epoch (counter already advanced)
+        # that is the next epoch; in the middle of one it is the unfinished epoch, redone after --c
+        self.current_epoch -= 1
+        self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        self.current_epoch += 1
+        self.print_to_log_file(f"{reason}: saved checkpoint_latest.pth and stopped. Continue with the same "
+                               "nnUNetv2_train command plus --c.")
+        raise SystemExit(0)
+
+    def _check_stop(self, end_of_epoch: bool) -> None:
+        sig = getattr(self, "_bsf_stop_signal", None)
+        if sig:
+            self._stop_now(f"Received {sig}", mid_epoch=not end_of_epoch)
+        env = os.environ.get(STOP_AFTER_EPOCH_ENV)
+        if end_of_epoch and env not in (None, "") and self.current_epoch - 1 >= int(env) \
+                and self.current_epoch < self.num_epochs:
+            self._stop_now(f"{STOP_AFTER_EPOCH_ENV}={env} reached", mid_epoch=False)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        self._check_stop(end_of_epoch=True)
 
     def on_train_epoch_start(self):
         if self.bsf_freeze_encoder_epochs:
@@ -220,6 +260,7 @@ class BSFTrainer(nnUNetTrainer):
         return optimizer, scheduler
 
     def train_step(self, batch: dict) -> dict:
+        self._check_stop(end_of_epoch=False)
         with _autocast_dtype(self.device.type, self.bsf_amp_dtype):
             return super().train_step(batch)
 
@@ -258,6 +299,10 @@ class BSFTrainer_freeze50(BSFTrainer):
     bsf_freeze_encoder_epochs = 50
 
 
+class BSFTrainer_imported(BSFTrainer):
+    """Results folders written by ``bsf-nnunet import-model`` (the network is rebuilt from their plans)."""
+
+
 class BSFTrainer_Toy(BSFTrainer):
     """Feature size 12, depths 1-1-1-1: for tests, demos and quick checks (minutes on a CPU)."""
 
@@ -272,6 +317,18 @@ class BSFTrainer_Toy(BSFTrainer):
 class BSFTrainer_Toy_scratch(BSFTrainer_Toy):
     """The toy variant from random initialisation (the demo's baseline)."""
 
+    bsf_use_pretraining = False
+
+
+class BSFTrainer_ToyFast(BSFTrainer_Toy):
+    """Toy variant with a shorter schedule (``bsf-nnunet demo --fast``)."""
+
+    bsf_pretrain_trainer = "BSFPretrainTrainer_ToyFast"
+    bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=4, num_iterations_per_epoch=15,
+                      num_val_iterations_per_epoch=2)
+
+
+class BSFTrainer_ToyFast_scratch(BSFTrainer_ToyFast):
     bsf_use_pretraining = False
 
 

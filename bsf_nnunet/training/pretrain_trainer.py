@@ -171,6 +171,7 @@ class BSFPretrainTrainer(BSFTrainer):
         self.global_step = self.current_epoch * self.num_iterations_per_epoch
         self.print_to_log_file(f"Self-supervised pretraining, stage {self.bsf_stage}"
                                + (f" (parent: {self.bsf_parent})" if self.bsf_parent else ""))
+        self._install_preemption_handlers()
 
     def _view_generator(self, epoch: int, val: bool) -> torch.Generator:
         rank = dist.get_rank() if self.is_ddp else 0
@@ -201,6 +202,7 @@ class BSFPretrainTrainer(BSFTrainer):
                          rec.float(), torch.cat([v["target1"], v["target2"]]))
 
     def train_step(self, batch: dict) -> dict:
+        self._check_stop(end_of_epoch=False)
         self.lr_scheduler.step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = self._forward_losses(batch, self._gen_train)
@@ -271,6 +273,7 @@ class BSFPretrainTrainer(BSFTrainer):
 
             plot_ssl_progress(log, os.path.join(self.output_folder, "progress.png"))
         self.current_epoch += 1
+        self._check_stop(end_of_epoch=True)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """No segmentation to validate: the validation loss is computed every epoch."""
@@ -360,6 +363,13 @@ class BSFPretrainTrainer_Toy(BSFPretrainTrainer):
     bsf_warmup_fraction = 0.1
     bsf_recipe = dict(BSFPretrainTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
                       num_val_iterations_per_epoch=2, initial_lr=1e-3)
+
+
+class BSFPretrainTrainer_ToyFast(BSFPretrainTrainer_Toy):
+    """Toy pretraining with a shorter schedule (``bsf-nnunet demo --fast``)."""
+
+    bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=10,
+                      num_val_iterations_per_epoch=1)
 
 
 class BSFPretrainTrainer_Tiny(BSFPretrainTrainer):

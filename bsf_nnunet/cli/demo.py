@@ -1,0 +1,223 @@
+"""``bsf-nnunet demo``: the whole method on real brain MRI (ICBM152 from the nilearn wheel) on a laptop CPU.
+
+Steps, each an nnU-Net command a user could type (printed before it runs), each skipped when its output exists:
+build the dataset -> nnUNetv2_plan_and_preprocess -> self-supervised pretraining (stage 2, toy variant, all
+training cases, labels unused) -> fine-tuning of BSFTrainer (toy) from those weights and of the scratch baseline on
+a small labelled subset -> nnUNetv2_predict on held-out cases -> Dice per tissue class, a table and a PNG.
+Everything lives under --workdir (own nnUNet_raw/preprocessed/results); the user's folders are never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+DATASET_ID = 990
+DATASET_NAME = "Dataset990_BrainTissueDemo"
+CLASSES = {1: "CSF", 2: "GM", 3: "WM"}
+PROFILES = {
+    # trainers (pretrain, fine-tune, scratch), training cases, labelled cases for fine-tuning, test cases
+    "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_Toy", scratch="BSFTrainer_Toy_scratch",
+                 num_train=8, num_labelled=2, num_test=2),
+    "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFast",
+                 scratch="BSFTrainer_ToyFast_scratch", num_train=6, num_labelled=2, num_test=2),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole method on real brain MRI in minutes (CPU is fine)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="bsf_demo", help="folder for everything the demo writes (default ./bsf_demo; "
+                                                         "re-running reuses finished steps)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--fast", action="store_true", help="fewer cases and iterations (< 10 minutes on 2 CPU cores)")
+    p.add_argument("--source", default="icbm", choices=["icbm", "synthetic"],
+                   help="icbm: ICBM152 2009 from the nilearn wheel (default); synthetic: a phantom (no nilearn)")
+    p.add_argument("--trainers", nargs=3, default=None, metavar=("PRETRAIN", "FINETUNE", "SCRATCH"),
+                   help=__import__("argparse").SUPPRESS)
+    p.set_defaults(func=run)
+
+
+class Demo:
+    def __init__(self, workdir: str, device: str, profile: dict, source: str):
+        self.workdir = os.path.abspath(workdir)
+        self.device = device
+        self.p = profile
+        self.source = source
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+        for k, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
+                       ("nnUNet_results", "nnUNet_results")):
+            self.env[k] = os.path.join(self.workdir, sub)
+            os.makedirs(self.env[k], exist_ok=True)
+        self.env.setdefault("nnUNet_n_proc_DA", "1" if device == "cpu" else "4")
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.times = {}
+        self.raw = os.path.join(self.env["nnUNet_raw"], DATASET_NAME)
+        self.pre = os.path.join(self.env["nnUNet_preprocessed"], DATASET_NAME)
+        self.res = os.path.join(self.env["nnUNet_results"], DATASET_NAME)
+
+    def cmd(self, args, step):
+        print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
+        t = time.time()
+        proc = subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = []
+        for line in proc.stdout:
+            tail = (tail + [line])[-40:]
+            s = line.strip()
+            if any(w in s for w in ("Epoch ", "train_loss", "train loss", "Pseudo dice", "val_loss", "Epoch time",
+                                    "BrainSegFounder", "Initialised", "No self-supervised", "random init")):
+                print("   " + s.split(": ", 1)[-1] if s[:4].isdigit() else "   " + s, flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"demo step '{step}' failed ({args[0]} exited {proc.returncode}). Last output:\n"
+                               + "".join(tail))
+        self.times[step] = self.times.get(step, 0) + time.time() - t
+
+    def skip(self, step, why):
+        print(f"\n[{step}] already done ({why}), skipping", flush=True)
+        self.times.setdefault(step, 0.0)
+
+    def dataset(self):
+        if os.path.isfile(os.path.join(self.raw, "dataset.json")):
+            return self.skip("dataset", self.raw)
+        from ..datasets.demo_data import build_demo_dataset
+
+        t = time.time()
+        print(f"\n[dataset] building {DATASET_NAME} ({self.p['num_train']} training + {self.p['num_test']} test "
+              f"cases, source {self.source}) under {self.env['nnUNet_raw']}", flush=True)
+        build_demo_dataset(self.env["nnUNet_raw"], dataset_id=DATASET_ID, name="BrainTissueDemo",
+                           num_train=self.p["num_train"], num_test=self.p["num_test"], seed=0, source=self.source)
+        self.times["dataset"] = time.time() - t
+
+    def plan(self):
+        if os.path.isfile(os.path.join(self.pre, "nnUNetPlans.json")) and \
+                os.path.isdir(os.path.join(self.pre, "nnUNetPlans_3d_fullres")):
+            return self.skip("plan+preprocess", self.pre)
+        self.cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"],
+                 "plan+preprocess")
+
+    def splits(self):
+        """Fold 0: fine-tune on a few labelled cases, validate on the other training cases."""
+        path = os.path.join(self.pre, "splits_final.json")
+        cases = sorted(f[:-7] for f in os.listdir(os.path.join(self.raw, "labelsTr")) if f.endswith(".nii.gz"))
+        n = self.p["num_labelled"]
+        fold0 = {"train": cases[:n], "val": cases[n:]}
+        if os.path.isfile(path):
+            with open(path) as f:
+                if json.load(f)[:1] == [fold0]:
+                    return
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([fold0], f, indent=2)
+        os.replace(tmp, path)
+        print(f"\n[splits] fold 0: fine-tune on {n} labelled cases {fold0['train']}, validate on {len(fold0['val'])}")
+
+    def trained(self, trainer, fold):
+        return os.path.isfile(os.path.join(self.res, f"{trainer}__nnUNetPlans__3d_fullres", f"fold_{fold}",
+                                           "checkpoint_final.pth"))
+
+    def train(self, trainer, fold, step, extra=()):
+        if self.trained(trainer, fold):
+            return self.skip(step, f"{trainer} fold {fold}")
+        c = ["--c"] if os.path.isdir(os.path.join(self.res, f"{trainer}__nnUNetPlans__3d_fullres", f"fold_{fold}")) \
+            and not extra else []
+        self.cmd(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", trainer, "-device", self.device]
+                 + c + list(extra), step)
+
+    def predict(self, trainer, out):
+        if os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith(".nii.gz")]) >= self.p["num_test"]:
+            return self.skip(f"predict {trainer}", out)
+        self.cmd(["nnUNetv2_predict", "-i", os.path.join(self.raw, "imagesTs"), "-o", out, "-d", str(DATASET_ID),
+                  "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", self.device, "--disable_tta",
+                  "-npp", "1", "-nps", "1"], f"predict {trainer}")
+
+    def run(self):
+        t0 = time.time()
+        self.dataset()
+        self.plan()
+        self.splits()
+        pre_ckpt = os.path.join(self.res, f"{self.p['pretrain']}__nnUNetPlans__3d_fullres", "fold_all",
+                                "checkpoint_final.pth")
+        self.train(self.p["pretrain"], "all", "pretrain (SSL)")
+        self.train(self.p["finetune"], 0, "fine-tune pretrained", extra=["-pretrained_weights", pre_ckpt])
+        self.train(self.p["scratch"], 0, "fine-tune scratch")
+        preds = {}
+        for name, tr in (("pretrained", self.p["finetune"]), ("scratch", self.p["scratch"])):
+            out = os.path.join(self.workdir, "predictions", name)
+            self.predict(tr, out)
+            preds[name] = out
+        self.report(preds, time.time() - t0)
+
+    def report(self, preds, total):
+        import numpy as np
+        import SimpleITK as sitk
+
+        t = time.time()
+        lab_dir = os.path.join(self.raw, "labelsTs")
+        cases = sorted(f for f in os.listdir(lab_dir) if f.endswith(".nii.gz"))
+        scores = {name: {c: [] for c in CLASSES} for name in preds}
+        for case in cases:
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
+            for name, folder in preds.items():
+                seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, case)))
+                for c in CLASSES:
+                    a, b = seg == c, ref == c
+                    scores[name][c].append(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+        # trivial baseline: every brain voxel labelled as the most frequent tissue class
+        base = {c: [] for c in CLASSES}
+        for case in cases:
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
+            major = max(CLASSES, key=lambda c: (ref == c).sum())
+            for c in CLASSES:
+                a, b = (ref > 0) & (c == major), ref == c
+                base[c].append(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+        rows = {name: {CLASSES[c]: float(np.mean(v)) for c, v in s.items()} for name, s in scores.items()}
+        rows["trivial (majority class)"] = {CLASSES[c]: float(np.mean(v)) for c, v in base.items()}
+        for r in rows.values():
+            r["mean"] = float(np.mean([r[n] for n in CLASSES.values()]))
+        print(f"\nDice on {len(cases)} held-out cases ({DATASET_NAME}, fine-tuned on {self.p['num_labelled']} "
+              "labelled cases):")
+        print(f"  {'model':26s} {'CSF':>6s} {'GM':>6s} {'WM':>6s} {'mean':>6s}")
+        for name, r in rows.items():
+            print(f"  {name:26s} {r['CSF']:6.3f} {r['GM']:6.3f} {r['WM']:6.3f} {r['mean']:6.3f}")
+        png = os.path.join(self.workdir, "demo_slices.png")
+        try:
+            from ..datasets.figures import save_triplanar_png
+
+            case = cases[0]
+            img = sitk.ReadImage(os.path.join(self.raw, "imagesTs", case.replace(".nii.gz", "_0000.nii.gz")))
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
+            pr = {n: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case))) for n, f in preds.items()}
+            save_triplanar_png(png, sitk.GetArrayFromImage(img), ref, pr, img.GetSpacing()[::-1])
+        except Exception as e:  # the figure is a bonus: never lose the numbers over it
+            print(f"  (could not write {png}: {e})")
+            png = None
+        self.times["evaluate"] = time.time() - t
+        print("\nRun time per step:")
+        for k, v in self.times.items():
+            print(f"  {k:26s} {v:7.1f} s")
+        print(f"  {'total':26s} {total + self.times['evaluate']:7.1f} s")
+        summary = {"dice": rows, "times_s": self.times, "workdir": self.workdir, "png": png,
+                   "profile": self.p, "device": self.device}
+        path = os.path.join(self.workdir, "demo_summary.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)
+        print(f"\nWrote {path}" + (f" and {png}" if png else ""))
+        return summary
+
+
+def run(args) -> int:
+    profile = dict(PROFILES["fast" if args.fast else "full"])
+    if args.trainers:
+        profile.update(pretrain=args.trainers[0], finetune=args.trainers[1], scratch=args.trainers[2])
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu.")
+    Demo(args.workdir, args.device, profile, args.source).run()
+    return 0
+

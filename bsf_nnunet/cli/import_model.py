@@ -1,0 +1,38 @@
+"""``bsf-nnunet import-model``: run a published fine-tuned BrainSegFounder / MONAI Swin-UNETR in nnUNetv2_predict."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("import-model", help="turn a fine-tuned MONAI Swin-UNETR checkpoint into an nnU-Net model",
+                       description="Writes $nnUNet_results/DatasetID_.../BSFTrainer_imported__BSFImportedPlans__"
+                                   "3d_fullres/fold_all so that `nnUNetv2_predict -d ID -c 3d_fullres -tr "
+                                   "BSFTrainer_imported -p BSFImportedPlans -f all` segments new cases with it.")
+    p.add_argument("checkpoint")
+    p.add_argument("-d", "--dataset", type=int, required=True, help="dataset ID to file the model under")
+    p.add_argument("--channels", required=True, help="input channels in the checkpoint's order, e.g. FLAIR,T1ce,T1,T2")
+    p.add_argument("--regions", default=None, choices=["brats"], help="brats: sigmoid outputs TC, WT, ET")
+    p.add_argument("--labels", default=None, help="softmax models: class names in output order (background first)")
+    p.add_argument("--dataset-name", default=None, help="folder name (default DatasetID_Imported)")
+    p.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], help="sliding-window size (default 128^3)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+                   help="spacing (mm, z y x) the model expects; inputs are resampled to it (default 1 1 1)")
+    p.add_argument("--merging", default="legacy", choices=["legacy", "fixed"],
+                   help="patch merging the weights were trained with (legacy = MONAI < 1.5, the published ones)")
+    p.add_argument("--axis-order", default="xyz", choices=["xyz", "zyx"],
+                   help="array order the weights saw (xyz for MONAI pipelines)")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (only for files you trust)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..training.import_model import IMPORTED_PLANS, IMPORTED_TRAINER, import_model
+
+    out = import_model(args.checkpoint, args.dataset, args.channels.split(","), regions=args.regions,
+                       labels=args.labels.split(",") if args.labels else None, dataset_name=args.dataset_name,
+                       patch=args.patch, spacing=args.spacing, merging=args.merging, axis_order=args.axis_order,
+                       allow_unsafe_pickle=args.allow_unsafe_pickle, overwrite=args.overwrite)
+    print(f"Wrote {out}\nPredict with:\n  nnUNetv2_predict -i INPUT -o OUTPUT -d {args.dataset} -c 3d_fullres "
+          f"-tr {IMPORTED_TRAINER} -p {IMPORTED_PLANS} -f all")
+    return 0

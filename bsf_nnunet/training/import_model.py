@@ -1,0 +1,149 @@
+"""Turn a published (MONAI) fine-tuned Swin-UNETR checkpoint into an nnU-Net results folder.
+
+    bsf-nnunet import-model model.pt --channels FLAIR,T1ce,T1,T2 --regions brats -d 137
+    nnUNetv2_predict -i imgs -o pred -d 137 -c 3d_fullres -tr BSFTrainer_imported -p BSFImportedPlans -f all
+
+The plans reproduce the original inference: no resampling (the images' own spacing, given by --spacing),
+z-score on the non-zero voxels of each channel, a 128^3 sliding window (--patch), sigmoid outputs for regions.
+The network sees (x, y, z) arrays as in MONAI (``axis_order="xyz"``) and MONAI 0.9's patch merging (legacy).
+BraTS outputs (TC, WT, ET) are reordered to (WT, TC, ET) so that nnU-Net paints WT, then TC, then ET.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..planning.bsf_plans import atomic_write_json
+from ..planning.presets import get_variant
+from ..planning.swin_config import NETWORK_CLASS_NAME, check_user_patch
+from .checkpointing import atomic_torch_save
+
+IMPORTED_TRAINER = "BSFTrainer_imported"
+IMPORTED_PLANS = "BSFImportedPlans"
+
+# MONAI BraTS models: output channels TC, WT, ET; BraTS labels 1 NCR, 2 ED, 4 ET (nnU-Net: 1, 2, 3)
+BRATS_OUTPUT_ORDER = ("TC", "WT", "ET")
+BRATS_REGIONS = {"whole_tumor": ("WT", [1, 2, 3], 2), "tumor_core": ("TC", [1, 3], 1),
+                 "enhancing_tumor": ("ET", [3], 3)}
+
+
+def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: dict, batch_size: int = 1) -> dict:
+    res_seg = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
+    res_data = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    conf = {
+        "data_identifier": f"{IMPORTED_PLANS}_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size,
+        "patch_size": list(patch),
+        "median_image_size_in_voxels": list(patch),
+        "spacing": list(spacing),
+        "normalization_schemes": ["ZScoreNormalization"] * num_channels,
+        "use_mask_for_norm": [True] * num_channels,
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": res_data,
+        "resampling_fn_seg_kwargs": res_seg,
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": dict(res_data, order=1),
+        "architecture": {"network_class_name": NETWORK_CLASS_NAME, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": []},
+        "batch_dice": False,
+        "bsf": {"imported": True},
+    }
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": IMPORTED_PLANS,
+        "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": list(patch),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": conf},
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(i): {"max": 1e4, "mean": 0.0, "median": 0.0, "min": -1e4, "percentile_00_5": -1e4,
+                     "percentile_99_5": 1e4, "std": 1.0} for i in range(num_channels)},
+    }
+
+
+def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regions: Optional[str] = None,
+                 labels: Optional[Sequence[str]] = None, dataset_name: Optional[str] = None,
+                 patch: Sequence[int] = (128, 128, 128), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                 merging: str = "legacy", axis_order: str = "xyz", results: Optional[str] = None,
+                 allow_unsafe_pickle: bool = False, overwrite: bool = False) -> str:
+    """Write ``<results>/<dataset>/BSFTrainer_imported__BSFImportedPlans__3d_fullres``; return its path."""
+    from ..network import BSFSwinUNETR
+    from ..weights import guess_variant, load_checkpoint
+
+    if results is None:
+        results = os.environ.get("nnUNet_results")
+        if not results:
+            raise ValueError("nnUNet_results is not set: set it (as for nnUNetv2_predict) or pass --results.")
+    channels = [c.strip() for c in channels if c.strip()]
+    if not channels:
+        raise ValueError("--channels is empty: give the checkpoint's input channels in order, e.g. FLAIR,T1ce,T1,T2")
+    patch, note = check_user_patch(patch, allow_round=False)
+    ck = load_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    sd = ck.state_dict
+    if "out.conv.conv.weight" not in sd:
+        raise ValueError(f"{checkpoint} has no segmentation output (out.conv.conv.weight): it looks like a "
+                         "self-supervised checkpoint. Fine-tune it with -pretrained_weights instead of importing it.")
+    variant, desc = guess_variant(sd)
+    if variant is None:
+        raise ValueError(f"{checkpoint}: the encoder matches no known variant ({desc}).")
+    cin = sd["swinViT.patch_embed.proj.weight"].shape[1]
+    nout = sd["out.conv.conv.weight"].shape[0]
+    if cin != len(channels):
+        raise ValueError(f"{checkpoint} expects {cin} input channels but --channels names {len(channels)} "
+                         f"({', '.join(channels)}).")
+    sd = dict(sd)
+    if regions == "brats":
+        if nout != 3:
+            raise ValueError(f"--regions brats needs a model with 3 outputs (TC, WT, ET); {checkpoint} has {nout}.")
+        order = [BRATS_OUTPUT_ORDER.index(BRATS_REGIONS[k][0]) for k in BRATS_REGIONS]  # -> WT, TC, ET
+        for k in ("out.conv.conv.weight", "out.conv.conv.bias"):
+            sd[k] = sd[k][order].clone()
+        label_dict = {"background": 0, **{k: v[1] for k, v in BRATS_REGIONS.items()}}
+        extra = {"regions_class_order": [v[2] for v in BRATS_REGIONS.values()]}
+    elif regions:
+        raise ValueError(f"Unknown --regions {regions!r}; supported: brats (or give --labels for softmax models).")
+    else:
+        names = list(labels) if labels else ["background"] + [f"label_{i}" for i in range(1, nout)]
+        if len(names) != nout:
+            raise ValueError(f"--labels names {len(names)} classes but the model has {nout} outputs.")
+        label_dict = {n: i for i, n in enumerate(names)}
+        extra = {}
+    v = get_variant(variant)
+    arch = {"feature_size": v["feature_size"], "depths": v["depths"], "num_heads": v["num_heads"],
+            "merging": merging, "axis_order": axis_order}
+    net = BSFSwinUNETR(cin, nout, **arch)
+    net.load_state_dict({k: t for k, t in sd.items() if k in net.state_dict()}, strict=True)
+
+    dataset_name = dataset_name or f"Dataset{int(dataset_id):03d}_Imported"
+    out = os.path.join(results, dataset_name, f"{IMPORTED_TRAINER}__{IMPORTED_PLANS}__3d_fullres")
+    final = os.path.join(out, "fold_all", "checkpoint_final.pth")
+    if os.path.exists(final) and not overwrite:
+        raise ValueError(f"{final} exists; pass --overwrite to replace it.")
+    plans = _plans(dataset_name, cin, patch, [float(s) for s in spacing], arch)
+    dataset_json = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": label_dict,
+                    "numTraining": 0, "file_ending": ".nii.gz", **extra}
+    os.makedirs(os.path.join(out, "fold_all"), exist_ok=True)
+    atomic_write_json(os.path.join(out, "plans.json"), plans)
+    atomic_write_json(os.path.join(out, "dataset.json"), dataset_json)
+    atomic_torch_save({
+        "network_weights": net.state_dict(),
+        "trainer_name": IMPORTED_TRAINER,
+        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all", "dataset_json": dataset_json},
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+        "current_epoch": 0,
+        "bsf_metadata": {"format": "imported", "source": os.path.abspath(checkpoint), "variant": variant,
+                         "channel_names": channels, "merging": merging, "axis_order": axis_order},
+    }, final)
+    with open(os.path.join(out, "IMPORTED_FROM.json"), "w") as f:
+        json.dump({"checkpoint": os.path.abspath(checkpoint), "variant": variant, "regions": regions,
+                   "channels": channels, "patch": patch, "spacing": list(spacing)}, f, indent=2)
+    return out
