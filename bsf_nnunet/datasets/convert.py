@@ -166,8 +166,7 @@ def present_values(arr: np.ndarray) -> np.ndarray:
         a = arr.ravel()
         lo, hi = int(a.min()), int(a.max())
         if lo >= 0 and hi < 1 << 16:
-            return np.flatnonzero(np.bincount(a.astype(np.int64, copy=False) if a.dtype == bool else a,
-                                              minlength=hi + 1)).astype(np.int64)
+            return np.flatnonzero(np.bincount(a.astype(np.intp, copy=False), minlength=hi + 1)).astype(np.int64)
     return np.unique(arr)
 
 
@@ -251,11 +250,9 @@ def _read(path: str, what: str):
     except Exception as e:  # noqa: BLE001 - any reader error is a case problem
         raise CaseProblem(f"cannot read {what} {path}: {e}",
                           "replace the file with a readable NIfTI file or remove the case") from None
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
     if len(img.shape) != 3:
         raise CaseProblem(f"{what} {path} has shape {tuple(img.shape)}; a 3D volume is expected",
-                          "split 4D files into one 3D file per channel")
+                          "save it as a 3D file (split 4D files into one 3D file per channel)")
     return img
 
 
@@ -430,8 +427,9 @@ def parallel_imap(func: Callable, items: Iterable, num_workers: int = 1, max_in_
                 for f in done:
                     yield f.result()
     except BrokenProcessPool:
-        raise ConversionError("a worker process died (out of memory?). Everything finished so far is kept: re-run "
-                              "the same command with fewer workers (-j) to continue.") from None
+        raise ConversionError("a worker process died (out of memory? or, when called from your own script, the "
+                              "script lacks an 'if __name__ == \"__main__\":' guard). Everything finished so far "
+                              "is kept: re-run the same command (with fewer workers, -j) to continue.") from None
 
 
 class _CaseJob:
@@ -570,9 +568,9 @@ def run_conversion(cases: Iterable[CaseSpec], info: DatasetInfo, dataset_id: int
         for spec in itertools.chain([first], it):
             if spec.case_id in seen:
                 record({"case": spec.case_id, "split": spec.split, "status": "bad", "source": spec.source,
-                        "reason": f"duplicate case identifier {spec.case_id!r} (another source folder/file gives "
-                                  f"the same name); only the first one is used",
-                        "hint": "rename or remove one of them"})
+                        "reason": spec.problem or f"duplicate case identifier {spec.case_id!r} (another source "
+                                                  f"folder/file gives the same name); only the first one is used",
+                        "hint": spec.hint or "rename or remove one of them"})
                 continue
             seen.add(spec.case_id)
             if case_finished(spec, out_dir):
