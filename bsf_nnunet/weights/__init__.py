@@ -1,1 +1,24 @@
+"""Pretrained weights: read any supported checkpoint, map input channels by name, copy tensors into a model.
 
+See docs/weights.md. Public API::
+
+    load_checkpoint(path, allow_unsafe_pickle=False) -> Checkpoint
+    guess_variant(state_dict) -> (name or None, description)
+    transfer_weights(model, checkpoint, *, source_channels=None, target_channels=None, encoder_only=False,
+                     strict_encoder=True, verbose=True, allow_merging_mismatch=False,
+                     checkpoint_merging=None) -> TransferReport
+    normalise_channel_name(name), map_channels(source_names, target_names), parse_channel_list(text)
+"""
+from .channels import (ALIASES, PRETRAINED_CHANNELS_ENV, PRETRAINED_CHANNELS_OPTION, ChannelMappingError,
+                       map_channels, normalise_channel_name, parse_channel_list, resolve_channel_mapping)
+from .loader import (FORMATS, UNSAFE_PICKLE_ENV, UNSAFE_PICKLE_OPTION, Checkpoint, CheckpointError, TransferReport,
+                     WeightsMismatchError, checkpoint_from_object, describe_architecture, guess_variant,
+                     load_checkpoint, model_merging, normalise_state_dict, read_checkpoint_file, transfer_weights)
+
+__all__ = [
+    "ALIASES", "FORMATS", "PRETRAINED_CHANNELS_ENV", "PRETRAINED_CHANNELS_OPTION", "UNSAFE_PICKLE_ENV",
+    "UNSAFE_PICKLE_OPTION", "ChannelMappingError", "Checkpoint", "CheckpointError", "TransferReport",
+    "WeightsMismatchError", "checkpoint_from_object", "describe_architecture", "guess_variant", "load_checkpoint",
+    "map_channels", "model_merging", "normalise_channel_name", "normalise_state_dict", "parse_channel_list",
+    "read_checkpoint_file", "resolve_channel_mapping", "transfer_weights",
+]

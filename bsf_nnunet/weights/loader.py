@@ -1,0 +1,590 @@
+"""Read BrainSegFounder / Swin-UNETR checkpoints of any supported format and copy their tensors into a model.
+
+Formats (``Checkpoint.metadata['format']``):
+
+* ``bsf_pretrain``: our pretraining checkpoints, ``{'network_weights' | 'state_dict', 'bsf_metadata': {...}}``.
+* ``bsf_nnunet``: nnU-Net checkpoints (``network_weights``, ``init_args`` with plans and dataset.json, ...).
+* ``monai_ssl``: official BrainSegFounder / MONAI Swin SSL, ``{'state_dict': {'module.swinViT.*', heads}}``; older
+  files without the ``swinViT.`` level (``module.patch_embed.*``, ``module.layers1.0.*``) are mapped onto it.
+* ``monai_finetuned``: official fine-tuned Swin-UNETR, ``{'state_dict': {'swinViT.*', 'encoder1.*', ...}}``.
+* ``raw``: a bare state dict.
+
+``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed. Files are read with
+``torch.load(weights_only=True)`` (plus numpy scalars/arrays, which nnU-Net's logging stores); anything that needs
+full unpickling is refused unless the caller passes ``allow_unsafe_pickle=True``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .channels import adapt_input_weight, mapping_table, resolve_channel_mapping
+
+UNSAFE_PICKLE_OPTION = "--allow-unsafe-pickle"
+UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
+FORMATS = ("bsf_pretrain", "bsf_nnunet", "monai_ssl", "monai_finetuned", "raw")
+MERGING_MODES = ("legacy", "fixed")
+STATE_DICT_KEYS = ("network_weights", "state_dict", "model_state_dict", "model", "net")
+# tensors whose dimension 1 is the network's input channels
+INPUT_CHANNEL_KEYS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+                      "encoder1.layer.conv3.conv.weight")
+SSL_HEAD_ROOTS = ("rotation_head", "rotation_pre", "contrastive_head", "contrastive_pre", "conv")
+SEGMENTATION_ROOTS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder1", "decoder2",
+                      "decoder3", "decoder4", "decoder5", "out")
+# top-level modules of MONAI's SwinTransformer (plus the research code's final norm) in legacy SSL files
+SWIN_ROOTS = ("patch_embed", "pos_drop", "layers1", "layers2", "layers3", "layers4", "layers1c", "layers2c",
+              "layers3c", "layers4c", "norm")
+# which trainers build each variant (mirrors bsf_nnunet/training)
+VARIANT_TRAINERS = {
+    "toy": ("BSFTrainer_Toy", "BSFPretrainTrainer_Toy"),
+    "tiny": ("BSFTrainer_Tiny", "BSFPretrainTrainer_Tiny"),
+    "small": ("BSFTrainer", "BSFPretrainTrainer"),
+    "big": ("BSFTrainer_Big", "BSFPretrainTrainer_Big"),
+    "large": ("BSFTrainer_Large", "BSFPretrainTrainer_Large"),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (missing, corrupt, or needing full unpickling); says what to do."""
+
+
+class WeightsMismatchError(RuntimeError):
+    """A checkpoint whose encoder does not fit the model (variant, merging flavour, or nothing in common)."""
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict
+    metadata: dict = field(default_factory=dict)
+    path: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _numpy_safe_globals() -> list:
+    """numpy scalars, dtypes and plain arrays (nnU-Net logs np.float32/np.float64), also under numpy 1.x names."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    core = getattr(np, "_core", None) or np.core
+    scalar, recon = core.multiarray.scalar, core.multiarray._reconstruct
+    out = [np.dtype, np.ndarray, scalar, recon]
+    for obj, attr in ((scalar, "scalar"), (recon, "_reconstruct")):
+        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if f"{obj.__module__}.{attr}" != f"{mod}.{attr}":
+                out.append((obj, f"{mod}.{attr}"))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        for name in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
+                     "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType"):
+            if hasattr(dtypes, name):
+                out.append(getattr(dtypes, name))
+    return out
+
+
+def _allowed_names() -> set:
+    names = set()
+    for g in _numpy_safe_globals():
+        if isinstance(g, tuple):
+            names.add(g[1])
+        else:
+            names.add(f"{g.__module__}.{g.__qualname__}")
+    return names
+
+
+def _corrupt(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint {path} is corrupt or incomplete ({detail}). Re-download it (compare its size/checksum with "
+        "the source), or use the previous checkpoint (checkpoint_best.pth / checkpoint_latest.pth, or the previous "
+        "stage's checkpoint_final.pth).")
+
+
+def _unsafe_message(path: str, globals_needed: Sequence[str]) -> CheckpointError:
+    need = ", ".join(globals_needed) if globals_needed else "Python objects other than tensors"
+    return CheckpointError(
+        f"Checkpoint {path} contains Python objects that torch.load(weights_only=True) refuses to rebuild ({need}). "
+        "Loading it needs full unpickling, which can execute arbitrary code: do it only for a file from a source "
+        f"you trust, with {UNSAFE_PICKLE_OPTION} (or the environment variable {UNSAFE_PICKLE_ENV}=1; Python: "
+        "load_checkpoint(path, allow_unsafe_pickle=True)).")
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception (torch's messages run on for paragraphs)."""
+    text = str(e).strip().splitlines()
+    if not text:
+        return type(e).__name__
+    first = text[0].split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def read_checkpoint_file(path, allow_unsafe_pickle: bool = False):
+    """``torch.load`` on CPU with clear :class:`CheckpointError` messages; weights-only unless allowed."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"Checkpoint {path} does not exist (check the path; nothing was downloaded).")
+    if os.path.isdir(path):
+        inside = [f for f in ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+                  if os.path.isfile(os.path.join(path, f))]
+        hint = f" It contains {', '.join(inside)}: pass one of those." if inside else ""
+        raise CheckpointError(f"Checkpoint {path} is a directory, not a checkpoint file.{hint}")
+    if os.path.getsize(path) == 0:
+        raise _corrupt(path, "the file is empty, 0 bytes")
+    try:
+        if allow_unsafe_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zipfile / pickle / torch errors come in many types
+        msg = str(e)
+        if not allow_unsafe_pickle and "Unsupported global" in msg:
+            needed = []
+            try:
+                allowed = _allowed_names()
+                needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+            except Exception:
+                pass
+            if not needed:
+                needed = re.findall(r"GLOBAL ([\w.]+)", msg)[:1]
+            raise _unsafe_message(path, needed) from None
+        if allow_unsafe_pickle and isinstance(e, (ModuleNotFoundError, AttributeError)):
+            raise CheckpointError(
+                f"Checkpoint {path} pickles Python objects whose code is not importable here ({_first_line(e)}); "
+                "install the package that defined them, or re-save the checkpoint as a plain state dict.") from None
+        raise _corrupt(path, _first_line(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------- state dicts
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and any(torch.is_tensor(v) for v in obj.values()) and \
+        all(isinstance(k, str) for k in obj)
+
+
+def normalise_state_dict(state_dict: Mapping) -> Tuple[dict, dict]:
+    """Drop non-tensors, strip ``module.`` / ``_orig_mod.`` prefixes, map legacy Swin SSL encoder keys onto
+    ``swinViT.*``. Returns ``(state_dict, info)`` with ``info = {'prefixes_stripped': [...],
+    'legacy_encoder_keys': bool}``."""
+    out, stripped = {}, set()
+    for k, v in state_dict.items():
+        if not torch.is_tensor(v):
+            continue
+        parts = str(k).split(".")
+        while len(parts) > 1 and parts[0] in ("module", "_orig_mod"):
+            stripped.add(parts.pop(0) + ".")
+        if "_orig_mod" in parts[:-1]:
+            stripped.add("_orig_mod.")
+            parts = [p for p in parts[:-1] if p != "_orig_mod"] + parts[-1:]
+        nk = ".".join(parts)
+        if nk in out:
+            raise CheckpointError(f"Two checkpoint tensors both become {nk!r} once the module./_orig_mod. "
+                                  "prefixes are removed; the state dict is ambiguous.")
+        out[nk] = v
+    legacy = False
+    if not any(k.startswith("swinViT.") for k in out) and "patch_embed.proj.weight" in out:
+        legacy = True
+        out = {("swinViT." + k if k.split(".")[0] in SWIN_ROOTS else k): v for k, v in out.items()}
+    return out, {"prefixes_stripped": sorted(stripped), "legacy_encoder_keys": legacy}
+
+
+def _roots(sd) -> set:
+    return {k.split(".")[0] for k in sd}
+
+
+def _plain(v):
+    """numpy scalars -> Python numbers (metadata stays printable and JSON-friendly)."""
+    if hasattr(v, "item") and not torch.is_tensor(v) and getattr(v, "shape", None) == ():
+        return v.item()
+    return v
+
+
+def _nnunet_configuration(init_args: Mapping) -> Tuple[dict, Optional[str]]:
+    plans = init_args.get("plans") or {}
+    name = init_args.get("configuration")
+    confs = plans.get("configurations", {}) if isinstance(plans, Mapping) else {}
+    conf, seen = {}, set()
+    while isinstance(name, str) and name in confs and name not in seen:
+        seen.add(name)
+        c = confs[name]
+        conf = {**c, **conf}
+        name = c.get("inherits_from")
+    return conf, init_args.get("configuration")
+
+
+def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
+    """A :class:`Checkpoint` from an already loaded object (any supported format)."""
+    where = path or "<in-memory checkpoint>"
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"Checkpoint {where} holds a {type(obj).__name__}, not a dict of tensors or a "
+                              "training checkpoint.")
+    container, raw_sd = None, None
+    for k in STATE_DICT_KEYS:
+        if k in obj and isinstance(obj[k], torch.nn.Module):
+            raw_sd, container = obj[k].state_dict(), k
+            break
+        if k in obj and _is_state_dict(obj[k]):
+            raw_sd, container = obj[k], k
+            break
+    if raw_sd is None:
+        if _is_state_dict(obj):
+            raw_sd = obj
+        else:
+            keys = ", ".join(map(str, list(obj)[:10]))
+            raise CheckpointError(f"Checkpoint {where} contains no state dict of tensors (top-level keys: {keys}).")
+    sd, info = normalise_state_dict(raw_sd)
+    if not sd:
+        raise CheckpointError(f"Checkpoint {where} contains no tensors.")
+    roots = _roots(sd)
+    meta: dict = {}
+    is_nnunet = container == "network_weights" and ("init_args" in obj or "trainer_name" in obj)
+    bsf_meta = obj.get("bsf_metadata") if container is not None else None
+    if is_nnunet:
+        meta["format"] = "bsf_nnunet"
+        init_args = obj.get("init_args") or {}
+        conf, conf_name = _nnunet_configuration(init_args)
+        arch_block = conf.get("architecture") or {}
+        arch = dict(arch_block.get("arch_kwargs") or {})
+        net = arch_block.get("network_class_name")
+        cn = (init_args.get("dataset_json") or {}).get("channel_names")
+        meta.update({
+            "trainer_name": obj.get("trainer_name"), "configuration": conf_name, "network_class": net,
+            "arch_kwargs": arch, "epoch": _plain(obj.get("current_epoch")),
+            "channel_names": [str(cn[k]) for k in sorted(cn, key=int)] if isinstance(cn, Mapping) and cn else None,
+            "patch_size": conf.get("patch_size"), "spacing": conf.get("spacing"),
+            "normalization": conf.get("normalization_schemes"),
+        })
+        if isinstance(conf.get("bsf"), Mapping) and conf["bsf"].get("variant"):
+            meta["variant"] = conf["bsf"]["variant"]
+        if net is None or "BSFSwinUNETR" in str(net):
+            meta["merging"] = arch.get("merging", "legacy")
+            meta["axis_order"] = arch.get("axis_order", "zyx")
+    if isinstance(bsf_meta, Mapping):
+        # our own metadata wins over what is inferred from nnU-Net's init_args
+        declared = bsf_meta.get("format")
+        meta.update({k: v for k, v in bsf_meta.items() if v is not None or k not in meta})
+        arch = meta.get("arch_kwargs") or {}
+        meta["format"] = declared if declared in FORMATS else ("bsf_nnunet" if is_nnunet else "bsf_pretrain")
+        if declared is not None and declared != meta["format"]:
+            meta["declared_format"] = declared
+        meta.setdefault("merging", arch.get("merging", "legacy"))
+        meta.setdefault("axis_order", arch.get("axis_order", "zyx"))
+        meta.setdefault("channel_names", None)
+    if not is_nnunet and not isinstance(bsf_meta, Mapping):
+        if container is not None and "swinViT" in roots:
+            # official BrainSegFounder / MONAI files: no channel names; trained with MONAI < 1.5 on (x, y, z) arrays
+            meta["format"] = "monai_finetuned" if roots & set(SEGMENTATION_ROOTS) else "monai_ssl"
+            meta.update({"channel_names": None, "merging": "legacy", "merging_assumed": True, "axis_order": "xyz"})
+            for k in ("epoch", "global_step", "best_acc"):
+                if k in obj:
+                    meta[k] = _plain(obj[k])
+        else:
+            meta.update({"format": "raw", "channel_names": None})
+    meta["state_dict_key"] = container
+    meta["top_level_keys"] = [str(k) for k in obj][:20] if container else []
+    meta.update(info)
+    arch_info = describe_architecture(sd)
+    name, desc = guess_variant(sd)
+    meta["variant_guess"] = name
+    meta["variant_description"] = desc
+    if arch_info:
+        meta["in_channels"] = arch_info["in_channels"]
+        meta["out_channels"] = arch_info["out_channels"]
+    return Checkpoint(state_dict=sd, metadata=meta, path=path)
+
+
+def load_checkpoint(path, allow_unsafe_pickle: bool = False) -> Checkpoint:
+    """Read any supported checkpoint file: state dict normalised, metadata collected and inferred."""
+    path = os.fspath(path)
+    return checkpoint_from_object(read_checkpoint_file(path, allow_unsafe_pickle), path=path)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+def describe_architecture(state_dict: Mapping) -> Optional[dict]:
+    """Feature size, depths, heads, window size and channel counts read off a (normalised) state dict."""
+    w = state_dict.get("swinViT.patch_embed.proj.weight")
+    if w is None or w.dim() < 3:
+        return None
+    depths, heads, window = [], [], None
+    for i in range(1, 5):
+        pat = re.compile(rf"swinViT\.layers{i}\.0\.blocks\.(\d+)\.")
+        blocks = {int(m.group(1)) for k in state_dict for m in [pat.match(k)] if m}
+        depths.append(max(blocks) + 1 if blocks else 0)
+        t = state_dict.get(f"swinViT.layers{i}.0.blocks.0.attn.relative_position_bias_table")
+        heads.append(int(t.shape[1]) if t is not None and t.dim() == 2 else None)
+        if t is not None and window is None:
+            side = round(t.shape[0] ** (1 / 3))
+            window = (side + 1) // 2 if side ** 3 == t.shape[0] else None
+    out = state_dict.get("out.conv.conv.weight")
+    return {"feature_size": int(w.shape[0]), "depths": tuple(depths), "num_heads": tuple(heads),
+            "window_size": window, "in_channels": int(w.shape[1]),
+            "out_channels": int(out.shape[0]) if out is not None else None}
+
+
+def _fmt_arch(a: dict) -> str:
+    heads = "-".join("?" if h is None else str(h) for h in a["num_heads"])
+    return (f"feature size {a['feature_size']}, depths {'-'.join(map(str, a['depths']))}, heads {heads}, "
+            f"{a['in_channels']} input channel(s)")
+
+
+def guess_variant(state_dict: Mapping) -> Tuple[Optional[str], str]:
+    """``(variant name or None, description)`` from the Swin encoder tensors of a (normalised) state dict."""
+    from ..planning.presets import load_preset
+
+    a = describe_architecture(state_dict)
+    if a is None:
+        return None, "no Swin encoder tensors (swinViT.patch_embed.proj.weight is absent)"
+    variants = load_preset("variants.json")
+    for name in sorted(variants):
+        v = variants[name]
+        if (a["feature_size"] == v["feature_size"] and a["depths"] == tuple(v["depths"])
+                and a["num_heads"] == tuple(v["num_heads"])):
+            return name, f"variant {name!r} ({_fmt_arch(a)})"
+    return None, f"no preset variant ({_fmt_arch(a)}; presets: {', '.join(sorted(variants))})"
+
+
+def model_merging(model: torch.nn.Module) -> Optional[str]:
+    """``"legacy"`` / ``"fixed"`` for our networks (attribute ``merging`` or the merging modules), else None."""
+    m = getattr(model, "merging", None)
+    if m in MERGING_MODES:
+        return m
+    from ..network.swin_unetr import FixedPatchMerging, LegacyPatchMerging
+
+    for mod in model.modules():
+        if isinstance(mod, LegacyPatchMerging):
+            return "legacy"
+        if isinstance(mod, FixedPatchMerging):
+            return "fixed"
+    return None
+
+
+def _trainer_hint(variant: Optional[str], arch: Optional[dict]) -> str:
+    if variant in VARIANT_TRAINERS:
+        ft, pt = VARIANT_TRAINERS[variant]
+        return (f"Use the trainer of variant {variant!r}: -tr {ft} for fine-tuning (-tr {pt} for continued "
+                "pretraining)")
+    if arch:
+        return (f"No trainer preset builds this architecture; build the network with feature_size="
+                f"{arch['feature_size']}, depths={arch['depths']}, num_heads={arch['num_heads']}")
+    return "Use a checkpoint of a BrainSegFounder Swin-UNETR"
+
+
+# ---------------------------------------------------------------------------------------------------- transfer
+def _group_label(name: str) -> str:
+    if name.endswith("relative_position_index"):
+        return "*.relative_position_index"
+    return name.split(".")[0] + ".*"
+
+
+def _grouped(items) -> List[str]:
+    groups: dict = {}
+    for name, reason in items:
+        groups.setdefault(reason, {}).setdefault(_group_label(name), 0)
+        groups[reason][_group_label(name)] += 1
+    lines = []
+    for reason, labels in groups.items():
+        n = sum(labels.values())
+        lines.append(f"{n} tensor{'s' if n != 1 else ''} ({', '.join(labels)}): {reason}")
+    return lines
+
+
+@dataclass
+class TransferReport:
+    """What :func:`transfer_weights` did with every tensor: lists of ``(name, reason)``."""
+
+    loaded: List[Tuple[str, str]] = field(default_factory=list)
+    adapted: List[Tuple[str, str]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    missing: List[Tuple[str, str]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    channel_mapping: List[Tuple[int, Optional[int], str]] = field(default_factory=list)
+    channel_table: List[str] = field(default_factory=list)
+    source: Optional[str] = None
+    source_format: Optional[str] = None
+    source_variant: Optional[str] = None
+
+    def names(self, which: str) -> List[str]:
+        return [n for n, _ in getattr(self, which)]
+
+    @property
+    def encoder_loaded(self) -> int:
+        return sum(1 for n, _ in self.loaded + self.adapted if n.startswith("swinViT."))
+
+    def summary(self) -> str:
+        lines = [f"Pretrained weights {self.source or '<in-memory>'} (format {self.source_format}, "
+                 f"variant {self.source_variant or 'unknown'}): {len(self.loaded)} tensors loaded, "
+                 f"{len(self.adapted)} adapted, {len(self.skipped)} skipped, {len(self.missing)} missing "
+                 f"(randomly initialised); encoder (swinViT) tensors loaded: {self.encoder_loaded}"]
+        if self.channel_table:
+            lines.append("  input channels:")
+            lines += [f"    {t}" for t in self.channel_table]
+        for name, reason in self.adapted:
+            lines.append(f"  adapted {name}: {reason}")
+        lines += [f"  skipped {g}" for g in _grouped(self.skipped)]
+        lines += [f"  missing {g}" for g in _grouped(self.missing)]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _absent_reason(name: str) -> str:
+    root = name.split(".")[0]
+    if root in SSL_HEAD_ROOTS:
+        return "self-supervised pretraining head, not part of the target model"
+    if root in SEGMENTATION_ROOTS:
+        return "segmentation decoder/head, not part of the target model"
+    return "not in the target model"
+
+
+def _as_checkpoint(checkpoint) -> Checkpoint:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return load_checkpoint(checkpoint)
+    return checkpoint_from_object(checkpoint)
+
+
+def _raise_architecture(where: str, src: Mapping, tgt: Mapping, differences: List[str]):
+    ck_var, ck_desc = guess_variant(src)
+    _, m_desc = guess_variant(tgt)
+    shown = "; ".join(differences[:4]) + (f"; ... ({len(differences)} differences)" if len(differences) > 4 else "")
+    raise WeightsMismatchError(
+        f"Checkpoint {where} does not fit the model's architecture.\n  checkpoint: {ck_desc}\n  model:      "
+        f"{m_desc}\n  differences: {shown}\n{_trainer_hint(ck_var, describe_architecture(src))}. "
+        "(strict_encoder=False loads only the tensors that fit; not recommended.)")
+
+
+def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Optional[Sequence[str]] = None,
+                     target_channels: Optional[Sequence[str]] = None, encoder_only: bool = False,
+                     strict_encoder: bool = True, verbose: bool = True, allow_merging_mismatch: bool = False,
+                     checkpoint_merging: Optional[str] = None) -> TransferReport:
+    """Copy the tensors of ``checkpoint`` (a :class:`Checkpoint`, a path or a loaded dict) into ``model``.
+
+    Same name and shape: loaded. Input-channel tensors: mapped by channel name (``source_channels`` overrides
+    the names recorded in the checkpoint; ``target_channels`` are the model's). ``out.*`` with another class
+    count, heads absent from the model and ``relative_position_index`` buffers: skipped. Model tensors absent from
+    the checkpoint: missing (left as initialised). Raises :class:`WeightsMismatchError` for another architecture
+    (unless ``strict_encoder=False``), another patch-merging flavour (unless ``allow_merging_mismatch``;
+    ``checkpoint_merging`` states the checkpoint's flavour when its metadata is absent or only assumed) and when
+    no encoder tensor would load; :class:`~bsf_nnunet.weights.channels.ChannelMappingError` when the input
+    channels cannot be matched."""
+    ckpt = _as_checkpoint(checkpoint)
+    meta, src = ckpt.metadata, ckpt.state_dict
+    where = ckpt.path or "<in-memory checkpoint>"
+    tgt = model.state_dict()
+    report = TransferReport(source=ckpt.path, source_format=meta.get("format"),
+                            source_variant=meta.get("variant_guess") or meta.get("variant"))
+
+    # patch-merging flavour
+    ck_merging = checkpoint_merging or meta.get("merging")
+    if checkpoint_merging is not None and checkpoint_merging not in MERGING_MODES:
+        raise ValueError(f"checkpoint_merging must be one of {MERGING_MODES}, got {checkpoint_merging!r}")
+    m_merging = model_merging(model)
+    if ck_merging in MERGING_MODES and m_merging and ck_merging != m_merging:
+        assumed = " (assumed: official BrainSegFounder/MONAI files were trained with MONAI < 1.5)" \
+            if meta.get("merging_assumed") and checkpoint_merging is None else ""
+        text = (f"Patch-merging mismatch: checkpoint {where} was trained with merging={ck_merging!r}{assumed}, the "
+                f"model uses merging={m_merging!r}. 'legacy' is the 3D patch merging of MONAI < 1.5 (0.9-1.4), which "
+                "BrainSegFounder's published weights were trained with (it repeats two of the eight 2x2x2 "
+                "sub-grids); 'fixed' is MONAI >= 1.5's (all eight sub-grids). Weights trained with one compute a "
+                "different function with the other.")
+        if not allow_merging_mismatch:
+            raise WeightsMismatchError(
+                text + f" Build the model with merging={ck_merging!r} (trainer attribute bsf_merging; 'legacy' is "
+                "the default), or pass allow_merging_mismatch=True to fine-tune across flavours anyway (if the "
+                "checkpoint's flavour is known to differ from its metadata, pass checkpoint_merging=...).")
+        report.warnings.append(text + " Loaded anyway (allow_merging_mismatch=True).")
+
+    # architecture (before the channels: a variant mismatch is the more useful message)
+    ck_arch, m_arch = describe_architecture(src), describe_architecture(tgt)
+    if strict_encoder and ck_arch and m_arch:
+        keys = ("feature_size", "depths", "num_heads", "window_size")
+        diff = [f"{k} {ck_arch[k]} in the checkpoint, {m_arch[k]} in the model" for k in keys
+                if ck_arch[k] != m_arch[k]]
+        if diff:
+            _raise_architecture(where, src, tgt, diff)
+
+    # input channels
+    pe = src.get(INPUT_CHANNEL_KEYS[0])
+    pe = pe if pe is not None else src.get(INPUT_CHANNEL_KEYS[1])
+    tpe = tgt.get(INPUT_CHANNEL_KEYS[0])
+    mapping, identity, n_src, n_tgt = None, True, None, None
+    if pe is not None and tpe is not None and pe.dim() > 1 and tpe.dim() > 1:
+        src_names = list(source_channels) if source_channels is not None else meta.get("channel_names")
+        tgt_names = list(target_channels) if target_channels is not None else None
+        n_src, n_tgt = int(pe.shape[1]), int(tpe.shape[1])
+        mapping, warns = resolve_channel_mapping(src_names, tgt_names, n_src, n_tgt)
+        report.warnings += warns
+        report.channel_mapping = mapping
+        report.channel_table = mapping_table(mapping, src_names, tgt_names)
+        identity = n_src == n_tgt and all(s == t for t, s, _ in mapping)
+
+    arch_errors, to_load = [], {}
+    has_swin = any(k.startswith("swinViT.") for k in src)
+    for k, v in src.items():
+        if k.endswith("relative_position_index"):
+            report.skipped.append((k, "derived buffer (relative positions in a window), recomputed by the model"))
+            continue
+        if encoder_only and not k.startswith("swinViT."):
+            report.skipped.append((k, "encoder_only: only the Swin encoder (swinViT.*) is transferred"))
+            continue
+        if k not in tgt:
+            if k.startswith(("swinViT.layers", "swinViT.patch_embed")):
+                arch_errors.append(f"{k} is in the checkpoint but not in the model")
+                report.skipped.append((k, "encoder tensor absent from the model (architecture differs)"))
+            else:
+                report.skipped.append((k, _absent_reason(k)))
+            continue
+        t = tgt[k]
+        if k in INPUT_CHANNEL_KEYS and mapping is not None and v.dim() == t.dim() > 2 and v.shape[0] == t.shape[0] \
+                and v.shape[2:] == t.shape[2:] and v.shape[1] == n_src and t.shape[1] == n_tgt:
+            if identity and v.shape == t.shape:
+                to_load[k] = v
+                report.loaded.append((k, "same name and shape"))
+            else:
+                to_load[k] = adapt_input_weight(v, mapping)
+                how = "reordered" if v.shape[1] == t.shape[1] else f"{v.shape[1]} -> {t.shape[1]}"
+                report.adapted.append((k, f"input channels {how}, matched by name (see the channel table)"))
+            continue
+        if v.shape == t.shape:
+            to_load[k] = v
+            report.loaded.append((k, "same name and shape"))
+            continue
+        if k.startswith("out."):
+            report.skipped.append((k, f"output head for {v.shape[0]} outputs, the model has {t.shape[0]}: "
+                                      "left randomly initialised"))
+            continue
+        arch_errors.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(t.shape)}")
+        report.skipped.append((k, "shape differs from the model's (architecture differs)"))
+    for k in tgt:
+        if k in src or k.endswith("relative_position_index"):
+            continue
+        if encoder_only and not k.startswith("swinViT."):
+            report.missing.append((k, "not transferred (encoder_only): randomly initialised"))
+            continue
+        if k.startswith("swinViT.") and has_swin:
+            arch_errors.append(f"{k} is in the model but not in the checkpoint")
+        report.missing.append((k, "not in the checkpoint: randomly initialised"))
+
+    if arch_errors and strict_encoder:
+        _raise_architecture(where, src, tgt, arch_errors)
+    if report.encoder_loaded == 0:
+        ck_desc = guess_variant(src)[1]
+        first = ", ".join(list(src)[:8])
+        net = f", network {meta['network_class']}" if meta.get("network_class") else ""
+        trainer = f", trainer {meta['trainer_name']}" if meta.get("trainer_name") else ""
+        raise WeightsMismatchError(
+            f"The encoder would load nothing from {where} (format {meta.get('format')}{net}{trainer}): no swinViT.* "
+            f"tensor of the checkpoint fits the model ({ck_desc}). First checkpoint keys: {first}. Is this a "
+            "BrainSegFounder / Swin-UNETR checkpoint?")
+
+    model.load_state_dict(to_load, strict=False)
+    if verbose:
+        print(report.summary())
+    return report
