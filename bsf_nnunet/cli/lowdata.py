@@ -1,0 +1,114 @@
+"""``bsf-nnunet lowdata``: the low-data fine-tuning study (BrainSegFounder's Figure 5), see docs/lowdata.md."""
+from __future__ import annotations
+
+import sys
+
+DEFAULT_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lowdata", help="low-data study: fraction folds, training runner, report (Figure 5)",
+                       description="Fine-tune on 5-100% of the training cases, several random draws per fraction, "
+                                   "evaluated on one fixed test set; pretrained vs scratch. Steps: splits -> run -> "
+                                   "report (docs/lowdata.md).")
+    p.set_defaults(func=_no_step, _parser=p)
+    sp = p.add_subparsers(dest="lowdata_step", metavar="STEP")
+
+    q = sp.add_parser("splits", help="append the low-data folds to splits_final.json",
+                      description="Write the low-data folds into $nnUNet_preprocessed/DatasetXXX/splits_final.json "
+                                  "after the existing folds (kept as they are; nnU-Net's default 5-fold split is "
+                                  "created first if there is none) and lowdata.json next to it. Each fold trains on "
+                                  "a fraction of the non-test cases and validates on the fixed test set; subsets of "
+                                  "one repeat are nested. Same settings again: no change.")
+    q.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    q.add_argument("--fractions", type=float, nargs="+", default=DEFAULT_FRACTIONS,
+                   help="fractions of the non-test cases (default: %(default)s)")
+    q.add_argument("--repeats", type=int, default=5, help="random draws per fraction (default 5)")
+    q.add_argument("--test-fraction", type=float, default=0.2, help="held-out test share of all cases (default 0.2)")
+    q.add_argument("--seed", type=int, default=0, help="random seed of the test set and draws (default 0)")
+    q.add_argument("-c", "--configuration", default="3d_fullres",
+                   help="configuration whose preprocessed cases are used (default 3d_fullres)")
+    q.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    q.add_argument("--overwrite", action="store_true", help="replace a different existing low-data layout")
+    q.set_defaults(func=_guard(_splits))
+
+    q = sp.add_parser("run", help="train all low-data folds (restartable)",
+                      description="Run nnUNetv2_train DATASET C FOLD -tr T -p P -device D for every low-data fold and "
+                                  "trainer. Finished folds are skipped, interrupted ones continued with --c; stop and "
+                                  "restart at any time. Exit code 1 when a training fails (fold and log named).")
+    q.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    q.add_argument("--trainers", nargs="+", default=["BSFTrainer", "BSFTrainer_scratch"],
+                   help="trainers (default: BSFTrainer BSFTrainer_scratch)")
+    q.add_argument("-c", "--configuration", default="3d_fullres")
+    q.add_argument("-p", "--plans", default="nnUNetPlans")
+    q.add_argument("--folds", type=int, nargs="+", default=None, help="only these low-data folds")
+    q.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    q.add_argument("--pretrained-weights", default=None, metavar="CKPT",
+                   help="passed as -pretrained_weights to every trainer except *scratch* ones (new trainings only): "
+                        "the stage-2 checkpoint of the pretraining fold")
+    q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    q.set_defaults(func=_guard(_run))
+
+    q = sp.add_parser("report", help="CSV, markdown and plot of the test-set Dice",
+                      description="Collect fold_F/validation/summary.json of every low-data fold and trainer; write "
+                                  "lowdata_results.csv, lowdata_report.md (mean ± sd over repeats, paired pretrained "
+                                  "- baseline comparison, missing folds) and lowdata_dice.png.")
+    q.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    q.add_argument("--trainers", nargs="+", default=None,
+                   help="trainers (default: those with low-data results in $nnUNet_results)")
+    q.add_argument("-c", "--configuration", default="3d_fullres")
+    q.add_argument("-p", "--plans", default="nnUNetPlans")
+    q.add_argument("--out", default=None, help="output folder (default $nnUNet_results/DatasetXXX/lowdata_report)")
+    q.add_argument("--pretrained", default=None,
+                   help="pretrained trainer of the comparison (default: T of a pair T, T_scratch; else BSFTrainer)")
+    q.add_argument("--baseline", default=None, help="baseline trainer (default: T_scratch; else BSFTrainer_scratch)")
+    q.add_argument("--test", choices=["ttest", "wilcoxon"], default="ttest",
+                   help="paired test across repeats: paired t-test (default) or Wilcoxon signed-rank")
+    q.add_argument("--xscale", choices=["log", "linear"], default="log", help="x axis of the plot (default log)")
+    q.set_defaults(func=_guard(_report))
+
+
+def _no_step(args) -> int:
+    args._parser.print_help(sys.stderr)
+    return 2
+
+
+def _guard(fn):
+    def run(args) -> int:
+        from ..lowdata.runner import TrainingFailed
+
+        step = getattr(args, "lowdata_step", "") or ""
+        try:
+            return fn(args)
+        except TrainingFailed as e:
+            print(f"bsf-nnunet lowdata {step}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            print(f"bsf-nnunet lowdata {step}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+    run.__name__ = fn.__name__
+    return run
+
+
+def _splits(args) -> int:
+    from ..lowdata.splits import create_splits
+
+    create_splits(args.dataset, args.fractions, args.repeats, args.test_fraction, args.seed, args.configuration,
+                  args.plans, overwrite=args.overwrite)
+    return 0
+
+
+def _run(args) -> int:
+    from ..lowdata.runner import run_lowdata
+
+    run_lowdata(args.dataset, args.trainers, args.configuration, args.plans, folds=args.folds, device=args.device,
+                dry_run=args.dry_run, pretrained_weights=args.pretrained_weights)
+    return 0
+
+
+def _report(args) -> int:
+    from ..lowdata.report import build_report
+
+    build_report(args.dataset, args.trainers, args.configuration, args.plans, out_dir=args.out,
+                 pretrained=args.pretrained, baseline=args.baseline, test=args.test, xscale=args.xscale)
+    return 0

@@ -1,0 +1,146 @@
+"""Shared pieces of the low-data study: dataset and folder resolution, the layout file, atomic writes.
+
+The layout of a study lives next to nnU-Net's ``splits_final.json`` in ``lowdata.json``; the training runs are plain
+``nnUNetv2_train`` calls, so nothing here imports ``bsf_nnunet.training``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import List, Optional
+
+LAYOUT_FILE = "lowdata.json"
+SPLITS_FILE = "splits_final.json"
+
+
+def env_folder(name: str) -> str:
+    """The folder in environment variable ``name`` (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)."""
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"{name} is not set. Export it (e.g. export {name}=/data/{name}) as for any nnU-Net command; "
+                         f"see nnU-Net's documentation/setting_up_paths.md.")
+    return value
+
+
+def resolve_dataset(dataset) -> str:
+    """DatasetXXX_Name from an ID or a name, exactly like nnU-Net (errors as ValueError with the fix)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return str(maybe_convert_to_dataset_name(str(dataset)))
+    except ValueError as e:
+        raise ValueError(f"Dataset {dataset!r} is neither an integer ID nor a name starting with 'Dataset'. Give -d "
+                         f"as an ID (e.g. 4) or a full name (e.g. Dataset004_Hippocampus).") from e
+    except RuntimeError as e:
+        raise ValueError(
+            f"Could not resolve dataset {dataset!r}: {' '.join(str(e).split())} Check the ID, that the dataset "
+            f"exists in one of these folders (nnUNet_raw={os.environ.get('nnUNet_raw')}, nnUNet_preprocessed="
+            f"{os.environ.get('nnUNet_preprocessed')}, nnUNet_results={os.environ.get('nnUNet_results')}) and that "
+            f"exactly one folder name starts with Dataset{int(dataset) if str(dataset).isdigit() else dataset}_."
+        ) from e
+
+
+def preprocessed_dir(dataset_name: str) -> str:
+    return os.path.join(env_folder("nnUNet_preprocessed"), dataset_name)
+
+
+def results_dir(dataset_name: str) -> str:
+    return os.path.join(env_folder("nnUNet_results"), dataset_name)
+
+
+def fold_dir(dataset_name: str, trainer: str, plans: str, configuration: str, fold: int) -> str:
+    """nnU-Net's output folder of one training: <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<F>."""
+    return os.path.join(results_dir(dataset_name), f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path`` (readers never see half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}). Restore it from a backup or delete it and "
+                         f"re-create it.") from e
+
+
+def load_layout(dataset_name: str) -> dict:
+    """The study layout (``lowdata.json``), checked against ``splits_final.json`` (which nnU-Net trains from)."""
+    pre = preprocessed_dir(dataset_name)
+    path = os.path.join(pre, LAYOUT_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"No low-data layout for {dataset_name}: {path} does not exist. Create the folds first with "
+                         f"`bsf-nnunet lowdata splits -d {dataset_name}`.")
+    layout = read_json(path, "low-data layout")
+    if not isinstance(layout, dict) or "folds" not in layout or "test" not in layout:
+        raise ValueError(f"{path} is not a low-data layout written by `bsf-nnunet lowdata splits`. Re-create it with "
+                         f"`bsf-nnunet lowdata splits -d {dataset_name} --overwrite`.")
+    splits_path = os.path.join(pre, SPLITS_FILE)
+    if not os.path.isfile(splits_path):
+        raise ValueError(f"{splits_path} is missing although {path} exists, so nnU-Net would not train the low-data "
+                         f"folds. Re-create them with `bsf-nnunet lowdata splits -d {dataset_name}` (same settings).")
+    splits = read_json(splits_path, "nnU-Net split file")
+    for fd in layout["folds"]:
+        f = fd["fold"]
+        if (f >= len(splits) or sorted(splits[f].get("train", [])) != sorted(fd["train"])
+                or sorted(splits[f].get("val", [])) != sorted(layout["test"])):
+            raise ValueError(f"Fold {f} of {splits_path} differs from the low-data layout in {path} (the split file "
+                             f"was edited or replaced). Re-create the folds with `bsf-nnunet lowdata splits -d "
+                             f"{dataset_name} --overwrite` (results of old low-data folds no longer match then).")
+    return layout
+
+
+def finetune_folds(layout: dict) -> List[dict]:
+    return [f for f in layout["folds"] if f.get("role", "finetune") == "finetune"]
+
+
+def select_folds(layout: dict, folds: Optional[List[int]], dataset_name: str) -> List[dict]:
+    """The fine-tuning folds of the layout, or the requested subset (unknown fold numbers are an error)."""
+    all_ft = finetune_folds(layout)
+    if not folds:
+        return all_ft
+    by_fold = {f["fold"]: f for f in all_ft}
+    bad = [f for f in folds if f not in by_fold]
+    if bad:
+        raise ValueError(f"Fold(s) {bad} are not low-data fine-tuning folds of {dataset_name}; they are "
+                         f"{_ranges(sorted(by_fold))} (see {LAYOUT_FILE} or `bsf-nnunet lowdata splits`).")
+    return [by_fold[f] for f in sorted(set(folds))]
+
+
+def _ranges(nums: List[int]) -> str:
+    if not nums:
+        return "none"
+    out, start, prev = [], nums[0], nums[0]
+    for n in nums[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)
+
+
+def fmt_fraction(fr: float) -> str:
+    pct = fr * 100
+    return f"{pct:g}%"

@@ -1,0 +1,328 @@
+"""Low-data folds (BrainSegFounder's Figure 5) appended to nnU-Net's ``splits_final.json``.
+
+Layout: one fixed held-out test set (the same for every fraction and repeat) and, per repeat, a random order of the
+remaining cases; the training subset of fraction f is the first round(f * n_pool) cases of that order, so the
+subsets of one repeat are nested. Every low-data fold is ``{"train": subset, "val": test set}``, so nnU-Net's final
+validation of that fold is the evaluation on the test set. The folds come after the existing folds (nnU-Net's five
+cross-validation folds), which are kept byte for byte.
+
+If the fractions do not include 1.0, one extra "pretrain" fold (all non-test cases) is added: stage-2
+self-supervised pretraining (BSFPretrainTrainer) uses the images of all non-test cases, never the test set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .common import (LAYOUT_FILE, SPLITS_FILE, atomic_write_text, env_folder, fmt_fraction, preprocessed_dir,
+                     read_json, resolve_dataset)
+
+FORMAT_VERSION = 1
+CV_SEED = 12345  # nnU-Net's seed for the default 5-fold split (nnUNetTrainer.do_split)
+CV_FOLDS = 5
+
+
+# ---------------------------------------------------------------------------------------------------- case ids
+def _data_identifier(pre: str, plans: str, configuration: str) -> str:
+    """The preprocessed data folder name of a configuration (from the plans, following inherits_from)."""
+    plans_file = os.path.join(pre, plans + ".json")
+    if os.path.isfile(plans_file):
+        try:
+            confs = read_json(plans_file, "plans file").get("configurations", {})
+        except (ValueError, AttributeError):
+            confs = {}
+        c, seen = configuration, set()
+        while c in confs and c not in seen:
+            seen.add(c)
+            if "data_identifier" in confs[c]:
+                return confs[c]["data_identifier"]
+            c = confs[c].get("inherits_from")
+    return f"{plans}_{configuration}"
+
+
+def preprocessed_case_ids(folder: str) -> List[str]:
+    """Case ids of a preprocessed data folder (<case>.b2nd, else <case>.npz, else <case>.pkl)."""
+    names = os.listdir(folder)
+    for ending in (".b2nd", ".npz", ".pkl"):
+        ids = [n[:-len(ending)] for n in names if n.endswith(ending) and not n.endswith("_seg" + ending)]
+        if ids:
+            return sorted(set(ids))
+    return []
+
+
+def raw_case_ids(raw_dataset: str) -> List[str]:
+    """Case ids from ``labelsTr`` of a raw dataset (the file ending from dataset.json)."""
+    labels = os.path.join(raw_dataset, "labelsTr")
+    ending = None
+    dj = os.path.join(raw_dataset, "dataset.json")
+    if os.path.isfile(dj):
+        ending = read_json(dj, "dataset.json").get("file_ending")
+    endings = [ending] if ending else [".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp"]
+    ids = []
+    for n in os.listdir(labels):
+        for e in endings:
+            if n.endswith(e) and not n.startswith("."):
+                ids.append(n[:-len(e)])
+                break
+    return sorted(set(ids))
+
+
+def find_case_ids(dataset_name: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans"):
+    """(sorted case ids, where they came from): the preprocessed data of ``configuration``, else raw labelsTr."""
+    pre = preprocessed_dir(dataset_name)
+    data = os.path.join(pre, _data_identifier(pre, plans, configuration))
+    if os.path.isdir(data):
+        ids = preprocessed_case_ids(data)
+        if ids:
+            return ids, data
+    raw_root = os.environ.get("nnUNet_raw")
+    labels = os.path.join(raw_root, dataset_name, "labelsTr") if raw_root else None
+    if labels and os.path.isdir(labels):
+        ids = raw_case_ids(os.path.dirname(labels))
+        if ids:
+            return ids, labels
+    raise ValueError(f"Found no cases of {dataset_name}: neither preprocessed data in {data} nor label files in "
+                     f"{labels or '$nnUNet_raw/' + dataset_name + '/labelsTr (nnUNet_raw is not set)'}. Run "
+                     f"`nnUNetv2_plan_and_preprocess -d ID -c {configuration}` (or `bsf-nnunet plan`) first, or pass "
+                     f"the configuration you preprocessed with -c.")
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def _n_of(fraction: float, n: int) -> int:
+    """round(fraction * n) half up, at least 1, at most n."""
+    return min(n, max(1, int(math.floor(fraction * n + 0.5))))
+
+
+def check_settings(fractions: Sequence[float], repeats: int, test_fraction: float) -> List[float]:
+    fr = [float(f) for f in fractions]
+    if not fr:
+        raise ValueError("--fractions needs at least one value, e.g. --fractions 0.05 0.1 0.2 0.4 0.6 0.8 1.0.")
+    bad = [f for f in fr if not (0.0 < f <= 1.0) or not math.isfinite(f)]
+    if bad:
+        raise ValueError(f"--fractions must lie in (0, 1] (fractions of the non-test cases); got {bad}.")
+    if len(set(fr)) != len(fr):
+        raise ValueError(f"--fractions contains duplicates: {fr}. Give each fraction once.")
+    if int(repeats) < 1:
+        raise ValueError(f"--repeats must be at least 1; got {repeats}.")
+    if not (0.0 < float(test_fraction) < 1.0):
+        raise ValueError(f"--test-fraction must lie strictly between 0 and 1; got {test_fraction}.")
+    return sorted(fr)
+
+
+def make_layout(case_ids: Sequence[str], fractions: Sequence[float], repeats: int = 5, test_fraction: float = 0.2,
+                seed: int = 0, first_fold: int = CV_FOLDS) -> dict:
+    """The test set and the low-data folds (numbered from ``first_fold``) for the given cases; deterministic.
+
+    The test set is drawn with the seed alone; repeat r orders the remaining cases with (seed, r), so adding
+    repeats or fractions later leaves the existing draws unchanged.
+    """
+    fractions = check_settings(fractions, repeats, test_fraction)
+    cases = sorted(str(c) for c in case_ids)
+    if len(set(cases)) != len(cases):
+        raise ValueError("duplicate case ids")
+    n = len(cases)
+    if n < 2:
+        raise ValueError(f"A low-data study needs at least 2 cases (1 test + 1 training); the dataset has {n}.")
+    n_test = min(n - 1, max(1, int(math.floor(test_fraction * n + 0.5))))
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0])).permutation(n)
+    test = sorted(cases[i] for i in order[:n_test])
+    pool = sorted(cases[i] for i in order[n_test:])
+    folds, fold = [], int(first_fold)
+    perms = [np.random.default_rng(np.random.SeedSequence([int(seed), 1, r])).permutation(len(pool))
+             for r in range(int(repeats))]
+    for fr in fractions:
+        k = _n_of(fr, len(pool))
+        for r in range(int(repeats)):
+            train = sorted(pool[i] for i in perms[r][:k])
+            folds.append({"fold": fold, "role": "finetune", "fraction": fr, "repeat": r, "n_train": len(train),
+                          "n_val": len(test), "train": train})
+            fold += 1
+    full = [f for f in folds if f["n_train"] == len(pool) and f["repeat"] == 0 and f["fraction"] == 1.0]
+    if full:
+        pretrain_fold = full[0]["fold"]
+    else:
+        folds.append({"fold": fold, "role": "pretrain", "fraction": 1.0, "repeat": None, "n_train": len(pool),
+                      "n_val": len(test), "train": list(pool)})
+        pretrain_fold = fold
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": {"fractions": fractions, "repeats": int(repeats), "test_fraction": float(test_fraction),
+                     "seed": int(seed)},
+        "n_cases": n,
+        "first_fold": int(first_fold),
+        "pretrain_fold": pretrain_fold,
+        "test": test,
+        "folds": folds,
+    }
+
+
+def _same_layout(a: dict, b: dict) -> bool:
+    keys = ("settings", "first_fold", "pretrain_fold", "test", "folds")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------- JSON text
+def _element_spans(text: str, path: str):
+    """(start, end) character offsets of the elements of the top-level JSON array in ``text``."""
+    dec = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text[i:i + 1] == "[":
+        raise ValueError(f"{path} is not a JSON list of folds. Fix or delete it (nnU-Net re-creates its 5 folds).")
+    i += 1
+    spans = []
+    ws = " \t\r\n"
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text[i:i + 1] == "]":
+            return spans
+        _, end = dec.raw_decode(text, i)
+        spans.append((i, end))
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text[i:i + 1] == ",":
+            i += 1
+
+
+def _fold_text(fold: dict) -> str:
+    """One fold as nnU-Net's save_json writes list elements (indent 4, sorted keys)."""
+    return "\n".join("    " + line for line in json.dumps(fold, indent=4, sort_keys=True).splitlines())
+
+
+def splits_text(base_text: Optional[str], base_folds: List[dict], new_folds: List[dict], path: str) -> str:
+    """The split file: ``base_folds`` exactly as they are in ``base_text`` (their first len(base_folds) elements;
+    serialised afresh if ``base_text`` is None), then ``new_folds``.
+
+    For a file written by nnU-Net (``save_json``: indent 4, sorted keys) the result equals what ``save_json`` would
+    write for the whole list.
+    """
+    if base_text is None:
+        base_text = json.dumps(list(base_folds), indent=4, sort_keys=True)
+    if not base_folds:
+        head, sep = "[", "\n"
+    else:
+        head, sep = base_text[:_element_spans(base_text, path)[len(base_folds) - 1][1]], ",\n"
+    if not new_folds:
+        return head + ("\n]" if base_folds else "]")
+    return head + sep + ",\n".join(_fold_text(f) for f in new_folds) + "\n]"
+
+
+# ---------------------------------------------------------------------------------------------------- command
+def format_table(layout: dict, dataset_name: str = "") -> str:
+    rows = [f"Low-data folds{(' of ' + dataset_name) if dataset_name else ''}: test set {len(layout['test'])} cases "
+            f"(the 'val' of every fold below), {layout['n_cases'] - len(layout['test'])} cases to draw from, "
+            f"seed {layout['settings']['seed']}",
+            f"{'fold':>5}  {'fraction':>8}  {'repeat':>6}  {'n_train':>7}  {'n_val':>5}  role"]
+    for f in layout["folds"]:
+        rep = "-" if f["repeat"] is None else str(f["repeat"])
+        rows.append(f"{f['fold']:>5}  {fmt_fraction(f['fraction']):>8}  {rep:>6}  {f['n_train']:>7}  {f['n_val']:>5}  "
+                    f"{f['role']}")
+    rows.append(f"Stage-2 pretraining fold (all non-test cases): {layout['pretrain_fold']}")
+    return "\n".join(rows)
+
+
+def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), repeats: int = 5,
+                  test_fraction: float = 0.2, seed: int = 0, configuration: str = "3d_fullres",
+                  plans: str = "nnUNetPlans", overwrite: bool = False,
+                  out: Callable[[str], None] = print) -> dict:
+    """Write the low-data folds into splits_final.json (+ lowdata.json); returns the layout.
+
+    Re-running with identical settings changes nothing; a different existing layout is refused unless
+    ``overwrite`` (then the old low-data folds are replaced, the folds before them kept).
+    """
+    check_settings(fractions, repeats, test_fraction)
+    name = resolve_dataset(dataset)
+    env_folder("nnUNet_preprocessed")
+    pre = preprocessed_dir(name)
+    splits_path = os.path.join(pre, SPLITS_FILE)
+    layout_path = os.path.join(pre, LAYOUT_FILE)
+    cases, source = find_case_ids(name, configuration, plans)
+
+    old_layout = read_json(layout_path, "low-data layout") if os.path.isfile(layout_path) else None
+    if old_layout is not None and not (isinstance(old_layout, dict) and "first_fold" in old_layout):
+        raise ValueError(f"{layout_path} is not a layout written by `bsf-nnunet lowdata splits`; move it away.")
+    base_note = None
+    if os.path.isfile(splits_path):
+        with open(splits_path, encoding="utf-8") as f:
+            base_text = f.read()
+        try:
+            existing = json.loads(base_text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{splits_path} is not valid JSON ({e}). Fix it, or delete it to let nnU-Net's default "
+                             f"5-fold split be re-created.") from e
+        if not isinstance(existing, list):
+            raise ValueError(f"{splits_path} is not a JSON list of folds. Fix or delete it.")
+        base_count = old_layout["first_fold"] if old_layout is not None else len(existing)
+        if len(existing) < base_count:
+            raise ValueError(f"{splits_path} has {len(existing)} folds but {layout_path} says the low-data folds start "
+                             f"at fold {base_count}; the split file was replaced. Restore it, or delete {layout_path} "
+                             f"to add new low-data folds after the {len(existing)} existing ones.")
+        base = existing[:base_count]
+    else:
+        existing = None
+        raw_root = os.environ.get("nnUNet_raw")
+        raw_splits = os.path.join(raw_root, name, SPLITS_FILE) if raw_root else None
+        if raw_splits and os.path.isfile(raw_splits):
+            # nnU-Net's planner copies this file into the preprocessed folder, so it is the dataset's split
+            with open(raw_splits, encoding="utf-8") as f:
+                base_text = f.read()
+            base = json.loads(base_text)
+            base_note = f"kept the {len(base)} folds of {raw_splits} (as nnU-Net would)"
+        else:
+            from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+            base = [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]}
+                    for s in generate_crossval_split(list(cases), seed=CV_SEED, n_splits=CV_FOLDS)]
+            base_text = None
+            base_note = f"created nnU-Net's default {CV_FOLDS}-fold cross-validation first (seed {CV_SEED})"
+        base_count = len(base)
+        if old_layout is not None and old_layout["first_fold"] != base_count:
+            if not overwrite:
+                raise ValueError(f"{splits_path} is missing but {layout_path} describes folds from "
+                                 f"{old_layout['first_fold']}; re-creating would number them from {base_count}. "
+                                 f"Restore the split file, or pass --overwrite.")
+
+    layout = make_layout(cases, fractions, repeats, test_fraction, seed, first_fold=base_count)
+    layout["dataset"] = name
+    layout["case_source"] = source
+    layout["configuration"] = configuration
+    layout["plans"] = plans
+    ld_splits = [{"train": f["train"], "val": list(layout["test"])} for f in layout["folds"]]
+
+    if not overwrite:
+        if old_layout is not None and not _same_layout(old_layout, layout):
+            s = old_layout.get("settings", {})
+            reason = ("the settings differ" if s != layout["settings"] else
+                      "the settings are the same but the cases differ (cases were added or removed)")
+            raise ValueError(
+                f"{name} already has a different low-data layout ({layout_path}: fractions {s.get('fractions')}, "
+                f"repeats {s.get('repeats')}, test fraction {s.get('test_fraction')}, seed {s.get('seed')}); "
+                f"{reason}. Results of trainings on the old folds would no longer match. Re-run with the old "
+                f"settings, or pass --overwrite to replace the low-data folds (folds 0-{base_count - 1} are kept).")
+        if existing is not None and old_layout is not None:
+            current = existing[base_count:]
+            if [{"train": sorted(s.get("train", [])), "val": sorted(s.get("val", []))} for s in current] != \
+                    [{"train": sorted(s["train"]), "val": sorted(s["val"])} for s in ld_splits]:
+                raise ValueError(f"The low-data folds in {splits_path} (from fold {base_count}) differ from "
+                                 f"{layout_path}; the split file was edited. Pass --overwrite to re-write them.")
+
+    if base_note:
+        out(f"note: {base_note}")
+    new_text = splits_text(base_text, base, ld_splits, splits_path)
+    changed = False
+    if existing is None or json.loads(new_text) != existing:
+        atomic_write_text(splits_path, new_text)
+        changed = True
+    layout_text = json.dumps(layout, indent=2)
+    if old_layout != json.loads(layout_text):
+        atomic_write_text(layout_path, layout_text + "\n")
+        changed = True
+    out(format_table(layout, name))
+    out(("wrote " if changed else "unchanged (same settings): ") + f"{splits_path} (folds 0-{base_count - 1} kept, "
+        f"{len(ld_splits)} low-data folds {base_count}-{base_count + len(ld_splits) - 1}) and {layout_path}")
+    return layout
