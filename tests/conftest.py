@@ -18,6 +18,15 @@ CI_TRAINERS = textwrap.dedent('''
                           num_val_iterations_per_epoch=1, initial_lr=2e-3)
 
 
+    class BSFTrainer_CIfast(BSFTrainer_Toy):
+        bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=1, num_iterations_per_epoch=2,
+                          num_val_iterations_per_epoch=1)
+
+
+    class BSFTrainer_CIfast_scratch(BSFTrainer_CIfast):
+        bsf_use_pretraining = False
+
+
     class BSFTrainer_CI_chain(BSFTrainer_CI):
         bsf_pretrain_trainer = "BSFPretrainTrainer_CI"
 
