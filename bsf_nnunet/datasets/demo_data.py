@@ -1,0 +1,520 @@
+"""Demo dataset: several brain-tissue cases (background/CSF/GM/WM) built at run time from real MRI.
+
+The MRI is the ICBM152 2009a nonlinear symmetric template that ships *inside* nilearn's wheel
+(``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``: skull-stripped
+T1 plus grey/white-matter probability maps, 1 mm, 197x233x189, uint8). Nothing is downloaded;
+nilearn is not even imported (only its installed data files are read, with nibabel).
+
+Pipeline
+--------
+1. :func:`load_icbm_source` reads the three files, takes brain = T1 > 0 (the wheel has no brain-mask
+   file), sets CSF = max(0, brain - GM - WM), crops to the brain bounding box plus a margin and
+   resamples (Gaussian anti-aliasing + linear interpolation) to ``spacing`` mm isotropic.
+   ``source="synthetic"`` instead gives :func:`synthetic_source`, a smooth head-like phantom with the
+   same label set, which needs no optional package.
+2. :func:`make_case` draws one random spatial transform (rotation, per-axis scaling, translation,
+   smooth cubic-B-spline elastic field) and applies the *same* transform to the T1 (linear) and to
+   the tissue probability maps (linear); the label is the argmax of the warped maps. Intensity
+   changes (gamma, smooth multiplicative bias field, Gaussian noise) touch the image only.
+3. :func:`build_demo_dataset` writes an nnU-Net v2 raw dataset (imagesTr/labelsTr, optionally
+   imagesTs/labelsTs, dataset.json last). Every file is written to a hidden temporary name and renamed,
+   so a finished file is always complete; re-running with the same arguments skips finished files.
+
+Array convention: arrays returned here are in NIfTI voxel order (i, j, k) of a RAS+ affine, i.e.
+axis 0 runs left->right, axis 1 posterior->anterior, axis 2 inferior->superior (what ``nibabel``
+returns). SimpleITK / nnU-Net read the written files as (z, y, x) = the same data transposed.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+__all__ = [
+    "LABELS",
+    "ICBM_FILES",
+    "DemoSource",
+    "DemoDataError",
+    "find_icbm_files",
+    "load_icbm_source",
+    "synthetic_source",
+    "get_source",
+    "probs_to_label",
+    "make_case",
+    "build_demo_dataset",
+]
+
+LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+ICBM_FILES: dict[str, str] = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+INSTALL_HINT = ("pip install nilearn   (or: pip install 'bsf-nnunet[demo]'), "
+                "or build the dataset with source='synthetic' (no extra package needed)")
+BUILD_RECORD = "bsf_demo_build.json"
+FORMAT_VERSION = 1
+
+
+class DemoDataError(RuntimeError):
+    """Raised with a message that names the offending file and the fix."""
+
+
+class DemoSource(NamedTuple):
+    """A noise-free template to deform. Unpacks as ``image, tissue_probs, affine``.
+
+    image:        (X, Y, Z) float32, T1-like intensities in [0, 1], 0 outside the brain.
+    tissue_probs: (3, X, Y, Z) float32, probabilities of CSF, GM, WM; their sum is the brain fraction
+                  (1 inside the brain, 0 outside, partial at the edge), background = 1 - sum.
+    affine:       (4, 4) float64 voxel -> RAS+ world (mm), diagonal = spacing.
+    """
+
+    image: np.ndarray
+    tissue_probs: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+# ----------------------------------------------------------------------------------------------
+def find_icbm_files() -> dict[str, Path]:
+    """Paths of the ICBM152 2009a files inside the installed nilearn (nilearn is not imported)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoDataError(
+            "The demo MRI (ICBM152 2009a template, file "
+            f"'nilearn/datasets/data/{ICBM_FILES['t1']}') ships inside the optional package nilearn, "
+            f"which is not installed. Fix: {INSTALL_HINT}.")
+    data_dir = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    paths = {k: data_dir / f for k, f in ICBM_FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DemoDataError(
+            f"nilearn is installed but its bundled template file(s) are missing: {', '.join(missing)}. "
+            f"Fix: reinstall it (pip install --force-reinstall nilearn) or use source='synthetic'.")
+    return paths
+
+
+def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # corrupt / truncated file
+        raise DemoDataError(f"Could not read template file {path}: {e}. "
+                            f"Fix: pip install --force-reinstall nilearn") from e
+
+
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive index bounding box of a non-empty boolean array."""
+    lo, hi = [], []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        nz = np.flatnonzero(mask.any(axis=other))
+        lo.append(nz[0])
+        hi.append(nz[-1])
+    return np.array(lo), np.array(hi)
+
+
+def _resample_to_grid(arrays: list[np.ndarray], src_affine: np.ndarray, out_origin: np.ndarray,
+                      out_shape: tuple[int, ...], spacing: float) -> list[np.ndarray]:
+    """Anti-aliased linear resampling of axis-aligned RAS arrays onto an isotropic grid."""
+    src_sp = np.linalg.norm(src_affine[:3, :3], axis=0)
+    factor = spacing / src_sp
+    sigma = np.where(factor > 1, (factor - 1) / 2.0, 0.0)
+    inv = np.linalg.inv(src_affine)
+    # output voxel centres -> source index coordinates (separable because both grids are axis-aligned)
+    axes = [inv[a, a] * (out_origin[a] + spacing * np.arange(out_shape[a])) + inv[a, 3] for a in range(3)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    out = []
+    for arr in arrays:
+        a = ndimage.gaussian_filter(arr, sigma, mode="constant") if np.any(sigma > 0) else arr
+        out.append(ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32))
+    return out
+
+
+def load_icbm_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
+    """The ICBM152 2009a T1 + CSF/GM/WM maps, cropped to the brain (+ ``margin_mm``) at ``spacing`` mm.
+
+    Brain mask = T1 > 0 (the template is skull-stripped; nilearn ships no separate mask file).
+    Raises :class:`DemoDataError` naming the file and the install command if nilearn/data is missing.
+    """
+    if not spacing > 0:
+        raise ValueError(f"spacing must be > 0 mm, got {spacing}")
+    paths = find_icbm_files()
+    t1, aff = _read_canonical(paths["t1"])
+    gm, aff_gm = _read_canonical(paths["gm"])
+    wm, aff_wm = _read_canonical(paths["wm"])
+    if not (t1.shape == gm.shape == wm.shape and np.allclose(aff, aff_gm) and np.allclose(aff, aff_wm)):
+        raise DemoDataError(f"Template files in {paths['t1'].parent} do not share one grid "
+                            f"({t1.shape}, {gm.shape}, {wm.shape}); reinstall nilearn.")
+    brain = t1 > 0
+    if not brain.any():
+        raise DemoDataError(f"{paths['t1']} is empty; reinstall nilearn.")
+    image = t1 / float(t1.max())
+    gm = np.where(brain, gm / max(float(gm.max()), 1e-6), 0).astype(np.float32)
+    wm = np.where(brain, wm / max(float(wm.max()), 1e-6), 0).astype(np.float32)
+    scale = np.maximum(gm + wm, 1.0)          # guard: GM + WM <= 1 (true for these files)
+    gm, wm = gm / scale, wm / scale
+    csf = np.maximum(0.0, brain.astype(np.float32) - gm - wm)
+    return _crop_resample(image, [csf, gm, wm], brain, aff, spacing, margin_mm)
+
+
+def _crop_resample(image, probs, brain, aff, spacing, margin_mm) -> DemoSource:
+    lo, hi = _bbox(brain)
+    src_sp = np.linalg.norm(aff[:3, :3], axis=0)
+    w_lo = aff[:3, :3] @ lo + aff[:3, 3]
+    w_hi = aff[:3, :3] @ hi + aff[:3, 3]
+    w_lo, w_hi = np.minimum(w_lo, w_hi), np.maximum(w_lo, w_hi)
+    extent = w_hi - w_lo + 2 * margin_mm
+    shape = tuple(int(n) for n in np.ceil(extent / spacing).astype(int) + 1)
+    origin = (w_lo + w_hi) / 2 - (np.array(shape) - 1) / 2 * spacing
+    # restrict smoothing to the (padded) bounding box to save time
+    pad = int(np.ceil(margin_mm / src_sp.min())) + 4
+    sl = tuple(slice(max(0, l - pad), h + pad + 1) for l, h in zip(lo, hi))
+    sub_aff = aff.copy()
+    sub_aff[:3, 3] = aff[:3, :3] @ np.array([s.start for s in sl]) + aff[:3, 3]
+    arrays = _resample_to_grid([image[sl]] + [p[sl] for p in probs], sub_aff, origin, shape, spacing)
+    img = np.clip(arrays[0], 0, None)
+    pr = np.clip(np.stack(arrays[1:]), 0, 1)
+    out_aff = np.diag([spacing, spacing, spacing, 1.0])
+    out_aff[:3, 3] = origin
+    return DemoSource(img.astype(np.float32), pr.astype(np.float32), out_aff)
+
+
+def synthetic_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
+    """A smooth, deterministic head-like phantom with the ICBM label set (needs no optional package).
+
+    Ellipsoidal brain (about 136x170x130 mm) with an outer CSF layer, a folded GM ribbon, a WM core
+    with gyral "fingers", two CSF ventricles and two deep-GM nuclei; T1-like contrast CSF < GM < WM.
+    """
+    if not spacing > 0:
+        raise ValueError(f"spacing must be > 0 mm, got {spacing}")
+    semi = np.array([68.0, 85.0, 65.0])                                  # brain semi-axes (mm)
+    fine = 1.0                                                           # build at 1 mm, then resample
+    n = (np.ceil(2 * (semi + 4) / fine)).astype(int) + 1
+    ax = [(np.arange(n[a]) - (n[a] - 1) / 2) * fine for a in range(3)]
+    x, y, z = np.meshgrid(*ax, indexing="ij", sparse=True)
+    x = x.astype(np.float32); y = y.astype(np.float32); z = z.astype(np.float32)
+    r = np.sqrt((x / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
+    az = np.arctan2(y, x)
+    pol = np.arccos(np.clip(z / semi[2] / np.maximum(r, 1e-6), -1, 1))
+    fold = np.sin(9 * az) * np.sin(8 * pol) * 0.6 + np.sin(14 * az + 2) * np.sin(12 * pol + 1) * 0.4
+    mean_semi = float(semi.mean())
+
+    def inside(rad, width_mm=1.0):                                       # soft indicator of r < rad
+        return expit((rad - r) * mean_semi / width_mm)
+
+    def blob(c, s, width_mm=1.0):                                        # soft ellipsoid
+        rr = np.sqrt(((x - c[0]) / s[0]) ** 2 + ((y - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2)
+        return expit((1 - rr) * float(np.mean(s)) / width_mm)
+
+    brain = inside(1.0)
+    pial = np.minimum(inside(0.955 + 0.025 * fold), brain)
+    wmb = np.minimum(inside(0.83 + 0.09 * fold), pial)
+    vent = np.maximum(blob((-9, 5, 8), (5, 24, 9)), blob((9, 5, 8), (5, 24, 9)))
+    deep = np.maximum(blob((-16, -8, 0), (9, 13, 9)), blob((16, -8, 0), (9, 13, 9))) * (1 - vent)
+    wm = wmb * (1 - vent) * (1 - deep)
+    gm = (pial - wmb) + wmb * deep
+    csf = np.maximum(0.0, brain - wm - gm)
+    texture = 1.0 + 0.03 * np.sin(x / 9.0) * np.cos(y / 11.0) * np.sin(z / 7.0 + 1)
+    image = (0.36 * csf + 0.64 * gm + 0.86 * wm) * texture
+    aff = np.diag([fine, fine, fine, 1.0])
+    aff[:3, 3] = [a[0] for a in ax]
+    mask = brain > 0.5
+    return _crop_resample(image.astype(np.float32), [p.astype(np.float32) for p in (csf, gm, wm)],
+                          mask, aff, spacing, margin_mm)
+
+
+def get_source(source: str = "icbm", spacing: float = 2.0) -> DemoSource:
+    """``"icbm"`` (alias ``"nilearn"``) or ``"synthetic"``."""
+    key = str(source).lower()
+    if key in ("icbm", "nilearn", "icbm152", "mni"):
+        return load_icbm_source(spacing)
+    if key in ("synthetic", "phantom"):
+        return synthetic_source(spacing)
+    raise ValueError(f"unknown demo source {source!r}; use 'icbm' (real MRI from nilearn) or 'synthetic'")
+
+
+# ----------------------------------------------------------------------------------------------
+# random cases
+# ----------------------------------------------------------------------------------------------
+def probs_to_label(tissue_probs: np.ndarray, brain_threshold: float = 0.5) -> np.ndarray:
+    """uint8 label: 0 where sum(probs) < threshold, else 1 + argmax over (CSF, GM, WM)."""
+    brain = tissue_probs.sum(0) >= brain_threshold
+    return np.where(brain, np.argmax(tissue_probs, axis=0) + 1, 0).astype(np.uint8)
+
+
+def _bspline_matrix(n_out: int, step_out: float, ctrl_spacing: float) -> tuple[np.ndarray, int]:
+    """Cubic B-spline weights (n_out x n_ctrl) for points 0, step_out, ... on a lattice of ctrl_spacing.
+
+    The basis is non-negative and sums to one, so the field never exceeds its control values.
+    """
+    u = np.arange(n_out) * step_out / ctrl_spacing                       # lattice coordinates
+    ks = np.arange(-2, int(np.ceil(u[-1] if n_out else 0)) + 3)           # control points covering u
+    t = np.abs(u[:, None] - ks[None, :])
+    w = np.where(t < 1, (4 - 6 * t ** 2 + 3 * t ** 3) / 6,
+                 np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+    return w, len(ks)
+
+
+def _smooth_field(rng: np.random.Generator, shape, spacing: float, ctrl_mm: float, std: float,
+                  n_components: int) -> np.ndarray:
+    """Random smooth field(s): Gaussian control values (clipped to +-3 std), cubic B-spline upsampling."""
+    mats = [_bspline_matrix(n, spacing, ctrl_mm) for n in shape]
+    ctrl = rng.standard_normal((n_components,) + tuple(m[1] for m in mats)) * std
+    ctrl = np.clip(ctrl, -3 * std, 3 * std)
+    # separable tensor-product evaluation: c[k, a, b, c] -> f[k, i, j, l]
+    f = np.einsum("kabc,ia->kibc", ctrl, mats[0][0], optimize=True)
+    f = np.einsum("kibc,jb->kijc", f, mats[1][0], optimize=True)
+    f = np.einsum("kijc,lc->kijl", f, mats[2][0], optimize=True)
+    return f.astype(np.float32)
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    a, b, c = angles_rad
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, *,
+              rotation_deg: float = 10.0, scaling: float = 0.10, translation_mm: float = 10.0,
+              elastic_mm: float = 3.0, elastic_grid_mm: float = 30.0,
+              intensity: bool = True, gamma_range: tuple[float, float] = (0.7, 1.5),
+              bias_strength: float = 0.12, bias_grid_mm: float = 60.0,
+              noise_range: tuple[float, float] = (0.01, 0.04),
+              crop: bool = True, margin_mm: float = 4.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One random case ``(image float32 (X,Y,Z), label uint8 (X,Y,Z), affine 4x4 RAS)``.
+
+    Spatial: rotation U(+-rotation_deg) about each axis, per-axis scale U(1 +- scaling), translation
+    U(+-translation_mm), plus an elastic field (control values N(0, elastic_mm) on a elastic_grid_mm
+    lattice, cubic B-spline, so |displacement| <= 3*elastic_mm). The same mapping samples the image and
+    the tissue maps; label = argmax of the warped maps. Intensity (image only, if ``intensity``):
+    gamma in gamma_range, bias field exp(N(0, bias_strength) on a bias_grid_mm lattice), Gaussian noise
+    with std U(noise_range) inside the brain; the background stays exactly 0 (skull-stripped look).
+
+    ``crop=True``: the output grid is fitted to the deformed brain (+ ``margin_mm``), so shapes differ
+    between cases. ``crop=False``: the output grid is the source grid (same shape/affine for every
+    seed; parts of the brain may leave the field of view).
+    Spatial random numbers are drawn before intensity ones, so ``intensity=False`` with the same seed
+    gives the same geometry (and label) as ``intensity=True``.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    image_src, probs_src, src_aff = source
+    spacing = float(np.linalg.norm(src_aff[:3, :3], axis=0).mean())
+
+    # --- spatial transform (forward: template -> subject, y = c + t + F (x - c)) ---
+    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
+    scales = rng.uniform(1 - scaling, 1 + scaling, 3)
+    trans = rng.uniform(-translation_mm, translation_mm, 3)
+    F = _rotation(angles) @ np.diag(scales)
+    F_inv = np.linalg.inv(F)
+    brain_src = probs_src.sum(0) > 0
+    lo, hi = _bbox(brain_src) if brain_src.any() else (np.zeros(3, int), np.array(brain_src.shape) - 1)
+    c = src_aff[:3, :3] @ ((lo + hi) / 2) + src_aff[:3, 3]               # brain centre (world)
+
+    if crop:
+        corners = np.array([[a, b, d] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for d in (lo[2], hi[2])])
+        wc = corners @ src_aff[:3, :3].T + src_aff[:3, 3]
+        yc = c + trans + (wc - c) @ F.T
+        pad = 3 * elastic_mm + margin_mm + 2 * spacing
+        y_lo, y_hi = yc.min(0) - pad, yc.max(0) + pad
+        shape = tuple(int(v) for v in np.ceil((y_hi - y_lo) / spacing).astype(int) + 1)
+        origin = y_lo
+    else:
+        shape = image_src.shape
+        origin = src_aff[:3, 3].copy()
+
+    disp = (_smooth_field(rng, shape, spacing, elastic_grid_mm, elastic_mm, 3)
+            if elastic_mm > 0 else np.zeros((3,) + tuple(shape), np.float32))
+
+    # output voxel centres (world) -> template world -> source index
+    src_inv = np.linalg.inv(src_aff)
+    M = src_inv[:3, :3] @ F_inv                                          # world offset -> source index
+    b = src_inv[:3, :3] @ (c - F_inv @ (c + trans)) + src_inv[:3, 3]
+    grid = [origin[a] + spacing * np.arange(shape[a], dtype=np.float64) for a in range(3)]
+    coords = np.empty((3,) + tuple(shape), np.float64)
+    for r in range(3):
+        coords[r] = (M[r, 0] * grid[0][:, None, None] + M[r, 1] * grid[1][None, :, None]
+                     + M[r, 2] * grid[2][None, None, :] + b[r])
+        # elastic displacement is defined in subject world mm; map it into source index units
+        coords[r] += (src_inv[r, 0] * disp[0] + src_inv[r, 1] * disp[1] + src_inv[r, 2] * disp[2])
+
+    def warp(a):
+        return ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+
+    image = np.clip(warp(image_src), 0, None).astype(np.float32)
+    probs = np.stack([warp(p) for p in probs_src])
+    label = probs_to_label(probs)
+
+    # --- intensity (image only) ---
+    if intensity:
+        gamma = float(np.exp(rng.uniform(np.log(gamma_range[0]), np.log(gamma_range[1]))))
+        noise_std = float(rng.uniform(*noise_range))
+        bias = _smooth_field(rng, shape, spacing, bias_grid_mm, bias_strength, 1)[0] if bias_strength > 0 else 0.0
+        fg = image > 0
+        img = np.power(image, gamma, dtype=np.float32) * np.exp(bias, dtype=np.float32)
+        noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_std)
+        image = np.where(fg, np.clip(img + noise, 0, None), 0).astype(np.float32)
+
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = origin
+    if crop and label.any():
+        llo, lhi = _bbox(label > 0)
+        m = int(np.ceil(margin_mm / spacing))
+        llo = np.maximum(llo - m, 0)
+        lhi = np.minimum(lhi + m, np.array(shape) - 1)
+        sl = tuple(slice(int(a), int(b2) + 1) for a, b2 in zip(llo, lhi))
+        image, label = image[sl], label[sl]
+        affine[:3, 3] = origin + spacing * llo
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_path: Path,
+               label_path: Path) -> None:
+    """Write one image/label pair atomically (image first, so a present label implies a present image)."""
+    _atomic_write_bytes(Path(image_path), _nifti_bytes(image.astype(np.float32), affine))
+    _atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
+
+
+def _dataset_json(name: str, num_train: int, num_test: int, source: str) -> dict:
+    ref = ("ICBM152 2009a nonlinear symmetric template (Fonov et al., NeuroImage 2011; "
+           "(c) McConnell Brain Imaging Centre, MNI, McGill University), as shipped in nilearn"
+           if source == "icbm" else "synthetic head phantom (bsf_nnunet.datasets.demo_data)")
+    return {
+        "channel_names": {"0": "T1"},
+        "labels": dict(LABELS),
+        "numTraining": int(num_train),
+        "file_ending": ".nii.gz",
+        "name": name,
+        "description": (f"{num_train} training + {num_test} held-out cases made by random affine + elastic "
+                        "deformation and intensity changes of one brain; labels argmax of CSF/GM/WM maps"),
+        "reference": ref,
+    }
+
+
+def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int = 990,
+                       name: str = "BrainTissueDemo", num_train: int = 8, num_test: int = 2,
+                       spacing: float = 2.0, seed: int = 0, source: str = "icbm", *,
+                       overwrite: bool = False, case_kwargs: dict | None = None,
+                       log: Callable[[str], None] | None = None) -> Path:
+    """Write ``<raw_dir>/Dataset<ID>_<name>`` (nnU-Net v2 raw format) and return its path.
+
+    raw_dir defaults to ``$nnUNet_raw``. Case ``i`` of the training (test) split uses the random
+    stream ``default_rng([seed, 0 (1), i])``, so it does not depend on num_train/num_test.
+    Re-running with identical arguments skips finished files; if the folder was built with other
+    arguments a :class:`DemoDataError` says so (pass ``overwrite=True`` to rebuild it).
+    """
+    if raw_dir is None:
+        raw_dir = os.environ.get("nnUNet_raw")
+        if not raw_dir:
+            raise DemoDataError("No raw_dir given and $nnUNet_raw is not set. Fix: pass raw_dir or "
+                                "export nnUNet_raw=/path/to/nnUNet_raw.")
+    if not (isinstance(dataset_id, (int, np.integer)) and 1 <= int(dataset_id) <= 999):
+        raise ValueError(f"dataset_id must be an integer in 1..999, got {dataset_id!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
+        raise ValueError(f"dataset name must be letters/digits/_/- (got {name!r})")
+    if int(num_train) < 1 or int(num_test) < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0 (got {num_train}, {num_test})")
+    src_key = "synthetic" if str(source).lower() in ("synthetic", "phantom") else "icbm"
+    if src_key == "icbm":
+        find_icbm_files()                                   # fail fast with the install hint
+    log = log or (lambda msg: None)
+
+    raw_dir = Path(raw_dir)
+    folder = raw_dir / f"Dataset{int(dataset_id):03d}_{name}"
+    if raw_dir.is_dir():
+        clash = [p.name for p in raw_dir.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != folder.name]
+        if clash:
+            raise DemoDataError(f"{raw_dir} already holds {clash[0]} with dataset id {int(dataset_id)}; nnU-Net "
+                                f"needs unique ids. Fix: choose another dataset_id or remove {raw_dir / clash[0]}.")
+
+    params = {"generator": "bsf_nnunet.datasets.demo_data", "format_version": FORMAT_VERSION,
+              "source": src_key, "spacing": float(spacing), "seed": int(seed), "num_train": int(num_train),
+              "num_test": int(num_test), "case_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
+                                                          for k, v in sorted((case_kwargs or {}).items())}}
+    record = folder / BUILD_RECORD
+    if folder.exists():
+        old = None
+        if record.is_file():
+            try:
+                old = json.loads(record.read_text())
+            except (OSError, ValueError):
+                old = None
+        leftovers_only = old is None and all(p.name.startswith(".") for p in folder.iterdir())
+        if old != params and not leftovers_only:
+            if not overwrite:
+                what = (f"was built with other settings ({record}: {old})" if old is not None
+                        else f"exists but was not made by this demo builder (no readable {BUILD_RECORD})")
+                raise DemoDataError(f"{folder} {what}; requested {params}. Fix: pass overwrite=True "
+                                    f"(--overwrite) to rebuild it, delete it, or pick another dataset_id.")
+            log(f"removing {folder} (built with other settings)")
+            shutil.rmtree(folder)
+    _atomic_write_bytes(record, (json.dumps(params, indent=2) + "\n").encode())
+
+    cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
+    cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
+    todo = []
+    for img_dir, lab_dir, split, i in cases:
+        cid = f"case_{i:03d}" if split == 0 else f"test_{i:03d}"
+        ip, lp = folder / img_dir / f"{cid}_0000.nii.gz", folder / lab_dir / f"{cid}.nii.gz"
+        if not (ip.is_file() and lp.is_file()):
+            todo.append((split, i, ip, lp))
+    if todo:
+        t0 = time.perf_counter()
+        src = get_source(src_key, spacing)
+        log(f"loaded {src_key} source {src.image.shape} at {spacing} mm in {time.perf_counter() - t0:.1f}s")
+        for split, i, ip, lp in todo:
+            t1 = time.perf_counter()
+            img, lab, aff = make_case(src, np.random.default_rng([int(seed), split, i]), **(case_kwargs or {}))
+            write_case(img, lab, aff, ip, lp)
+            log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
+    _atomic_write_bytes(folder / "dataset.json",
+                        (json.dumps(_dataset_json(name, num_train, num_test, src_key), indent=2) + "\n").encode())
+    return folder

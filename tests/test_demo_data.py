@@ -1,0 +1,279 @@
+"""Tests of the demo dataset builder (bsf_nnunet.datasets.demo_data) and the tri-planar PNG writer.
+
+The ICBM source (real MRI shipped inside nilearn's wheel) is used when nilearn is installed; the synthetic
+phantom is always tested. Nothing touches the network or data outside tmp_path / installed packages.
+"""
+import importlib.util
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from bsf_nnunet.datasets import demo_data as dd
+from bsf_nnunet.datasets.figures import save_triplanar_png
+
+HAVE_NILEARN = importlib.util.find_spec("nilearn") is not None
+SOURCES = ["synthetic", pytest.param("icbm", marks=pytest.mark.skipif(
+    not HAVE_NILEARN, reason="nilearn not installed (pip install nilearn)"))]
+
+
+@pytest.fixture(scope="module")
+def sources():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = dd.get_source(name, spacing=2.0)
+        return cache[name]
+    return get
+
+
+def _threshold_seg(image, label):
+    """Classify brain voxels by intensity thresholds halfway between the CSF/GM/WM means of `label`."""
+    m = [image[label == k].mean() for k in (1, 2, 3)]
+    t1, t2 = (m[0] + m[1]) / 2, (m[1] + m[2]) / 2
+    return np.where(image < t1, 1, np.where(image < t2, 2, 3))
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _assert_diag_affine(affine, spacing):
+    np.testing.assert_allclose(affine[:3, :3], np.eye(3) * spacing, atol=1e-9)
+    np.testing.assert_allclose(affine[3], [0, 0, 0, 1])
+
+
+# ---------------------------------------------------------------------------------------------- sources
+@pytest.mark.parametrize("name", SOURCES)
+def test_source(sources, name):
+    img, probs, aff = src = sources(name)
+    assert img.dtype == probs.dtype == np.float32
+    assert probs.shape == (3,) + img.shape and img.ndim == 3
+    assert 60 <= min(img.shape) and max(img.shape) <= 110          # brain + margin at 2 mm
+    _assert_diag_affine(aff, 2.0)
+    np.testing.assert_allclose(src.spacing, [2, 2, 2])
+    s = probs.sum(0)
+    assert probs.min() >= 0 and s.max() <= 1 + 1e-5
+    lab = dd.probs_to_label(probs)
+    assert set(np.unique(lab)) == {0, 1, 2, 3}
+    means = [img[lab == k].mean() for k in range(4)]
+    assert means[0] < means[1] < means[2] < means[3]                # T1: bg < CSF < GM < WM
+    # the brain is inside the field of view with a margin of background all around
+    for ax in range(3):
+        assert not lab.take(0, axis=ax).any()
+        assert not lab.take(-1, axis=ax).any()
+
+
+@pytest.mark.skipif(not HAVE_NILEARN, reason="nilearn not installed")
+def test_icbm_world_position(sources):
+    img, probs, aff = sources("icbm")
+    lab = dd.probs_to_label(probs)
+    com = aff[:3, :3] @ np.argwhere(lab > 0).mean(0) + aff[:3, 3]
+    assert abs(com[0]) < 5                                           # symmetric template: midline at x~0
+    assert -40 < com[1] < 10 and -20 < com[2] < 40                   # MNI space brain centre
+
+
+def test_missing_nilearn_error(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "nilearn" else real(n, *a))
+    with pytest.raises(dd.DemoDataError) as e:
+        dd.load_icbm_source()
+    msg = str(e.value)
+    assert dd.ICBM_FILES["t1"] in msg and "pip install nilearn" in msg and "[demo]" in msg
+    with pytest.raises(dd.DemoDataError, match="pip install nilearn"):
+        dd.build_demo_dataset(tmp_path, num_train=1, num_test=0)
+    assert not any(tmp_path.iterdir())                              # failed before writing anything
+
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match="synthetic"):
+        dd.get_source("nope")
+
+
+# ---------------------------------------------------------------------------------------------- cases
+@pytest.mark.parametrize("name", SOURCES)
+def test_make_case_basic(sources, name):
+    src = sources(name)
+    img, lab, aff = dd.make_case(src, np.random.default_rng(3))
+    assert img.dtype == np.float32 and lab.dtype == np.uint8 and img.shape == lab.shape
+    _assert_diag_affine(aff, 2.0)
+    assert set(np.unique(lab)) == {0, 1, 2, 3}
+    assert img.min() >= 0 and np.all(img[lab == 0][:10] >= 0)
+    means = [img[lab == k].mean() for k in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+    # cropped to the deformed brain + margin: background border, brain close to every face
+    for ax in range(3):
+        nz = np.flatnonzero(np.any(lab > 0, axis=tuple(a for a in range(3) if a != ax)))
+        assert 1 <= nz[0] <= 4 and 1 <= lab.shape[ax] - 1 - nz[-1] <= 4
+    # brain volume stays plausible under +-10 % scaling per axis
+    ref = (dd.probs_to_label(src.tissue_probs) > 0).sum()
+    assert 0.65 < (lab > 0).sum() / ref < 1.4
+
+
+def test_make_case_other_spacing():
+    src = dd.synthetic_source(spacing=3.0)
+    img, lab, aff = dd.make_case(src, 0)
+    _assert_diag_affine(aff, 3.0)
+    assert set(np.unique(lab)) == {0, 1, 2, 3} and max(img.shape) < 75
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_determinism(sources, name):
+    src = sources(name)
+    a = dd.make_case(src, np.random.default_rng(7))
+    b = dd.make_case(src, 7)
+    c = dd.make_case(src, 8)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    assert a[0].shape != c[0].shape or not np.array_equal(a[0], c[0])
+    assert not np.array_equal(a[2], c[2])
+    # intensity changes do not alter the geometry drawn from the same seed
+    d = dd.make_case(src, 7, intensity=False)
+    assert np.array_equal(d[1], a[1]) and np.array_equal(d[2], a[2]) and not np.array_equal(d[0], a[0])
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_image_label_alignment(sources, name):
+    """Image and label must get the same spatial transform.
+
+    With intensity changes off, classifying the deformed image by thresholds between its class means
+    reproduces the deformed label; a label deformed with another seed (same output grid) does not.
+    """
+    src = sources(name)
+    src_lab = dd.probs_to_label(src.tissue_probs)
+    matched_floor = 0.85 if name == "icbm" else 0.93
+    for seed in (1, 2):
+        img, lab, aff = dd.make_case(src, seed, intensity=False, crop=False)
+        _, lab_other, aff_other = dd.make_case(src, seed + 100, intensity=False, crop=False)
+        np.testing.assert_array_equal(aff, aff_other)              # crop=False: the source grid
+        assert not np.array_equal(lab, src_lab)                    # it really was deformed
+        brain = lab > 0
+        seg = _threshold_seg(img, lab)
+        matched = (seg[brain] == lab[brain]).mean()
+        mismatched = (seg[brain] == lab_other[brain]).mean()
+        assert matched > matched_floor, (seed, matched)
+        assert mismatched < matched - 0.25, (seed, matched, mismatched)
+        # the brain outline of the image coincides with the label's brain (and not the other one's)
+        outline = img > 0.5 * img[lab == 1].mean()
+        assert _dice(outline, brain) > 0.98 and _dice(outline, lab_other > 0) < 0.95
+
+
+# ---------------------------------------------------------------------------------------------- writer
+def _sitk_read(path):
+    import SimpleITK as sitk
+
+    im = sitk.ReadImage(str(path))
+    return im, sitk.GetArrayFromImage(im)
+
+
+def test_build_dataset_synthetic(tmp_path):
+    raw = tmp_path / "raw"
+    p = dd.build_demo_dataset(raw, dataset_id=991, name="Phantom", num_train=3, num_test=1,
+                              source="synthetic", seed=5)
+    assert p == raw / "Dataset991_Phantom"
+    js = json.loads((p / "dataset.json").read_text())
+    assert js["channel_names"] == {"0": "T1"} and js["numTraining"] == 3 and js["file_ending"] == ".nii.gz"
+    assert js["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+    ids = [f"case_{i:03d}" for i in range(3)]
+    assert sorted(f.name for f in (p / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in ids]
+    assert sorted(f.name for f in (p / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in ids]
+    assert [f.name for f in (p / "imagesTs").iterdir()] == ["test_000_0000.nii.gz"]
+    assert [f.name for f in (p / "labelsTs").iterdir()] == ["test_000.nii.gz"]
+    assert not list(p.rglob("*.part")) and not list(p.rglob(".*"))
+
+    # geometry as nnU-Net (SimpleITK) sees it: 2 mm, RAS-stored -> LPS direction diag(-1, -1, 1)
+    import nibabel as nib
+    phantom = dd.synthetic_source(2.0)
+    for c in ids:
+        im, a = _sitk_read(p / "imagesTr" / f"{c}_0000.nii.gz")
+        lb, l = _sitk_read(p / "labelsTr" / f"{c}.nii.gz")
+        assert im.GetSpacing() == pytest.approx((2, 2, 2)) and lb.GetSpacing() == pytest.approx((2, 2, 2))
+        assert im.GetDirection() == pytest.approx((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+        assert lb.GetOrigin() == pytest.approx(im.GetOrigin()) and a.shape == l.shape
+        assert set(np.unique(l)) == {0, 1, 2, 3}
+        n = nib.load(str(p / "imagesTr" / f"{c}_0000.nii.gz"))
+        assert nib.aff2axcodes(n.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(im.GetOrigin(), n.affine[:3, 3] * [-1, -1, 1], atol=1e-4)
+        # same arrays as make_case with the documented per-case stream
+        img, lab, aff = dd.make_case(phantom, np.random.default_rng([5, 0, ids.index(c)]))
+        np.testing.assert_array_equal(l, lab.transpose(2, 1, 0))
+        np.testing.assert_array_equal(a, img.transpose(2, 1, 0))
+        np.testing.assert_allclose(n.affine, aff, atol=1e-5)
+
+    # re-running with the same arguments skips finished files
+    mtimes = {f: f.stat().st_mtime_ns for f in p.rglob("*.nii.gz")}
+    (p / "labelsTr" / "case_001.nii.gz").unlink()                   # an unfinished case is redone
+    dd.build_demo_dataset(raw, dataset_id=991, name="Phantom", num_train=3, num_test=1,
+                          source="synthetic", seed=5)
+    for f, t in mtimes.items():
+        if not f.name.startswith("case_001"):
+            assert f.stat().st_mtime_ns == t, f
+    assert (p / "labelsTr" / "case_001.nii.gz").is_file()
+
+    # other arguments on the same folder: clear error, or rebuild with overwrite=True
+    with pytest.raises(dd.DemoDataError, match="overwrite=True"):
+        dd.build_demo_dataset(raw, dataset_id=991, name="Phantom", num_train=2, num_test=0, source="synthetic")
+    dd.build_demo_dataset(raw, dataset_id=991, name="Phantom", num_train=2, num_test=0, source="synthetic",
+                          overwrite=True)
+    assert len(list((p / "imagesTr").iterdir())) == 2 and not (p / "imagesTs").exists()
+    assert json.loads((p / "dataset.json").read_text())["numTraining"] == 2
+    # a second dataset with the same id is refused (nnU-Net needs unique ids)
+    with pytest.raises(dd.DemoDataError, match="991"):
+        dd.build_demo_dataset(raw, dataset_id=991, name="Other", num_train=1, num_test=0, source="synthetic")
+
+
+def test_build_is_byte_reproducible(tmp_path):
+    kw = dict(dataset_id=992, num_train=2, num_test=0, source="synthetic", seed=1)
+    p1 = dd.build_demo_dataset(tmp_path / "a", **kw)
+    p2 = dd.build_demo_dataset(tmp_path / "b", **kw)
+    for f in sorted(p1.rglob("*.nii.gz")):
+        assert f.read_bytes() == (p2 / f.relative_to(p1)).read_bytes()
+
+
+def test_raw_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(dd.DemoDataError, match="nnUNet_raw"):
+        dd.build_demo_dataset(None, source="synthetic")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    p = dd.build_demo_dataset(None, dataset_id=993, num_train=1, num_test=0, source="synthetic")
+    assert p.parent == tmp_path and (p / "dataset.json").is_file()
+
+
+@pytest.mark.skipif(not HAVE_NILEARN, reason="nilearn not installed")
+def test_build_dataset_icbm_nnunet_accepts(tmp_path):
+    p = dd.build_demo_dataset(tmp_path, num_train=2, num_test=1)
+    assert p.name == "Dataset990_BrainTissueDemo"
+    assert "ICBM152" in json.loads((p / "dataset.json").read_text())["reference"]
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(str(p), num_processes=1)                # raises on any inconsistency
+    im, a = _sitk_read(p / "imagesTr" / "case_000_0000.nii.gz")
+    assert a.dtype == np.float32 and a.max() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- figure
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_triplanar_png(tmp_path):
+    img, lab, aff = dd.make_case(dd.synthetic_source(2.0), 0)
+    img, lab = img.transpose(2, 1, 0), lab.transpose(2, 1, 0)       # -> (z, y, x) as SimpleITK reads
+    pred = np.where(lab == 3, 2, lab).astype(np.uint8)
+    out = save_triplanar_png(tmp_path / "figs" / "case.png", img, lab, {"model": pred}, spacing=(2.0, 2.0, 2.0),
+                             title="demo")
+    assert out == tmp_path / "figs" / "case.png" and out.stat().st_size > 20_000
+    w, h = _png_size(out)
+    assert w > 300 and h > 300
+    assert [f.name for f in out.parent.iterdir()] == ["case.png"]   # no temporary left behind
+    # LPS-stored input with the SimpleITK direction gives the same picture as the RAS-stored input
+    out2 = save_triplanar_png(tmp_path / "flip.png", img[:, ::-1, ::-1], lab[:, ::-1, ::-1],
+                              {"model": pred[:, ::-1, ::-1]}, spacing=2.0, title="demo",
+                              direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert out2.read_bytes() == out.read_bytes()
+    with pytest.raises(ValueError, match="shape"):
+        save_triplanar_png(tmp_path / "bad.png", img, lab[:-1], {}, spacing=2.0)
