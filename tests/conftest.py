@@ -32,10 +32,10 @@ CI_TRAINERS = textwrap.dedent('''
 
 
     class BSFPretrainTrainer_CI(BSFPretrainTrainer_Toy):
-        bsf_crops_per_volume = 1
+        bsf_crops_per_volume = 2
         bsf_volumes_per_batch = 1
-        bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=3,
-                          num_val_iterations_per_epoch=1)
+        bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=6,
+                          num_val_iterations_per_epoch=1, initial_lr=3e-4)
 
 
     class nnUNetTrainer_CI(nnUNetTrainer):

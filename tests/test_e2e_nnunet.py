@@ -36,10 +36,10 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     pred = tmp_path / "pred"
     pred_tta = tmp_path / "pred_tta"
     images_ts = os.path.join(folder, "imagesTs")
-    run(["nnUNetv2_predict", "-i", images_ts, "-o", str(pred), "-d", "991", "-c", "3d_fullres", "-tr",
-         "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
-    run(["nnUNetv2_predict", "-i", images_ts, "-o", str(pred_tta), "-d", "991", "-c", "3d_fullres", "-tr",
-         "BSFTrainer_CI", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for out_dir, tta in ((pred, ["--disable_tta"]), (pred_tta, [])):
+        run(["nnUNetv2_predict", "-i", images_ts, "-o", str(out_dir), "-d", "991", "-c", "3d_fullres", "-tr",
+             "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"] + tta,
+            env)
     for case in ("case_006", "case_007"):
         img = sitk.ReadImage(os.path.join(images_ts, f"{case}_0000.nii.gz"))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTs", f"{case}.nii.gz")))
@@ -67,13 +67,9 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     ens_dirs = glob(os.path.join(env["nnUNet_results"], "Dataset991_Blobs", "ensembles", "*"))
     assert ens_dirs, "find_best_configuration did not ensemble the BSF and nnU-Net models"
 
-    # nnUNetv2_ensemble on the predictions of two BSF predictions (with probabilities)
-    p1, p2, ens = tmp_path / "p1", tmp_path / "p2", tmp_path / "ens"
-    for p, tta in ((p1, []), (p2, ["--disable_tta"])):
-        run(["nnUNetv2_predict", "-i", images_ts, "-o", str(p), "-d", "991", "-c", "3d_fullres", "-tr",
-             "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"] + tta,
-            env)
-    run(["nnUNetv2_ensemble", "-i", str(p1), str(p2), "-o", str(ens), "-np", "1"], env)
+    # nnUNetv2_ensemble of the two BSF predictions (with and without TTA, probabilities saved)
+    ens = tmp_path / "ens"
+    run(["nnUNetv2_ensemble", "-i", str(pred), str(pred_tta), "-o", str(ens), "-np", "1"], env)
     assert sorted(os.listdir(ens)) >= ["case_006.nii.gz", "case_007.nii.gz"]
 
 

@@ -190,7 +190,8 @@ class Demo:
             img = sitk.ReadImage(os.path.join(self.raw, "imagesTs", case.replace(".nii.gz", "_0000.nii.gz")))
             ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
             pr = {n: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case))) for n, f in preds.items()}
-            save_triplanar_png(png, sitk.GetArrayFromImage(img), ref, pr, img.GetSpacing()[::-1])
+            save_triplanar_png(png, sitk.GetArrayFromImage(img), ref, pr, img.GetSpacing()[::-1],
+                               direction=img.GetDirection(), title=f"{case}: reference and predictions")
         except Exception as e:  # the figure is a bonus: never lose the numbers over it
             print(f"  (could not write {png}: {e})")
             png = None

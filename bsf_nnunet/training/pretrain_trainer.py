@@ -95,6 +95,7 @@ class BSFPretrainTrainer(BSFTrainer):
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
+        torch.manual_seed(self.bsf_seed)  # the same initial weights on every rank and in every run
         self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
                                                        self.num_input_channels, 0, False).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
@@ -148,6 +149,9 @@ class BSFPretrainTrainer(BSFTrainer):
         common = dict(crop_size=self.configuration_manager.patch_size, volumes_per_batch=vpb,
                       crops_per_volume=self.bsf_crops_per_volume,
                       foreground_probability=self.bsf_foreground_probability, rank=rank, world_size=world)
+        if vpb * self.bsf_crops_per_volume * world < 2:
+            self.print_to_log_file("WARNING: one crop per step in total: the contrastive loss has no negatives. "
+                                   "Use more crops per volume or a larger batch.")
         tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, **common)
         val = SSLCropLoader(ds_val, val_keys, seed=self.bsf_seed + 1, fixed=True, **common)
         return tr, val

@@ -1,0 +1,100 @@
+"""Self-supervised pretraining through nnUNetv2_train: stage 1, stage 2 (fold split respected), resume, chaining."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
+
+RES = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
+
+
+def _prepare(env, run, dataset_id=993):
+    build_synthetic_dataset(env["nnUNet_raw"], dataset_id, "SSL", num_train=5, num_test=0, shape=(64, 72, 64),
+                            num_channels=2, channel_names=["T1", "FLAIR"])
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"], env)
+    return os.path.join(env["nnUNet_results"], f"Dataset{dataset_id}_SSL")
+
+
+def _ssl_loss_on_fixed_batch(state_dict, pre_folder):
+    """SSL loss of a toy model with the given weights on a fixed batch of crops from the preprocessed data."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from bsf_nnunet.planning.presets import variant_arch_kwargs
+    from bsf_nnunet.ssl.losses import SSLLoss
+    from bsf_nnunet.ssl.model import BSFSSLModel
+    from bsf_nnunet.ssl.views import make_views
+    from bsf_nnunet.training.ssl_data import SSLCropLoader
+
+    folder = os.path.join(pre_folder, "nnUNetPlans_3d_fullres")
+    ds_cls = infer_dataset_class(folder)
+    ids = ds_cls.get_identifiers(folder)
+    loader = SSLCropLoader(ds_cls(folder, ids), ids, [64, 64, 64], volumes_per_batch=4, crops_per_volume=1, seed=7)
+    crops = torch.from_numpy(next(loader)["data"])
+    torch.manual_seed(12345)  # BSFPretrainTrainer's initialisation (bsf_seed)
+    model = BSFSSLModel(2, **variant_arch_kwargs("toy"))
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    v = make_views(crops, g)
+    with torch.no_grad():
+        rot, con, rec = model(torch.cat([v["view1"], v["view2"]]))
+        total, _ = SSLLoss()(rot, torch.cat([v["rot1"], v["rot2"]]), con[:4], con[4:], rec,
+                             torch.cat([v["target1"], v["target2"]]))
+    return float(total)
+
+
+def test_stage1_resume_stage2_and_chaining(nnunet_env, run, tmp_path):
+    env = nnunet_env
+    res = _prepare(env, run)
+    pre = os.path.join(env["nnUNet_preprocessed"], "Dataset993_SSL")
+
+    # stage 1: all cases
+    out = run(["nnUNetv2_train", "993", "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu"], env)
+    s1 = os.path.join(res, RES, "fold_all", "checkpoint_final.pth")
+    ck = torch.load(s1, map_location="cpu", weights_only=True)  # no arbitrary pickles needed
+    meta = ck["bsf_metadata"]
+    assert meta["stage"] == 1 and meta["parent"] is None
+    assert meta["channel_names"] == ["T1", "FLAIR"] and meta["merging"] == "legacy"
+    assert meta["arch_kwargs"]["feature_size"] == 12 and meta["patch_size"] == [64, 64, 64]
+    assert meta["axis_order"] == "zyx" and len(meta["spacing"]) == 3 and meta["normalization"]
+    assert os.path.isfile(os.path.join(res, RES, "fold_all", "progress.png"))
+    assert all(k in ck["logging"] for k in ("ssl_rot", "ssl_con", "ssl_rec", "val_losses"))
+
+    # training lowered the SSL loss on a fixed batch (same crops and views) compared with the initial weights
+    assert _ssl_loss_on_fixed_batch(ck["network_weights"], pre) < _ssl_loss_on_fixed_batch(None, pre)
+
+    # resume: 1 epoch, stop (as a time-limited cluster job would), --c to 2 epochs == 2 epochs straight
+    # (same initial weights, data stream, views and optimiser state)
+    os.rename(os.path.join(res, RES, "fold_all"), os.path.join(res, RES, "fold_all_straight"))
+    out = run(["nnUNetv2_train", "993", "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu"],
+              dict(env, BSF_STOP_AFTER_EPOCH="0"))
+    assert "BSF_STOP_AFTER_EPOCH=0 reached" in out
+    assert not os.path.isfile(os.path.join(res, RES, "fold_all", "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(res, RES, "fold_all", "checkpoint_latest.pth"))
+    run(["nnUNetv2_train", "993", "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu", "--c"], env)
+    resumed = torch.load(os.path.join(res, RES, "fold_all", "checkpoint_final.pth"), weights_only=True)
+    assert resumed["current_epoch"] == ck["current_epoch"] == 2
+    for k, v in ck["network_weights"].items():
+        assert torch.allclose(v.float(), resumed["network_weights"][k].float(), atol=1e-5), k
+
+    # stage 2 on fold 0 from stage 1: only fold 0's training cases are pretrained on
+    out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu",
+               "-pretrained_weights", s1], env)
+    assert "Initialised from" in out
+    s2 = torch.load(os.path.join(res, RES, "fold_0", "checkpoint_final.pth"), weights_only=True)
+    assert s2["bsf_metadata"]["stage"] == 2 and s2["bsf_metadata"]["parent"] == os.path.abspath(s1)
+    split = json.load(open(os.path.join(pre, "splits_final.json")))[0]
+    log = open(glob.glob(os.path.join(res, RES, "fold_0", "training_log_*.txt"))[0]).read()
+    assert f"Pretraining on {len(split['train'])} cases, validating on {len(split['val'])} cases" in log
+
+    # fine-tuning chains from BSFPretrainTrainer_CI fold 0 by itself
+    out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFTrainer_CI_chain", "-device", "cpu"], env)
+    assert "stage chaining from BSFPretrainTrainer_CI fold 0" in out
+    tlog = open(glob.glob(os.path.join(res, "BSFTrainer_CI_chain__nnUNetPlans__3d_fullres", "fold_0",
+                                       "training_log_*.txt"))[0]).read()
+    assert "Initialised from" in tlog
