@@ -324,7 +324,7 @@ class BSFTrainer_ToyFast(BSFTrainer_Toy):
     """Toy variant with a shorter schedule (``bsf-nnunet demo --fast``)."""
 
     bsf_pretrain_trainer = "BSFPretrainTrainer_ToyFast"
-    bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=4, num_iterations_per_epoch=15,
+    bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=15,
                       num_val_iterations_per_epoch=2)
 
 

@@ -372,7 +372,8 @@ class BSFPretrainTrainer_Toy(BSFPretrainTrainer):
 class BSFPretrainTrainer_ToyFast(BSFPretrainTrainer_Toy):
     """Toy pretraining with a shorter schedule (``bsf-nnunet demo --fast``)."""
 
-    bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=10,
+    bsf_crops_per_volume = 1
+    bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=10,
                       num_val_iterations_per_epoch=1)
 
 
