@@ -9,8 +9,34 @@ import pytest
 # nnUNet_extTrainer next to the folder that the bsf-nnunet install registers, which checks that the user's own
 # entries are kept.
 CI_TRAINERS = textwrap.dedent('''
+    import os
+    import time
+
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from bsf_nnunet.training import BSFPretrainTrainer_Toy, BSFTrainer_Toy
+
+    _SAVES = [0]
+
+
+    def _maybe_hang_in_save():
+        """Fault injection: at save number $CI_HANG_IN_SAVE, torch.save writes half of the file, touches
+        $CI_HANG_MARKER and hangs, so that a test can SIGKILL the run in the middle of a checkpoint write."""
+        _SAVES[0] += 1
+        if os.environ.get("CI_HANG_IN_SAVE") != str(_SAVES[0]):
+            return
+        import torch
+
+        real_save = torch.save
+
+        def half_then_hang(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+            with open(os.environ["CI_HANG_MARKER"], "w") as fh:
+                fh.write(str(f))
+            time.sleep(600)
+
+        torch.save = half_then_hang
 
 
     class BSFTrainer_CI(BSFTrainer_Toy):
@@ -36,6 +62,38 @@ CI_TRAINERS = textwrap.dedent('''
         bsf_volumes_per_batch = 1
         bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=6,
                           num_val_iterations_per_epoch=1, initial_lr=3e-4)
+
+
+    class BSFTrainer_CIkill(BSFTrainer_Toy):
+        bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=3,
+                          num_val_iterations_per_epoch=1, initial_lr=2e-3, save_every=1)
+
+        def save_checkpoint(self, filename):
+            _maybe_hang_in_save()
+            super().save_checkpoint(filename)
+
+
+    class BSFTrainer_CInan(BSFTrainer_CIkill):
+        """The loss turns NaN from its 5th call (epoch 1's first training step)."""
+
+        def initialize(self):
+            super().initialize()
+            real_loss, calls = self.loss, [0]
+
+            def loss(output, target):
+                calls[0] += 1
+                value = real_loss(output, target)
+                return value * float("nan") if calls[0] > 4 else value
+
+            self.loss = loss
+
+
+    class BSFPretrainTrainer_CIkill(BSFPretrainTrainer_CI):
+        bsf_recipe = dict(BSFPretrainTrainer_CI.bsf_recipe, num_epochs=3, num_iterations_per_epoch=3, save_every=1)
+
+        def save_checkpoint(self, filename):
+            _maybe_hang_in_save()
+            super().save_checkpoint(filename)
 
 
     class nnUNetTrainer_CI(nnUNetTrainer):

@@ -438,7 +438,7 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, run, tmp_path):
 
     from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
 
-    env = dict(nnunet_env, nnUNet_n_proc_DA="0")  # no augmentation workers: faster for these tiny runs
+    env = nnunet_env
     build_synthetic_dataset(env["nnUNet_raw"], 996, "Low", num_train=6, num_test=0, shape=(64, 64, 64))
     run(["nnUNetv2_plan_and_preprocess", "-d", "996", "-c", "3d_fullres", "-np", "1"], env)
     run(["bsf-nnunet", "lowdata", "splits", "-d", "996", "--fractions", "0.5", "1.0", "--repeats", "1",

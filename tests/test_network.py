@@ -122,3 +122,14 @@ def test_nnunet_convention_via_get_network_from_plans():
     out = net(torch.randn(1, 2, 64, 64, 64))
     assert out.shape == (1, 3, 64, 64, 64)
     assert not F.softmax(out, 1).isnan().any()
+
+
+def test_wrong_number_of_input_channels_is_explained():
+    import pytest
+    import torch
+
+    from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
+
+    net = BSFSwinUNETR(2, 3, feature_size=12, depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"expects input of shape \(batch, 2 channels.*has 1 channel files instead of 2"):
+        net(torch.zeros(1, 1, 64, 64, 64))

@@ -13,7 +13,7 @@ TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 
 
 def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env, run, tmp_path):
-    env = dict(nnunet_env, nnUNet_n_proc_DA="0")
+    env = nnunet_env
     folder = build_synthetic_dataset(env["nnUNet_raw"], 995, "PW", num_train=5, num_test=1, shape=(64, 64, 64))
     run(["nnUNetv2_plan_and_preprocess", "-d", "995", "-c", "3d_fullres", "-np", "1"], env)
     # an "official" BrainSegFounder SSL checkpoint (toy-sized): MONAI keys with module. prefix, 2 channels

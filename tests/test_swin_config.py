@@ -91,3 +91,40 @@ def test_make_bsf_plans_requires_3d_fullres():
     c = new["configurations"]["3d_fullres"]
     assert c["patch_size"] == [96, 96, 96] and c["data_identifier"] == "BSFPlans_3d_fullres"
     assert new["plans_name"] == "BSFPlans"
+
+
+# table-driven fuzz of plans configurations: every broken entry gives a ConfigurationError that says what to do,
+# never a TypeError/KeyError from deep inside, and valid-but-odd ones work
+BROKEN_CONFIGS = {
+    "no_patch": ({"batch_size": 2}, "3D configuration"),
+    "patch_2d": (conf((256, 256)), "3D configuration"),
+    "patch_4d": (conf((64, 64, 64, 64)), "3D configuration"),
+    "patch_strings": (dict(conf((64, 64, 64)), patch_size=["a", "b", "c"]), "patch_size"),
+    "patch_zero": (conf((0, 64, 64)), "patch_size"),
+    "patch_negative": (conf((-64, 64, 64)), "patch_size"),
+    "patch_none": (dict(conf((64, 64, 64)), patch_size=None), "3D configuration"),
+    "batch_zero": (conf((64, 64, 64), batch=0), "batch_size"),
+    "batch_string": (conf((64, 64, 64), batch="two"), "batch_size"),
+    "median_garbage": (conf((64, 64, 64), median=["x", 1, 2]), "median_image_size_in_voxels"),
+    "not_a_dict": ([64, 64, 64], "configuration"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CONFIGS))
+def test_broken_configurations_are_refused_clearly(name):
+    c, phrase = BROKEN_CONFIGS[name]
+    with pytest.raises(ConfigurationError, match=phrase):
+        derive_swin_configuration(c, "toy", memory_budget_gb=math.inf)
+
+
+@pytest.mark.parametrize("variant,phrase", [("", "Unknown BrainSegFounder variant"), (None, "variant"),
+                                            ("smal", "Unknown BrainSegFounder variant 'smal'")])
+def test_broken_variant_names(variant, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        derive_swin_configuration(conf((64, 64, 64)), variant, memory_budget_gb=math.inf)
+
+
+def test_float_patch_and_huge_batch_still_work():
+    new, notes = derive_swin_configuration(dict(conf((100.0, 64, 64), batch=10 ** 6)), "toy", memory_budget_gb=8)
+    assert new["patch_size"] == [128, 64, 64] and 1 <= new["batch_size"] < 10 ** 6
+    assert any("batch size" in n for n in notes)

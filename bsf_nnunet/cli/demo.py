@@ -47,12 +47,16 @@ class Demo:
         self.device = device
         self.p = profile
         self.source = source
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+        # the demo's own data folders; the user's other nnU-Net settings (extra trainer folders, worker counts)
+        # are kept
+        self.env = dict(os.environ)
         for k, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
                        ("nnUNet_results", "nnUNet_results")):
             self.env[k] = os.path.join(self.workdir, sub)
             os.makedirs(self.env[k], exist_ok=True)
-        self.env.setdefault("nnUNet_n_proc_DA", "1" if device == "cpu" else "4")
+        if not self.env.get("nnUNet_n_proc_DA", "").strip().isdigit() or int(self.env["nnUNet_n_proc_DA"]) < 1:
+            # unset, or 0 (which nnUNetv2_plan_and_preprocess cannot take)
+            self.env["nnUNet_n_proc_DA"] = "1" if device == "cpu" else "4"
         self.env["PYTHONUNBUFFERED"] = "1"
         self.times = {}
         self.raw = os.path.join(self.env["nnUNet_raw"], DATASET_NAME)

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # sub-command modules, each with register(subparsers)
-COMMANDS = ["plan", "convert", "evaluate", "lowdata", "import-model", "demo", "info"]
+COMMANDS = ["plan", "convert", "evaluate", "lowdata", "import-model", "demo", "info", "check"]
 
 
 class CLIError(Exception):

@@ -197,6 +197,15 @@ class BSFSwinUNETR(SwinUNETR):
         self.axis_order = axis_order
 
     def forward(self, x_in):
+        expected = self.swinViT.patch_embed.proj.in_channels
+        if x_in.ndim != 5 or x_in.shape[1] != expected:
+            raise ValueError(
+                f"BrainSegFounder's Swin-UNETR expects input of shape (batch, {expected} channels, z, y, x), got "
+                f"{tuple(x_in.shape)}. With nnUNetv2_predict this means that a case in the input folder has "
+                f"{x_in.shape[1] if x_in.ndim == 5 else 'a different number of'} channel files instead of {expected}: "
+                f"every case needs CASE_0000 ... CASE_{expected - 1:04d} with the file ending of dataset.json, in the "
+                "order of the model's dataset.json channel_names (bsf-nnunet check --predict-input FOLDER -d ID "
+                "lists the incomplete cases).")
         if self.axis_order == "xyz":
             x_in = x_in.permute(0, 1, 4, 3, 2)
         out = super().forward(x_in)

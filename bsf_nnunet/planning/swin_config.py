@@ -107,8 +107,40 @@ def derive_swin_configuration(
     everything nnU-Net needs (spacing, normalisation, data identifier...) and replaces ``patch_size``,
     ``batch_size`` and ``architecture``; a ``bsf`` entry records what was derived and why.
     """
+    if not isinstance(configuration, dict):
+        raise ConfigurationError(
+            f"A plans configuration must be a JSON object (dict), got {type(configuration).__name__}. The plans file "
+            "is damaged: rerun nnUNetv2_plan_and_preprocess (or bsf-nnunet plan) to rewrite it.")
     conf = deepcopy(configuration)
-    planned = [int(p) for p in conf.get("patch_size", [])]
+    raw_patch = conf.get("patch_size") or []
+    if not isinstance(raw_patch, (list, tuple)):
+        raw_patch = [raw_patch]
+    try:
+        planned = [int(round(float(p))) for p in raw_patch]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"patch_size {raw_patch!r} in the plans is not a list of numbers. Fix it in plans.json (e.g. [128, 128, "
+            "128]) or rerun nnUNetv2_plan_and_preprocess.") from None
+    if len(planned) == 3 and any(p < 1 for p in planned):
+        raise ConfigurationError(
+            f"patch_size {planned} in the plans has an axis below 1. Fix it in plans.json (every axis a multiple of "
+            "32 and at least 64 for Swin-UNETR, e.g. [128, 128, 128]) or rerun nnUNetv2_plan_and_preprocess.")
+    raw_batch = conf.get("batch_size", 2)
+    try:
+        if isinstance(raw_batch, bool) or float(raw_batch) < 1 or float(raw_batch) != int(float(raw_batch)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"batch_size {raw_batch!r} in the plans is not a positive integer. Fix it in plans.json (e.g. 2); the "
+            "trainer lowers it by itself if it does not fit the memory.") from None
+    median = conf.get("median_image_size_in_voxels")
+    if median is not None:
+        try:
+            [float(m) for m in median]
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"median_image_size_in_voxels {median!r} in the plans is not a list of numbers. Rerun "
+                "nnUNetv2_plan_and_preprocess to rewrite the plans.") from None
     if len(planned) != 3:
         raise ConfigurationError(
             f"BrainSegFounder trainers need a 3D configuration (e.g. 3d_fullres); this one has patch size {planned}. "
@@ -130,7 +162,7 @@ def derive_swin_configuration(
         notes.append(f"median image size {[round(float(m)) for m in median]} is smaller than the patch {patch} on "
                      "some axis: nnU-Net pads images to the patch size (training and inference)")
     budget = default_memory_budget_gb(device_type) if memory_budget_gb is None else float(memory_budget_gb)
-    planned_batch = int(conf.get("batch_size", 2))
+    planned_batch = int(float(raw_batch))
     batch = max(1, planned_batch if max_batch_size is None else min(planned_batch, int(max_batch_size)))
 
     def fits(b, p):

@@ -32,6 +32,20 @@ STOP_AFTER_EPOCH_ENV = "BSF_STOP_AFTER_EPOCH"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
 
 
+class TrainingHealthError(RuntimeError):
+    """Training stopped because the loss or the gradients stopped being finite, or memory ran out."""
+
+
+def out_of_memory_message(trainer_name: str, variant: str, patch_size, batch_size: int, device_type: str) -> str:
+    """What to reduce when a training step runs out of memory (one paragraph)."""
+    return (f"{trainer_name} ran out of {'GPU' if device_type == 'cuda' else 'host'} memory in a training step "
+            f"(variant {variant}, patch {list(patch_size)}, batch size {batch_size}). Reduce, in this order: the "
+            "batch size (set BSF_MEMORY_GB to the memory you really have, e.g. BSF_MEMORY_GB=20, and the trainer "
+            "picks a smaller batch), gradient checkpointing (a trainer subclass with bsf_extra_arch_kwargs = "
+            "{'use_checkpoint': True}), the patch size (bsf-nnunet plan -d ID --patch 96 96 96), or the variant "
+            "(BSFTrainer_Tiny). Nothing was saved after the last checkpoint; continue with --c.")
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     module = getattr(module, "module", module)  # DDP
     return getattr(module, "_orig_mod", module)  # torch.compile
@@ -67,8 +81,9 @@ class BSFTrainer(nnUNetTrainer):
     bsf_use_pretraining = True  # False: never load pretrained weights (the scratch baseline)
     bsf_pretrain_trainer = "BSFPretrainTrainer"  # stage chaining: its fold F results initialise fold F
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
+    bsf_seed = 12345  # each epoch reseeds python/numpy/torch from (seed, fold, epoch): --c repeats the same stream
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
-                  "num_val_iterations_per_epoch": 50}
+                  "num_val_iterations_per_epoch": 50, "save_every": 5}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -130,6 +145,8 @@ class BSFTrainer(nnUNetTrainer):
         return None
 
     def initialize(self):
+        if self.bsf_seed is not None and not self.was_initialized:
+            self._seed_epoch(-1)  # reproducible initial weights (per fold, so that the folds of an ensemble differ)
         super().initialize()
         # lets our -pretrained_weights handler find the trainer that owns this network
         _unwrap(self.network).__dict__["_bsf_owner"] = weakref.ref(self)
@@ -236,7 +253,30 @@ class BSFTrainer(nnUNetTrainer):
         super().on_epoch_end()
         self._check_stop(end_of_epoch=True)
 
+    def on_train_end(self):
+        super().on_train_end()
+        from .checkpointing import remove_stale_temporaries
+
+        if self.local_rank == 0:
+            remove_stale_temporaries(self.output_folder, "checkpoint_")
+
+    def _seed_epoch(self, epoch=None) -> None:
+        """Seed every RNG of this process from (seed, fold, epoch). With nnUNet_n_proc_DA=0 (augmentation in this
+        process) on CPU an interrupted and resumed run then computes exactly what an uninterrupted one does."""
+        import random
+
+        import numpy as np
+
+        fold = self.fold if isinstance(self.fold, int) else 99
+        epoch = self.current_epoch if epoch is None else epoch
+        seed = (int(self.bsf_seed) * 1_000_003 + fold * 10_007 + int(epoch) + 1) % (2 ** 31)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
     def on_train_epoch_start(self):
+        if self.bsf_seed is not None:
+            self._seed_epoch()
         if self.bsf_freeze_encoder_epochs:
             frozen = self.current_epoch < self.bsf_freeze_encoder_epochs
             for p in _unwrap(self.network).swinViT.parameters():
@@ -259,10 +299,61 @@ class BSFTrainer(nnUNetTrainer):
         scheduler = WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
         return optimizer, scheduler
 
+    @contextlib.contextmanager
+    def _oom_guard(self):
+        """Turn an out-of-memory error into a message that says what to reduce."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            cm = self.configuration_manager
+            msg = out_of_memory_message(self.__class__.__name__, cm.configuration.get("bsf", {}).get(
+                "variant", self.bsf_variant), cm.patch_size, cm.batch_size, self.device.type)
+            self.print_to_log_file(msg)
+            raise TrainingHealthError(msg) from None
+
+    def _unhealthy(self, what: str, value) -> None:
+        msg = (f"{what} became {value} in epoch {self.current_epoch} of {self.__class__.__name__} (fold {self.fold}). "
+               "Training stopped before the optimiser applied it, and nothing was saved after it: the last "
+               "checkpoint (checkpoint_latest.pth / checkpoint_best.pth) is intact. Lower the learning rate (a "
+               "trainer subclass with a smaller initial_lr in bsf_recipe), check the data (bsf-nnunet check -d ID "
+               "finds NaN/Inf voxels), and continue with --c.")
+        self.print_to_log_file(msg)
+        raise TrainingHealthError(msg)
+
     def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step (autocast on CUDA in bf16 where supported, clipping at 12) that refuses non-finite losses
+        and gradients and explains out-of-memory errors."""
         self._check_stop(end_of_epoch=False)
-        with _autocast_dtype(self.device.type, self.bsf_amp_dtype):
-            return super().train_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._oom_guard():
+            use_amp = self.device.type == "cuda"
+            with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
+                    (torch.autocast(self.device.type, enabled=True) if use_amp else contextlib.nullcontext()):
+                output = self.network(data)
+                loss = self.loss(output, target)
+            if not torch.isfinite(loss.detach()).all():
+                self._unhealthy("The training loss", loss.item())
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+                self.grad_scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if self.grad_scaler is not None:
+                # fp16 loss scaling: inf gradients are expected now and then (the scaler skips the step)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                if not torch.isfinite(grad_norm):
+                    self._unhealthy("The gradient norm", grad_norm.item())
+                self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
         with _autocast_dtype(self.device.type, self.bsf_amp_dtype):
@@ -311,7 +402,7 @@ class BSFTrainer_Toy(BSFTrainer):
     bsf_pretrain_trainer = "BSFPretrainTrainer_Toy"
     bsf_warmup_fraction = 0.2
     bsf_recipe = dict(BSFTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
-                      num_val_iterations_per_epoch=5, initial_lr=1e-3)
+                      num_val_iterations_per_epoch=5, initial_lr=1e-3, save_every=1)
 
 
 class BSFTrainer_Toy_scratch(BSFTrainer_Toy):

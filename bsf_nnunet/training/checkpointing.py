@@ -15,6 +15,7 @@ class CheckpointFileError(RuntimeError):
 def atomic_torch_save(obj, filename: str) -> None:
     d = os.path.dirname(os.path.abspath(filename))
     os.makedirs(d, exist_ok=True)
+    remove_stale_temporaries(d, os.path.basename(filename))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(filename) + ".", dir=d)
     os.close(fd)
     try:
@@ -26,6 +27,18 @@ def atomic_torch_save(obj, filename: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str, basename: str = "") -> None:
+    """Delete half-written ``.tmp_<basename>*`` files that a killed run left behind (one writer per file)."""
+    if not os.path.isdir(folder):
+        return
+    for f in os.listdir(folder):
+        if f.startswith(".tmp_" + basename):
+            try:
+                os.remove(os.path.join(folder, f))
+            except OSError:
+                pass
 
 
 def safe_torch_load(filename: str, map_location="cpu"):

@@ -47,7 +47,7 @@ class BSFPretrainTrainer(BSFTrainer):
     bsf_seed = 12345
     bsf_grad_clip = 12.0
     bsf_recipe = {"initial_lr": 4e-4, "weight_decay": 0.1, "num_epochs": 100, "num_iterations_per_epoch": 250,
-                  "num_val_iterations_per_epoch": 25}
+                  "num_val_iterations_per_epoch": 25, "save_every": 5}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -209,6 +209,10 @@ class BSFPretrainTrainer(BSFTrainer):
         self._check_stop(end_of_epoch=False)
         self.lr_scheduler.step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
+        with self._oom_guard():
+            return self._checked_step(batch)
+
+    def _checked_step(self, batch: dict) -> dict:
         total, parts = self._forward_losses(batch, self._gen_train)
         if not torch.isfinite(total):
             raise SSLDivergedError(
@@ -355,6 +359,10 @@ class BSFPretrainTrainer(BSFTrainer):
         latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
         if self.local_rank == 0 and os.path.isfile(latest):
             os.remove(latest)
+        if self.local_rank == 0:
+            from .checkpointing import remove_stale_temporaries
+
+            remove_stale_temporaries(self.output_folder, "checkpoint_")
         self.print_to_log_file("Pretraining done.")
 
 
@@ -366,7 +374,7 @@ class BSFPretrainTrainer_Toy(BSFPretrainTrainer):
     bsf_patch_cap = 64
     bsf_warmup_fraction = 0.1
     bsf_recipe = dict(BSFPretrainTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
-                      num_val_iterations_per_epoch=2, initial_lr=1e-3)
+                      num_val_iterations_per_epoch=2, initial_lr=1e-3, save_every=1)
 
 
 class BSFPretrainTrainer_ToyFast(BSFPretrainTrainer_Toy):
