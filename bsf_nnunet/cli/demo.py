@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -72,8 +73,10 @@ class Demo:
             tail = (tail + [line])[-40:]
             s = line.strip()
             if any(w in s for w in ("Epoch ", "train_loss", "train loss", "Pseudo dice", "val_loss", "Epoch time",
-                                    "BrainSegFounder", "Initialised", "No self-supervised", "random init")):
-                print("   " + s.split(": ", 1)[-1] if s[:4].isdigit() else "   " + s, flush=True)
+                                    "BrainSegFounder", "Initialised", "No self-supervised", "random init",
+                                    "predicting ", "Mean Validation Dice")):
+                s = s.split(": ", 1)[-1] if s[:4].isdigit() else s
+                print("   " + re.sub(r"np\.float(?:32|64)\(([^)]*)\)", r"\1", s), flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"demo step '{step}' failed ({args[0]} exited {proc.returncode}). Last output:\n"
                                + "".join(tail))
@@ -130,12 +133,12 @@ class Demo:
         self.cmd(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", trainer, "-device", self.device]
                  + c + list(extra), step)
 
-    def predict(self, trainer, out):
+    def predict(self, trainer, out, step):
         if os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith(".nii.gz")]) >= self.p["num_test"]:
-            return self.skip(f"predict {trainer}", out)
+            return self.skip(step, out)
         self.cmd(["nnUNetv2_predict", "-i", os.path.join(self.raw, "imagesTs"), "-o", out, "-d", str(DATASET_ID),
                   "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", self.device, "--disable_tta",
-                  "-npp", "1", "-nps", "1"], f"predict {trainer}")
+                  "-npp", "1", "-nps", "1"], step)
 
     def run(self):
         t0 = time.time()
@@ -150,7 +153,7 @@ class Demo:
         preds = {}
         for name, tr in (("pretrained", self.p["finetune"]), ("scratch", self.p["scratch"])):
             out = os.path.join(self.workdir, "predictions", name)
-            self.predict(tr, out)
+            self.predict(tr, out, f"predict {name}")
             preds[name] = out
         self.report(preds, time.time() - t0)
 
