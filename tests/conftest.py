@@ -13,7 +13,7 @@ CI_TRAINERS = textwrap.dedent('''
     import time
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from bsf_nnunet.training import BSFPretrainTrainer_Toy, BSFTrainer_Toy
+    from bsf_nnunet.training import BSFPretrainTrainer_Toy, BSFTrainer_Toy, BSFTrainer_ToyFast
 
     _SAVES = [0]
 
@@ -44,7 +44,9 @@ CI_TRAINERS = textwrap.dedent('''
                           num_val_iterations_per_epoch=1, initial_lr=2e-3)
 
 
-    class BSFTrainer_CIfast(BSFTrainer_Toy):
+    class BSFTrainer_CIfast(BSFTrainer_ToyFast):
+        """Final validation without mirroring TTA (as BSFTrainer_ToyFast): the CPU minutes go to what is tested."""
+        bsf_pretrain_trainer = "BSFPretrainTrainer_Toy"
         bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=1, num_iterations_per_epoch=2,
                           num_val_iterations_per_epoch=1)
 
@@ -64,7 +66,7 @@ CI_TRAINERS = textwrap.dedent('''
                           num_val_iterations_per_epoch=1, initial_lr=3e-4)
 
 
-    class BSFTrainer_CIkill(BSFTrainer_Toy):
+    class BSFTrainer_CIkill(BSFTrainer_ToyFast):
         bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=3,
                           num_val_iterations_per_epoch=1, initial_lr=2e-3, save_every=1)
 
@@ -94,6 +96,30 @@ CI_TRAINERS = textwrap.dedent('''
         def save_checkpoint(self, filename):
             _maybe_hang_in_save()
             super().save_checkpoint(filename)
+
+
+    class BSFPretrainTrainer_CIddp(BSFPretrainTrainer_CI):
+        """Writes, per rank, the cases it read, its logged losses and a digest of its weights (for the DDP test)."""
+        bsf_recipe = dict(BSFPretrainTrainer_CI.bsf_recipe, num_epochs=1, num_iterations_per_epoch=3)
+
+        def on_train_end(self):
+            import hashlib
+            import json
+
+            import torch.distributed as dist
+
+            super().on_train_end()
+            net = self.network.module if self.is_ddp else self.network
+            h = hashlib.sha256()
+            for k, v in sorted(net.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            rank = dist.get_rank() if self.is_ddp else 0
+            log = self.logger.local_logger.my_fantastic_logging
+            with open(os.path.join(os.environ["CI_DDP_DUMP"], f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "world": dist.get_world_size() if self.is_ddp else 1,
+                           "digest": h.hexdigest(), "train_losses": [float(x) for x in log["train_losses"]],
+                           "shard": list(self.dataloader_train.shard)}, f)
 
 
     class nnUNetTrainer_CI(nnUNetTrainer):

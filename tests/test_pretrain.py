@@ -98,3 +98,28 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, run, tmp_path):
     tlog = open(glob.glob(os.path.join(res, "BSFTrainer_CI_chain__nnUNetPlans__3d_fullres", "fold_0",
                                        "training_log_*.txt"))[0]).read()
     assert "Initialised from" in tlog
+
+
+def test_ddp_two_gloo_ranks_stay_identical(nnunet_env, run, tmp_path):
+    """torchrun, 2 CPU processes, gloo: each rank reads a disjoint shard, the logged (all-reduced) losses agree and
+    the weights are identical on both ranks after the steps; rank 0 alone writes the checkpoint."""
+    env = nnunet_env
+    res = _prepare(env, run, dataset_id=991)
+    dump = tmp_path / "ddp"
+    dump.mkdir()
+    env = dict(env, CI_DDP_DUMP=str(dump), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    out = run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "bsf_nnunet.pretrain", "991", "3d_fullres",
+               "all", "-tr", "BSFPretrainTrainer_CIddp", "--backend", "gloo"], env)
+    r0 = json.load(open(dump / "rank0.json"))
+    r1 = json.load(open(dump / "rank1.json"))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["digest"] == r1["digest"], out[-3000:]
+    assert r0["train_losses"] == r1["train_losses"] and len(r0["train_losses"]) == 1
+    assert r0["shard"] and r1["shard"] and not set(r0["shard"]) & set(r1["shard"])
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = os.path.join(env["nnUNet_preprocessed"], "Dataset991_SSL", "nnUNetPlans_3d_fullres")
+    assert sorted(r0["shard"] + r1["shard"]) == sorted(infer_dataset_class(folder).get_identifiers(folder))
+    ck = torch.load(os.path.join(res, "BSFPretrainTrainer_CIddp__nnUNetPlans__3d_fullres", "fold_all",
+                                 "checkpoint_final.pth"), map_location="cpu", weights_only=True)
+    assert ck["current_epoch"] == 1
