@@ -55,6 +55,7 @@ class CheckReport:
     num_training: int = 0
     num_test: int = 0
     values_checked: bool = True
+    prediction_input: bool = False
 
     @property
     def ok(self) -> bool:
@@ -66,7 +67,9 @@ class CheckReport:
                                  subsequent_indent=" " * len(prefix), break_long_words=False,
                                  break_on_hyphens=False)
 
-        lines = [f"Checked {self.folder}: {self.num_training} training case(s), {self.num_test} test case(s)"
+        counts = (f"{self.num_test} case(s) to predict" if self.prediction_input else
+                  f"{self.num_training} training case(s), {self.num_test} test case(s)")
+        lines = [f"Checked {self.folder}: {counts}"
                  + ("" if self.values_checked else " (voxel values not read: --no-values)")]
         if self.errors:
             lines.append(f"\nERRORS ({len(self.errors)}):")
@@ -681,7 +684,7 @@ def check_prediction_input(input_folder: str, dataset_folder: str, output_folder
     channel of channel_names, shapes and affines agree between a case's channels, no NaN/Inf voxels; and, given
     ``output_folder``, that it can be written. Never raises for bad input and never writes into ``input_folder``."""
     input_folder = os.path.abspath(os.fspath(input_folder))
-    report = CheckReport(folder=input_folder, values_checked=check_values)
+    report = CheckReport(folder=input_folder, values_checked=check_values, prediction_input=True)
     try:
         data = _read_dataset_json(os.path.abspath(os.fspath(dataset_folder)), report)
         meta = _check_dataset_json(data, report) if data is not None else _Meta()
