@@ -55,7 +55,7 @@ CI_TRAINERS = textwrap.dedent('''
         bsf_use_pretraining = False
 
 
-    class BSFTrainer_CI_chain(BSFTrainer_CI):
+    class BSFTrainer_CI_chain(BSFTrainer_CIfast):
         bsf_pretrain_trainer = "BSFPretrainTrainer_CI"
 
 

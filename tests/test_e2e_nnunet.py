@@ -78,8 +78,8 @@ def test_region_based_training_and_validation(nnunet_env, run):
     build_synthetic_dataset(env["nnUNet_raw"], 992, "Regions", num_train=5, num_test=0, shape=(64, 64, 64),
                             num_channels=2, regions=True, channel_names=["T1", "FLAIR"])
     run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "3d_fullres", "-np", "1"], env)
-    run(["nnUNetv2_train", "992", "3d_fullres", "1", "-tr", "BSFTrainer_CI", "-device", "cpu"], env)
-    res = os.path.join(env["nnUNet_results"], "Dataset992_Regions", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
+    run(["nnUNetv2_train", "992", "3d_fullres", "1", "-tr", "BSFTrainer_CIfast", "-device", "cpu"], env)
+    res = os.path.join(env["nnUNet_results"], "Dataset992_Regions", "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     summary = json.load(open(os.path.join(res, "fold_1", "validation", "summary.json")))
     # one entry per region (blob = (1, 2), core = (2,)) and labels restored with regions_class_order
     assert len(summary["mean"]) == 2

@@ -25,9 +25,9 @@ def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env,
     ckpt = tmp_path / "ssl_official.pt"
     torch.save({"state_dict": sd, "epoch": 10, "global_step": 1000, "optimizer": {}}, ckpt)
 
-    out = run(["nnUNetv2_train", "995", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu",
+    out = run(["nnUNetv2_train", "995", "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
                "-pretrained_weights", str(ckpt)], dict(env, BSF_PRETRAINED_CHANNELS="FLAIR,T1"))
-    res = os.path.join(env["nnUNet_results"], "Dataset995_PW", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
+    res = os.path.join(env["nnUNet_results"], "Dataset995_PW", "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     log = open(glob.glob(os.path.join(res, "fold_0", "training_log_*.txt"))[0]).read()
     assert "Initialised from" in log and "-pretrained_weights" in log
     # the dataset's only channel (T1) took the checkpoint's T1 filters, not FLAIR's
@@ -35,7 +35,7 @@ def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env,
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["axis_order"] == "xyz"
     # prediction rebuilds the network with the recorded axis order
     run(["nnUNetv2_predict", "-i", os.path.join(folder, "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "995",
-         "-c", "3d_fullres", "-tr", "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--disable_tta",
+         "-c", "3d_fullres", "-tr", "BSFTrainer_CIfast", "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
     assert os.path.isfile(tmp_path / "pred" / "case_005.nii.gz")
 
