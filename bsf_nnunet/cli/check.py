@@ -85,7 +85,7 @@ def run(args) -> int:
 
         report = check_prediction_input(args.predict_input, folder, args.output, check_values=not args.no_values,
                                         num_workers=args.num_processes)
-        print(report.format().replace("nnUNetv2_plan_and_preprocess", "nnUNetv2_predict"))
+        print(report.format())
         return 0 if report.ok else 1
     report = check_raw_dataset(folder, check_values=not args.no_values, num_workers=args.num_processes)
     print(report.format())

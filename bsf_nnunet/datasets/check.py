@@ -77,12 +77,13 @@ class CheckReport:
         if self.warnings:
             lines.append(f"\nWARNINGS ({len(self.warnings)}):")
             lines += [para("- ", w) for w in self.warnings]
+        next_step = "nnUNetv2_predict" if self.prediction_input else "nnUNetv2_plan_and_preprocess"
         if self.ok:
             lines.append(f"\nOK: no errors ({len(self.warnings)} warning(s)). The dataset is ready for "
-                         f"nnUNetv2_plan_and_preprocess.")
+                         f"{next_step}.")
         else:
             lines.append(f"\nFAILED: {len(self.errors)} error(s), {len(self.warnings)} warning(s). Fix the errors "
-                         f"before nnUNetv2_plan_and_preprocess.")
+                         f"before {next_step}.")
         return "\n".join(lines)
 
 
