@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -64,6 +65,10 @@ CI_TRAINERS = textwrap.dedent('''
         bsf_volumes_per_batch = 1
         bsf_recipe = dict(BSFPretrainTrainer_Toy.bsf_recipe, num_epochs=2, num_iterations_per_epoch=6,
                           num_val_iterations_per_epoch=1, initial_lr=3e-4)
+
+
+    class BSFPretrainTrainer_CIfast(BSFPretrainTrainer_CI):
+        bsf_recipe = dict(BSFPretrainTrainer_CI.bsf_recipe, num_epochs=1, num_iterations_per_epoch=3)
 
 
     class BSFTrainer_CIkill(BSFTrainer_ToyFast):
@@ -155,8 +160,11 @@ def nnunet_env(tmp_path):
 
 def run_cmd(cmd, env, cwd=None, timeout=900):
     """Run a command; on failure show its output."""
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=timeout)
+    if os.environ.get("CI_TIME_COMMANDS"):
+        print(f"[{time.perf_counter() - t0:7.1f} s] {' '.join(map(str, cmd))[:160]}", file=sys.stderr)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{p.stdout[-6000:]}")
     return p.stdout
@@ -165,6 +173,52 @@ def run_cmd(cmd, env, cwd=None, timeout=900):
 @pytest.fixture
 def run():
     return run_cmd
+
+
+# Planned and preprocessed toy datasets, shared by the tests that only need *a* dataset (nnUNetv2_plan_and_preprocess
+# takes ~30 s here, most of it start-up): made once per session, then copied into each test's own nnU-Net folders.
+PREPARED_DATASETS = {
+    # 1 channel, 64^3 voxels: 6 training cases (5-fold CV: 4-5 train / 1-2 val per fold), 1 test case (case_006)
+    "toy1": (994, "Toy", dict(num_train=6, num_test=1, shape=(64, 64, 64))),
+    # 2 channels (T1, FLAIR), 5 training cases, for pretraining
+    "ssl2": (993, "SSL", dict(num_train=5, num_test=0, shape=(64, 72, 64), num_channels=2,
+                              channel_names=["T1", "FLAIR"])),
+}
+_PREPARED = {}
+
+
+@pytest.fixture(scope="session")
+def _prepared_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("prepared_datasets")
+
+
+@pytest.fixture
+def prepared(nnunet_env, _prepared_root):
+    """``prepared(key)`` -> (dataset id as str, "DatasetXXX_Name", raw dataset folder): a dataset of
+    PREPARED_DATASETS planned and preprocessed (once per session) and copied into this test's nnUNet_raw and
+    nnUNet_preprocessed."""
+    import shutil
+
+    from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
+
+    def make(key):
+        dataset_id, name, kwargs = PREPARED_DATASETS[key]
+        full = f"Dataset{dataset_id:03d}_{name}"
+        root = _PREPARED.get(key)
+        if root is None:
+            root = _prepared_root / key
+            env = dict(nnunet_env, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+                       nnUNet_results=str(root / "results"))
+            for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+                os.makedirs(env[k], exist_ok=True)
+            build_synthetic_dataset(env["nnUNet_raw"], dataset_id, name, **kwargs)
+            run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"], env)
+            _PREPARED[key] = root
+        for sub, var in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed")):
+            shutil.copytree(root / sub / full, os.path.join(nnunet_env[var], full))
+        return str(dataset_id), full, os.path.join(nnunet_env["nnUNet_raw"], full)
+
+    return make
 
 
 PY = sys.executable

@@ -8,12 +8,12 @@ import os
 def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     env = {k: v for k, v in nnunet_env.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     work = tmp_path / "demo"
-    cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CI",
+    cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CIfast",
            "BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
     if importlib.util.find_spec("nilearn") is None:  # the [demo] extra brings it; without it use the phantom
         cmd += ["--source", "synthetic"]
     out = run(cmd, env)
-    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990", "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CI",
+    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990", "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CIfast",
                   "-pretrained_weights", "$ nnUNetv2_predict", "Dice on 2 held-out cases", "Run time per step"):
         assert shown in out, shown
     summary = json.load(open(work / "demo_summary.json"))

@@ -432,25 +432,22 @@ def test_report_without_pair_and_bad_summary(env, capsys):
     assert "summary.json" in capsys.readouterr().err
 
 
-def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, run, tmp_path):
+def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_path):
     """splits -> run (real nnUNetv2_train, two fractions, pretrained-style and scratch) -> report."""
     import csv
 
-    from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
-
     env = nnunet_env
-    build_synthetic_dataset(env["nnUNet_raw"], 996, "Low", num_train=6, num_test=0, shape=(64, 64, 64))
-    run(["nnUNetv2_plan_and_preprocess", "-d", "996", "-c", "3d_fullres", "-np", "1"], env)
-    run(["bsf-nnunet", "lowdata", "splits", "-d", "996", "--fractions", "0.5", "1.0", "--repeats", "1",
+    dataset_id, _, _ = prepared("toy1")  # 6 training cases
+    run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "1.0", "--repeats", "1",
          "--test-fraction", "0.34", "--seed", "0"], env)
     trainers = ["BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
-    run(["bsf-nnunet", "lowdata", "run", "-d", "996", "--trainers", *trainers, "--device", "cpu"], env)
+    run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu"], env)
     # a second run has nothing left to do
-    out = run(["bsf-nnunet", "lowdata", "run", "-d", "996", "--trainers", *trainers, "--device", "cpu", "--dry-run"],
+    out = run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu", "--dry-run"],
               env)
     assert "4 trainings: 4 already done, would run 0" in out
     report_dir = tmp_path / "report"
-    run(["bsf-nnunet", "lowdata", "report", "-d", "996", "--trainers", *trainers, "--pretrained", trainers[0],
+    run(["bsf-nnunet", "lowdata", "report", "-d", dataset_id, "--trainers", *trainers, "--pretrained", trainers[0],
          "--baseline", trainers[1], "--out", str(report_dir)], env)
     files = os.listdir(report_dir)
     assert any(f.endswith(".csv") for f in files) and any(f.endswith(".md") for f in files)

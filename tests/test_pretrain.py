@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
 
 RES = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
 
 
-def _prepare(env, run, dataset_id=993):
-    build_synthetic_dataset(env["nnUNet_raw"], dataset_id, "SSL", num_train=5, num_test=0, shape=(64, 72, 64),
-                            num_channels=2, channel_names=["T1", "FLAIR"])
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"], env)
-    return os.path.join(env["nnUNet_results"], f"Dataset{dataset_id}_SSL")
+def _prepare(env, prepared):
+    dataset_id, full, _ = prepared("ssl2")  # Dataset993_SSL: 5 cases, T1 + FLAIR, 64 x 72 x 64
+    assert dataset_id == "993"
+    return os.path.join(env["nnUNet_results"], full)
 
 
 def _ssl_loss_on_fixed_batch(state_dict, pre_folder):
@@ -48,9 +46,9 @@ def _ssl_loss_on_fixed_batch(state_dict, pre_folder):
     return float(total)
 
 
-def test_stage1_resume_stage2_and_chaining(nnunet_env, run, tmp_path):
+def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path):
     env = nnunet_env
-    res = _prepare(env, run)
+    res = _prepare(env, prepared)
     pre = os.path.join(env["nnUNet_preprocessed"], "Dataset993_SSL")
 
     # stage 1: all cases
@@ -100,15 +98,15 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, run, tmp_path):
     assert "Initialised from" in tlog
 
 
-def test_ddp_two_gloo_ranks_stay_identical(nnunet_env, run, tmp_path):
+def test_ddp_two_gloo_ranks_stay_identical(nnunet_env, prepared, run, tmp_path):
     """torchrun, 2 CPU processes, gloo: each rank reads a disjoint shard, the logged (all-reduced) losses agree and
     the weights are identical on both ranks after the steps; rank 0 alone writes the checkpoint."""
     env = nnunet_env
-    res = _prepare(env, run, dataset_id=991)
+    res = _prepare(env, prepared)
     dump = tmp_path / "ddp"
     dump.mkdir()
     env = dict(env, CI_DDP_DUMP=str(dump), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
-    out = run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "bsf_nnunet.pretrain", "991", "3d_fullres",
+    out = run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "bsf_nnunet.pretrain", "993", "3d_fullres",
                "all", "-tr", "BSFPretrainTrainer_CIddp", "--backend", "gloo"], env)
     r0 = json.load(open(dump / "rank0.json"))
     r1 = json.load(open(dump / "rank1.json"))
@@ -118,7 +116,7 @@ def test_ddp_two_gloo_ranks_stay_identical(nnunet_env, run, tmp_path):
     assert r0["shard"] and r1["shard"] and not set(r0["shard"]) & set(r1["shard"])
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    folder = os.path.join(env["nnUNet_preprocessed"], "Dataset991_SSL", "nnUNetPlans_3d_fullres")
+    folder = os.path.join(env["nnUNet_preprocessed"], "Dataset993_SSL", "nnUNetPlans_3d_fullres")
     assert sorted(r0["shard"] + r1["shard"]) == sorted(infer_dataset_class(folder).get_identifiers(folder))
     ck = torch.load(os.path.join(res, "BSFPretrainTrainer_CIddp__nnUNetPlans__3d_fullres", "fold_all",
                                  "checkpoint_final.pth"), map_location="cpu", weights_only=True)

@@ -6,16 +6,14 @@ import os
 
 import torch
 
-from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
 from bsf_nnunet.network import BSFSwinUNETR
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 
 
-def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env, run, tmp_path):
+def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env, prepared, run, tmp_path):
     env = nnunet_env
-    folder = build_synthetic_dataset(env["nnUNet_raw"], 995, "PW", num_train=5, num_test=1, shape=(64, 64, 64))
-    run(["nnUNetv2_plan_and_preprocess", "-d", "995", "-c", "3d_fullres", "-np", "1"], env)
+    dataset_id, full, folder = prepared("toy1")  # Dataset994_Toy: 1 channel (T1), test case case_006
     # an "official" BrainSegFounder SSL checkpoint (toy-sized): MONAI keys with module. prefix, 2 channels
     torch.manual_seed(0)
     src = BSFSwinUNETR(2, 3, **TOY)
@@ -25,24 +23,24 @@ def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env,
     ckpt = tmp_path / "ssl_official.pt"
     torch.save({"state_dict": sd, "epoch": 10, "global_step": 1000, "optimizer": {}}, ckpt)
 
-    out = run(["nnUNetv2_train", "995", "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
+    out = run(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
                "-pretrained_weights", str(ckpt)], dict(env, BSF_PRETRAINED_CHANNELS="FLAIR,T1"))
-    res = os.path.join(env["nnUNet_results"], "Dataset995_PW", "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
+    res = os.path.join(env["nnUNet_results"], full, "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     log = open(glob.glob(os.path.join(res, "fold_0", "training_log_*.txt"))[0]).read()
     assert "Initialised from" in log and "-pretrained_weights" in log
     # the dataset's only channel (T1) took the checkpoint's T1 filters, not FLAIR's
     plans = json.load(open(os.path.join(res, "plans.json")))
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["axis_order"] == "xyz"
     # prediction rebuilds the network with the recorded axis order
-    run(["nnUNetv2_predict", "-i", os.path.join(folder, "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "995",
+    run(["nnUNetv2_predict", "-i", os.path.join(folder, "imagesTs"), "-o", str(tmp_path / "pred"), "-d", dataset_id,
          "-c", "3d_fullres", "-tr", "BSFTrainer_CIfast", "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
-    assert os.path.isfile(tmp_path / "pred" / "case_005.nii.gz")
+    assert os.path.isfile(tmp_path / "pred" / "case_006.nii.gz")
 
     # the scratch baseline never loads weights: a clear refusal before any training
     import subprocess
 
-    p = subprocess.run(["nnUNetv2_train", "995", "3d_fullres", "0", "-tr", "BSFTrainer_Toy_scratch", "-device",
+    p = subprocess.run(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", "BSFTrainer_Toy_scratch", "-device",
                         "cpu", "-pretrained_weights", str(ckpt)], env=env, capture_output=True, text=True)
     assert p.returncode != 0
     assert "trains from scratch by definition" in p.stdout + p.stderr

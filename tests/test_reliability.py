@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
 
 
 def _load(path):
@@ -35,12 +34,11 @@ def _run_until_marker_then(signum, cmd, env, marker, timeout=600):
 
 
 @pytest.fixture
-def toy_dataset(nnunet_env, run):
-    env = nnunet_env
-    build_synthetic_dataset(env["nnUNet_raw"], 994, "Rel", num_train=5, num_test=0, shape=(64, 64, 64))
-    run(["nnUNetv2_plan_and_preprocess", "-d", "994", "-c", "3d_fullres", "-np", "1"], env)
+def toy_dataset(nnunet_env, prepared):
+    dataset_id, full, _ = prepared("toy1")
+    assert dataset_id == "994"
     # augmentation in the training process: deterministic given the per-epoch seeds, and nothing orphaned by a kill
-    return dict(env, nnUNet_n_proc_DA="0"), os.path.join(env["nnUNet_results"], "Dataset994_Rel")
+    return dict(nnunet_env, nnUNet_n_proc_DA="0"), os.path.join(nnunet_env["nnUNet_results"], full)
 
 
 def test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights(toy_dataset, run, tmp_path):
@@ -102,15 +100,12 @@ def test_sigterm_saves_and_continues_and_nan_loss_stops_with_last_checkpoint_int
     assert not os.path.exists(os.path.join(fold, "checkpoint_final.pth"))
 
 
-def test_pretrainer_kill_during_checkpoint_write_resumes(nnunet_env, run, tmp_path):
-    env = nnunet_env
-    build_synthetic_dataset(env["nnUNet_raw"], 992, "RelSSL", num_train=4, num_test=0, shape=(64, 64, 64),
-                            num_channels=2, channel_names=["T1", "FLAIR"])
-    run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "3d_fullres", "-np", "1"], env)
-    env = dict(env, nnUNet_n_proc_DA="0")
-    cmd = ["nnUNetv2_train", "992", "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CIkill", "-device", "cpu"]
-    fold = os.path.join(env["nnUNet_results"], "Dataset992_RelSSL",
-                        "BSFPretrainTrainer_CIkill__nnUNetPlans__3d_fullres", "fold_all")
+def test_pretrainer_kill_during_checkpoint_write_resumes(nnunet_env, prepared, run, tmp_path):
+    dataset_id, full, _ = prepared("ssl2")
+    env = dict(nnunet_env, nnUNet_n_proc_DA="0")
+    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CIkill", "-device", "cpu"]
+    fold = os.path.join(env["nnUNet_results"], full, "BSFPretrainTrainer_CIkill__nnUNetPlans__3d_fullres",
+                        "fold_all")
     marker = str(tmp_path / "in_save")
     rc, _ = _run_until_marker_then(signal.SIGKILL, cmd, dict(env, CI_HANG_IN_SAVE="3", CI_HANG_MARKER=marker),
                                    marker)
