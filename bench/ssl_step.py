@@ -1,6 +1,7 @@
 """Self-supervised pretraining step throughput: views + masks, forward of both views, SSL loss, backward, AdamW.
 
     python bench/ssl_step.py [--variant small] [--size 96] [--crops 2] [--device cpu|cuda] [--reps 3]
+                             [--precision auto|fp32|bf16]
 
 Prints crops/s (each crop gives two views), median step time and peak memory; writes bench/results/ssl_step.json.
 """
@@ -26,6 +27,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast or fp32; auto: what BSFPretrainTrainer uses on this device")
     p.add_argument("--out", default=os.path.join(HERE, "results", "ssl_step.json"))
     a = p.parse_args(argv)
     import torch
@@ -42,12 +45,17 @@ def main(argv=None):
     loss_fn = SSLLoss()
     crops = torch.randn(a.crops, 1, a.size, a.size, a.size, device=dev)
     g = torch.Generator().manual_seed(0)
-    amp = dev == "cuda"
+    if a.precision == "auto":
+        from bsf_nnunet.training.bsf_trainer import _bf16_supported
+
+        a.precision = "bf16" if _bf16_supported(torch.device(dev)) else "fp32"
+    amp = a.precision == "bf16"
+    cuda = dev == "cuda"
     times = []
-    if amp:
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(a.warmup + a.reps):
-        if amp:
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         v = make_views(crops, g)
@@ -59,18 +67,18 @@ def main(argv=None):
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
         opt.step()
-        if amp:
+        if cuda:
             torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if amp
+    peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
-    res = {"variant": a.variant, "size": a.size, "crops_per_step": a.crops, "device": dev,
+    res = {"variant": a.variant, "size": a.size, "crops_per_step": a.crops, "device": dev, "precision": a.precision,
            "median_step_s": med, "times_s": times, "crops_per_s": a.crops / med, "peak_gb": peak,
            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    print(f"{'variant':8s} {'size':>4s} {'crops':>5s} {'step s':>8s} {'crops/s':>8s} {'peak GB':>8s}")
-    print(f"{a.variant:8s} {a.size:4d} {a.crops:5d} {med:8.2f} {a.crops / med:8.3f} {peak:8.2f}")
+    print(f"{'variant':8s} {'size':>4s} {'crops':>5s} {'precision':>9s} {'step s':>8s} {'crops/s':>8s} {'peak GB':>8s}")
+    print(f"{a.variant:8s} {a.size:4d} {a.crops:5d} {a.precision:>9s} {med:8.2f} {a.crops / med:8.3f} {peak:8.2f}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
         json.dump(res, f, indent=2)

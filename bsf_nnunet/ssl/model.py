@@ -76,7 +76,7 @@ class BSFSSLModel(nn.Module):
         depths: Sequence[int] = (2, 2, 2, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         merging: str = "legacy",
-        attention: str = "sdpa",
+        attention: str = "auto",
         axis_order: str = "zyx",
         use_checkpoint: bool = False,
         dropout_path_rate: float = 0.0,

@@ -1,0 +1,63 @@
+"""CPU bf16 autocast: the switch the trainers use, and that a bf16 forward computes the fp32 function to bf16
+accuracy (fp32 itself equals MONAI's within 1e-4: tests/test_network.py)."""
+import pytest
+import torch
+
+from bsf_nnunet.network import BSFSwinUNETR
+from bsf_nnunet.planning.swin_config import ConfigurationError
+from bsf_nnunet.training.bsf_trainer import CPU_BF16_ENV, _bf16_supported, cpu_bf16_enabled, cpu_has_native_bf16
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("on", True), ("0", False),
+                                            ("false", False), ("off", False)])
+def test_env_switch_decides(monkeypatch, value, expected):
+    monkeypatch.setenv(CPU_BF16_ENV, value)
+    assert cpu_bf16_enabled() is expected
+    assert _bf16_supported(torch.device("cpu")) is expected
+
+
+def test_default_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    assert cpu_bf16_enabled() is cpu_has_native_bf16()
+    monkeypatch.setenv(CPU_BF16_ENV, "sometimes")
+    with pytest.raises(ConfigurationError, match=CPU_BF16_ENV):
+        cpu_bf16_enabled()
+
+
+def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f avx512_bf16 avx512_vnni", True), ("fpu sse amx_bf16 amx_tile", True),
+                            ("fpu sse avx2 avx512f avx512bw", False)):
+        f = tmp_path / "cpuinfo"
+        f.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/cpuinfo" else p, *a, **k))
+        assert cpu_has_native_bf16() is expected
+    monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_bf16_autocast_forward_and_gradients_track_fp32():
+    torch.manual_seed(0)
+    net = BSFSwinUNETR(2, 3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24)).train()
+    x = torch.randn(1, 2, 64, 64, 64)
+    ref = net(x)
+    ref.square().mean().backward()
+    g_ref = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 0.03, rel  # bf16 keeps 8 bits of mantissa: ~0.4% per op
+    cos = torch.nn.functional.cosine_similarity
+    names = [k for k, p in net.named_parameters() if g_ref[k].norm() > 0]
+    whole = cos(torch.cat([dict(net.named_parameters())[k].grad.flatten() for k in names]),
+                torch.cat([g_ref[k].flatten() for k in names]), dim=0)
+    assert whole > 0.99, whole
+    # per tensor: nearly all point the same way (the exceptions are the bottleneck convs followed by InstanceNorm
+    # over 2^3 voxels, whose fp32 gradients are themselves rounding noise)
+    per = sorted((cos(dict(net.named_parameters())[k].grad.flatten(), g_ref[k].flatten(), dim=0).item(), k)
+                 for k in names)
+    assert sum(c > 0.9 for c, _ in per) >= 0.95 * len(per), per[:5]
