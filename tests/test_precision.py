@@ -61,3 +61,32 @@ def test_bf16_autocast_forward_and_gradients_track_fp32():
     per = sorted((cos(dict(net.named_parameters())[k].grad.flatten(), g_ref[k].flatten(), dim=0).item(), k)
                  for k in names)
     assert sum(c > 0.9 for c, _ in per) >= 0.95 * len(per), per[:5]
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (2, 4, 4), (3, 3, 3)])
+def test_small_input_convolutions_get_correct_bf16_weight_gradients(shape):
+    """Some CPUs' bf16 kernels return NaN/garbage weight gradients for 3^3 convolutions of 2^3 inputs (Swin-UNETR's
+    bottleneck with 64^3 patches): the networks run those in fp32 under CPU autocast."""
+    from bsf_nnunet.network.swin_unetr import CPUBF16SafeConv3d
+
+    torch.manual_seed(0)
+    conv = CPUBF16SafeConv3d(96, 48, 3, padding=1)
+    x, g = torch.randn(2, 96, *shape), torch.randn(2, 48, *shape)
+    conv(x).backward(g)
+    ref = conv.weight.grad.clone()
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    y.backward(g.to(y.dtype))
+    assert torch.isfinite(conv.weight.grad).all()
+    assert ((conv.weight.grad - ref).norm() / ref.norm()) < 0.02
+
+
+def test_networks_use_the_guarded_convolution():
+    from bsf_nnunet.network.swin_unetr import CPUBF16SafeConv3d
+    from bsf_nnunet.ssl.model import BSFSSLModel
+
+    toy = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
+    for net in (BSFSwinUNETR(1, 2, **toy), BSFSSLModel(1, **toy)):
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert convs and all(isinstance(m, CPUBF16SafeConv3d) for m in convs)

@@ -115,6 +115,32 @@ def _swap_attention(module: nn.Module, cls=SDPAWindowAttention) -> int:
     return n
 
 
+class CPUBF16SafeConv3d(nn.Conv3d):
+    """nn.Conv3d that leaves CPU bf16 autocast for inputs smaller than its kernel on some spatial axis.
+
+    With torch 2.14 on a Zen 4 CPU (AVX512-BF16), the bf16 weight gradient of a 3x3x3 convolution of a 2x2x2 input
+    is wrong (NaN, inf or garbage; every channel count from 24 to 768 tried), while 3^3 and larger inputs, 1x1x1
+    kernels and transposed convolutions are fine. Swin-UNETR meets exactly that shape at its bottleneck with 64^3
+    patches. Such convolutions are tiny, so computing them in fp32 costs nothing. Outside CPU autocast this is
+    nn.Conv3d unchanged (same parameters, same numerics)."""
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and any(s < k for s, k in zip(x.shape[2:], self.kernel_size) if k > 1)):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def _swap_small_input_convs(module: nn.Module) -> int:
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = CPUBF16SafeConv3d
+            n += 1
+    return n
+
+
 def _as_int_tuple(v, name: str, length: int = 4) -> tuple:
     try:
         t = tuple(int(i) for i in v)
@@ -190,6 +216,7 @@ class BSFSwinUNETR(SwinUNETR):
         self.deep_supervision = False
         if attention != "monai":
             _swap_attention(self, SDPAWindowAttention if attention == "sdpa" else AutoWindowAttention)
+        _swap_small_input_convs(self)
 
     def set_axis_order(self, axis_order: str) -> None:
         if axis_order not in AXIS_ORDERS:

@@ -32,6 +32,7 @@ from ..network.swin_unetr import (
     SDPAWindowAttention,
     _as_int_tuple,
     _swap_attention,
+    _swap_small_input_convs,
 )
 
 # Parameter keys of the official SSL checkpoints outside ``swinViT.*`` (after stripping ``module.``).
@@ -141,6 +142,7 @@ class BSFSSLModel(nn.Module):
         self.conv = _reconstruction_decoder(dim, self.input_channels)
         if attention != "monai":
             _swap_attention(self.swinViT, SDPAWindowAttention if attention == "sdpa" else AutoWindowAttention)
+        _swap_small_input_convs(self)  # CPU bf16: fp32 for convolutions of inputs smaller than the kernel
 
     def set_axis_order(self, axis_order: str) -> None:
         if axis_order not in AXIS_ORDERS:
