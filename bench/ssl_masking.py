@@ -138,16 +138,15 @@ def main(argv=None):
     vec = make_views(crops, torch.Generator().manual_seed(args.seed + 1), mode=args.mode)
     loop = make_views_loop(crops, torch.Generator().manual_seed(args.seed + 1), mode=args.mode)
     _check_same(vec, loop, args.mode)
-    n_boxes = int(draw_blocks(2 * args.batch, crops.shape[2:], torch.Generator().manual_seed(0), mode=args.mode,
-                              group_size=args.batch)["batch"].numel())
+    blocks = draw_blocks(2 * args.batch, crops.shape[2:], torch.Generator().manual_seed(0), mode=args.mode,
+                         group_size=args.batch)  # an example draw: box count and the floor's noise volume
+    n_boxes = int(blocks["batch"].numel())
 
     g_vec, g_loop = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     t_vec, all_vec, t_loop, all_loop = _time_pair(lambda: make_views(crops, g_vec, mode=args.mode),
                                                   lambda: make_views_loop(crops, g_loop, mode=args.mode),
                                                   args.reps, args.warmup, sync)
     ratio = t_loop / t_vec
-    blocks = draw_blocks(2 * args.batch, crops.shape[2:], torch.Generator().manual_seed(0), mode=args.mode,
-                         group_size=args.batch)
     t_floor, all_floor, _, _ = _time_pair(_floor_fn(crops, blocks, torch.Generator().manual_seed(2)), lambda: None,
                                           args.reps, args.warmup, sync)
     ops_vec = _count_ops(lambda: make_views(crops, torch.Generator().manual_seed(1), mode=args.mode))

@@ -78,7 +78,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
-    p.add_argument("--attention", default="auto", help="our attention mode: auto (what the trainers use: fused SDPA on CUDA, MONAI's explicit attention on CPU), sdpa or monai")
+    p.add_argument("--attention", default="auto",
+                   help="our attention mode: auto (what the trainers use: fused SDPA on CUDA, MONAI's explicit "
+                        "attention on CPU), sdpa or monai")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
                    help="ours in fp32 and/or under bf16 autocast (what the trainers use on CUDA and on CPUs with "
                         "native bf16); MONAI is always run in fp32, the baseline of the targets")

@@ -159,10 +159,13 @@ class BSFTrainer(nnUNetTrainer):
         for n in notes:
             self.print_to_log_file(f"  note: {n}")
         if self.device.type == "cpu":
+            why = (f"{CPU_BF16_ENV} is set" if os.environ.get(CPU_BF16_ENV, "").strip()
+                   else "this CPU has native bf16" if cpu_has_native_bf16() else "this CPU has no native bf16")
             self.print_to_log_file(
-                "  precision: bf16 autocast (this CPU has native bf16; BSF_CPU_BF16=0 trains in fp32)"
+                f"  precision: bf16 autocast ({why}; {CPU_BF16_ENV}=0 trains in fp32)"
                 if self.bsf_amp_dtype is not None else
-                "  precision: fp32 (BSF_CPU_BF16=1 turns on bf16 autocast; fast only on CPUs with AVX512-BF16/AMX)")
+                f"  precision: fp32 ({why}; {CPU_BF16_ENV}=1 turns on bf16 autocast, fast only on CPUs with "
+                "AVX512-BF16/AMX)")
 
     # ------------------------------------------------------------------ network
     @staticmethod
