@@ -127,6 +127,23 @@ CI_TRAINERS = textwrap.dedent('''
                            "shard": list(self.dataloader_train.shard)}, f)
 
 
+    class BSFTrainer_CIpaper(BSFTrainer_CIkill):
+        """Fine-tuning chained from BSFPretrainTrainer_CI; logs the axis order its network runs with."""
+        bsf_pretrain_trainer = "BSFPretrainTrainer_CI"
+
+        def _log_axis(self, when):
+            net = getattr(self.network, "_orig_mod", self.network)
+            self.print_to_log_file(f"CI axis order at {when}: {net.axis_order}")
+
+        def on_train_epoch_start(self):
+            super().on_train_epoch_start()
+            self._log_axis(f"epoch {self.current_epoch}")
+
+        def perform_actual_validation(self, save_probabilities=False):
+            self._log_axis("validation")
+            super().perform_actual_validation(save_probabilities)
+
+
     class nnUNetTrainer_CI(nnUNetTrainer):
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
@@ -183,6 +200,9 @@ PREPARED_DATASETS = {
     # 2 channels (T1, FLAIR), 5 training cases, for pretraining
     "ssl2": (993, "SSL", dict(num_train=5, num_test=0, shape=(64, 72, 64), num_channels=2,
                               channel_names=["T1", "FLAIR"])),
+    # 4 channels named as BraTS, in nnU-Net's own BraTS order (T1, T1ce, T2, FLAIR), 5 training cases, 1 test case
+    "brats4": (992, "BraTSlike", dict(num_train=5, num_test=1, shape=(64, 64, 64), num_channels=4,
+                                      channel_names=["T1", "T1ce", "T2", "FLAIR"])),
 }
 _PREPARED = {}
 

@@ -14,6 +14,7 @@ from scipy import stats
 from bsf_nnunet.cli import lowdata as cli_lowdata
 from bsf_nnunet.lowdata import report as ld_report
 from bsf_nnunet.lowdata import runner as ld_runner
+from bsf_nnunet.lowdata import stage2 as ld_stage2
 from bsf_nnunet.lowdata.splits import create_splits, make_layout
 
 DS = "Dataset042_Toy"
@@ -35,6 +36,14 @@ def env(tmp_path, monkeypatch):
         v.mkdir()
         monkeypatch.setenv(k, str(v))
     return roots
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trainer_lookup():
+    """pretrain_trainer_of caches per process; some tests stand in a fake trainer class."""
+    ld_stage2.pretrain_trainer_of.cache_clear()
+    yield
+    ld_stage2.pretrain_trainer_of.cache_clear()
 
 
 def make_preprocessed(env, n, name=DS, ending=".b2nd"):
@@ -257,7 +266,8 @@ def test_run_dry_run_skip_and_continue_logic(env, capsys):
 
     calls = []
     jobs = ld_runner.run_lowdata("42", ["BSFTrainer", "BSFTrainer_scratch"], dry_run=True, device="cpu",
-                                 pretrained_weights="/w/stage2.pth", runner=lambda *a: calls.append(a), out=quiet)
+                                 pretrained_weights="/w/stage2.pth", runner=lambda *a: calls.append(a), out=quiet,
+                                 stage2="shared")
     assert not calls  # dry run runs nothing
     got = {(j.fold, j.trainer): (j.status, j.command_line) for j in jobs}
     base = "nnUNetv2_train 42 3d_fullres {} -tr {} -p nnUNetPlans -device cpu"
@@ -270,7 +280,7 @@ def test_run_dry_run_skip_and_continue_logic(env, capsys):
     assert [j.fold for j in jobs] == [5, 5, 6, 6, 7, 7, 8, 8]
 
     assert cli("lowdata", "run", "-d", "42", "--dry-run", "--folds", "5", "7", "--device", "cpu",
-               "-c", "3d_fullres", "-p", "nnUNetPlans") == 0
+               "-c", "3d_fullres", "-p", "nnUNetPlans", "--stage2", "shared") == 0
     text = capsys.readouterr().out
     assert "fold 5 (50%, repeat 0) BSFTrainer: done, skipped" in text
     assert base.format(5, "BSFTrainer_scratch") + " --c" in text
@@ -295,10 +305,11 @@ def test_run_with_injected_runner_restartable(env):
         _touch(_fold(env, tr, fold) / "validation" / "summary.json")
         return 0
 
-    ld_runner.run_lowdata(42, ["T", "T_scratch"], runner=fake_train, out=quiet)
-    assert [(c[3], c[5]) for c in seen] == [("5", "T"), ("5", "T_scratch"), ("6", "T"), ("6", "T_scratch")]
+    ld_runner.run_lowdata(42, ["T", "T_scratch"], runner=fake_train, out=quiet, pretrain_trainer="P")
+    assert [(c[3], c[5]) for c in seen] == [("5", "P"), ("5", "T"), ("5", "T_scratch"),
+                                            ("6", "P"), ("6", "T"), ("6", "T_scratch")]
     seen.clear()
-    jobs = ld_runner.run_lowdata(42, ["T", "T_scratch"], runner=fake_train, out=quiet)
+    jobs = ld_runner.run_lowdata(42, ["T", "T_scratch"], runner=fake_train, out=quiet, pretrain_trainer="P")
     assert not seen and all(j.status == "done" for j in jobs)
 
 
@@ -308,22 +319,119 @@ def test_run_failure_names_fold_and_log(env, monkeypatch, capsys):
     with pytest.raises(ld_runner.TrainingFailed, match=r"fold 5 .*T_scratch.*exit code 3.*Log: .*fold_5\.log"):
         ld_runner.run_lowdata(42, ["T_scratch"], runner=lambda *a: 3, out=quiet)
     monkeypatch.setattr(ld_runner, "subprocess_runner", lambda *a: 1)
-    assert cli("lowdata", "run", "-d", "42", "--trainers", "T") == 1
+    assert cli("lowdata", "run", "-d", "42", "--trainers", "T", "--pretrain-trainer", "P") == 1
+    assert "Stage-2 pretraining of fold 5 (100%, repeat 0) with P failed" in capsys.readouterr().err
+    assert cli("lowdata", "run", "-d", "42", "--trainers", "T", "--stage2", "shared") == 1
     assert "Training of fold 5" in capsys.readouterr().err
 
 
 def test_run_skips_fold_locked_by_another_process(env):
     make_preprocessed(env, 10)
     create_splits(42, [1.0], repeats=1, out=quiet)
-    job = ld_runner.plan_jobs(42, ["T"])[0]
+    job = ld_runner.plan_jobs(42, ["T"], pretrain_trainer="P")[0]
+    assert (job.trainer, job.kind) == ("P", "pretrain")
     lock = ld_runner._FoldLock(job.log[:-4] + ".lock")
     assert lock.acquire()
     try:
-        calls = []
-        ld_runner.run_lowdata(42, ["T"], runner=lambda *a: calls.append(a) or 0, out=quiet)
-        assert not calls
+        calls, lines = [], []
+        ld_runner.run_lowdata(42, ["T"], runner=lambda *a: calls.append(a) or 0, out=lines.append,
+                              pretrain_trainer="P")
+        assert not calls  # the pretraining is busy elsewhere, so its fine-tuning must wait too
+        assert "its stage-2 pretraining is not finished" in "\n".join(lines)
+        assert "2 busy in another process" in lines[-1]
     finally:
         lock.release()
+
+
+# ------------------------------------------------------------------------------------------------- stage 2
+class _ChainsFromBSFPretrain:  # stands in for BSFTrainer in the planning tests (importing it takes seconds)
+    bsf_pretrain_trainer = "BSFPretrainTrainer"
+
+
+def _commands(text):
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("nnUNetv2_train")]
+
+
+def test_default_stage2_is_per_fold_pretraining_before_each_finetune(env, capsys, monkeypatch):
+    """Without --stage2 every low-data fold is pretrained on its own cases, then fine-tuned from that checkpoint."""
+    monkeypatch.setattr(ld_stage2, "_trainer_class", lambda name: _ChainsFromBSFPretrain)
+    make_preprocessed(env, 20)
+    create_splits(42, [0.5, 1.0], repeats=2, out=quiet)  # low-data folds 5-8
+    assert cli("lowdata", "run", "-d", "42", "--dry-run", "--device", "cpu", "--pretrained-weights", "/w/s1.pth") == 0
+    text = capsys.readouterr().out
+    base = "nnUNetv2_train 42 3d_fullres {} -tr {} -p nnUNetPlans -device cpu"
+    expected = []
+    for f in (5, 6, 7, 8):
+        stage2 = _fold(env, "BSFPretrainTrainer", f) / "checkpoint_final.pth"
+        expected += [base.format(f, "BSFPretrainTrainer") + " -pretrained_weights /w/s1.pth",
+                     base.format(f, "BSFTrainer") + f" -pretrained_weights {stage2}",
+                     base.format(f, "BSFTrainer_scratch")]
+    assert _commands(text) == expected  # in this order: pretrain, fine-tune pretrained, scratch
+    assert "fold 5 (50%, repeat 0) BSFPretrainTrainer (stage-2 pretraining): would pretrain" in text
+    assert "12 trainings (4 of them stage-2 pretrainings): 0 already done, would run 12" in text
+    assert not (env["nnUNet_results"] / DS / "lowdata_run.json").exists()  # a dry run records nothing
+
+
+def test_shared_stage2_is_the_previous_plan(env, capsys):
+    make_preprocessed(env, 20)
+    create_splits(42, [0.5], repeats=2, out=quiet)  # low-data folds 5, 6 and the pretraining fold 7 (not trained)
+    assert cli("lowdata", "run", "-d", "42", "--dry-run", "--device", "cpu", "--stage2", "shared",
+               "--pretrained-weights", "/w/stage2.pth") == 0
+    base = "nnUNetv2_train 42 3d_fullres {} -tr {} -p nnUNetPlans -device cpu"
+    assert _commands(capsys.readouterr().out) == [
+        base.format(5, "BSFTrainer") + " -pretrained_weights /w/stage2.pth", base.format(5, "BSFTrainer_scratch"),
+        base.format(6, "BSFTrainer") + " -pretrained_weights /w/stage2.pth", base.format(6, "BSFTrainer_scratch")]
+
+
+def test_per_fold_resume_and_finished_pretraining_skipped(env):
+    make_preprocessed(env, 10)
+    create_splits(42, [1.0], repeats=2, out=quiet)  # folds 5, 6
+    _touch(_fold(env, "P", 5) / "checkpoint_final.pth")  # finished; a pretraining has no validation/summary.json
+    _touch(_fold(env, "P", 6) / "checkpoint_latest.pth")
+    jobs = {(j.fold, j.trainer): j for j in ld_runner.plan_jobs(42, ["T"], device="cpu", pretrain_trainer="P",
+                                                                 pretrained_weights="/w/s1.pth")}
+    assert jobs[(5, "P")].status == "done"
+    assert jobs[(6, "P")].cmd[-1] == "--c" and "-pretrained_weights" not in jobs[(6, "P")].cmd
+    assert jobs[(6, "T")].needs == str(_fold(env, "P", 6) / "checkpoint_final.pth")
+
+
+def test_stage2_mode_recorded_and_mixing_refused(env):
+    make_preprocessed(env, 10)
+    create_splits(42, [1.0], repeats=2, out=quiet)
+    trainers = ["T", "T_scratch"]
+    ld_runner.run_lowdata(42, trainers, folds=[5], runner=lambda *a: 0, out=quiet, pretrain_trainer="P")
+    record = json.loads((env["nnUNet_results"] / DS / "lowdata_run.json").read_text())
+    assert record["stage2"] == {"T__nnUNetPlans__3d_fullres": {"mode": "per-fold", "pretrain_trainer": "P",
+                                                               "pretrained_weights": None}}
+    _touch(_fold(env, "T", 5) / "checkpoint_latest.pth")  # T has started with per-fold
+    with pytest.raises(ValueError, match="--stage2 per-fold.*mix incomparable folds.*Run with --stage2 per-fold"):
+        ld_runner.run_lowdata(42, trainers, stage2="shared", dry_run=True, out=quiet)
+    (env["nnUNet_results"] / DS / "lowdata_run.json").unlink()  # trainings from before the mode was recorded
+    with pytest.raises(ValueError, match="does not say which stage 2.*Pass --stage2 explicitly"):
+        ld_runner.run_lowdata(42, trainers, dry_run=True, out=quiet, pretrain_trainer="P")
+    ld_runner.run_lowdata(42, trainers, stage2="shared", runner=lambda *a: 0, out=quiet)
+    record = json.loads((env["nnUNet_results"] / DS / "lowdata_run.json").read_text())
+    assert record["stage2"]["T__nnUNetPlans__3d_fullres"]["mode"] == "shared"
+
+
+def test_stage2_option_errors(env, capsys, monkeypatch):
+    make_preprocessed(env, 10)
+    create_splits(42, [1.0], repeats=1, out=quiet)
+    assert cli("lowdata", "run", "-d", "42", "--dry-run", "--stage2", "none") == 2
+    assert "--stage2 none fine-tunes straight from --pretrained-weights" in capsys.readouterr().err
+    assert cli("lowdata", "run", "-d", "42", "--dry-run", "--stage2", "shared", "--pretrain-trainer", "P") == 2
+    assert "--pretrain-trainer only applies to --stage2 per-fold" in capsys.readouterr().err
+    monkeypatch.setattr(ld_stage2, "_trainer_class", lambda name: object)  # e.g. nnUNetTrainer: no stage chaining
+    assert cli("lowdata", "run", "-d", "42", "--dry-run", "--trainers", "nnUNetTrainer_X") == 2
+    err = capsys.readouterr().err
+    assert "nnUNetTrainer_X names no stage-2 pretraining trainer" in err and "--pretrain-trainer NAME" in err
+    assert cli("lowdata", "run", "-d", "42", "--stage2", "none", "--pretrained-weights", "/missing/s1.pth") == 2
+    assert "the stage-1 checkpoint, given to the fine-tunings" in capsys.readouterr().err
+
+
+def test_pretrain_trainer_is_the_trainers_chaining_trainer():
+    assert ld_stage2.pretrain_trainer_of("BSFTrainer") == "BSFPretrainTrainer"
+    assert ld_stage2.pretrain_trainer_of("BSFTrainer_Toy") == "BSFPretrainTrainer_Toy"
 
 
 def test_default_runner_tees_output_to_log(tmp_path):
@@ -432,25 +540,59 @@ def test_report_without_pair_and_bad_summary(env, capsys):
     assert "summary.json" in capsys.readouterr().err
 
 
+def test_report_names_stage2_mode(env):
+    make_preprocessed(env, 10)
+    lay = create_splits(42, [1.0], repeats=1, out=quiet)
+    f = lay["folds"][0]["fold"]
+    for tr in ("T", "T_scratch"):
+        _summary(_fold(env, tr, f) / "validation" / "summary.json", {"1": 0.5}, lay["test"])
+    printed = []
+    res = ld_report.build_report(42, trainers=["T", "T_scratch"], out=printed.append)
+    assert res["stage2"] == ["stage 2 of T: not recorded (not trained with `bsf-nnunet lowdata run`, or before it "
+                             "recorded stage 2)"]
+    ld_stage2.record_modes(DS, {"T__nnUNetPlans__3d_fullres": ld_stage2.entry("per-fold", "P", None)})
+    ld_report.build_report(42, trainers=["T", "T_scratch"], out=printed.append)
+    md = (env["nnUNet_results"] / DS / "lowdata_report" / "lowdata_report.md").read_text()
+    line = "stage 2 of T: per-fold (each fraction's own training cases, as the original study)"
+    assert f"- {line}; stage-2 trainer P" in md and any(p.startswith(line) for p in printed)
+    assert "T_scratch:" not in md  # baselines have no stage 2
+    ld_stage2.record_modes(DS, {"T__nnUNetPlans__3d_fullres": ld_stage2.entry("shared", None, "/w/s2.pth")})
+    assert ld_report.build_report(42, trainers=["T", "T_scratch"], out=quiet)["stage2"] == [
+        "stage 2 of T: shared (one pretraining on all non-test cases, so small fractions saw images of cases they do "
+        "not train on); fine-tuned from /w/s2.pth"]
+
+
 def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_path):
-    """splits -> run (real nnUNetv2_train, two fractions, pretrained-style and scratch) -> report."""
-    import csv
+    """splits -> run (real nnUNetv2_train: the fold's own stage 2, then pretrained and scratch) -> report."""
+    import glob
+    import io
+    from pathlib import Path
 
     env = nnunet_env
-    dataset_id, _, _ = prepared("toy1")  # 6 training cases
-    run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "1.0", "--repeats", "1",
-         "--test-fraction", "0.34", "--seed", "0"], env)
+    dataset_id, full, _ = prepared("toy1")  # 6 training cases
+    run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "--repeats", "1",
+         "--test-fraction", "0.34", "--seed", "0"], env)  # fold 5: 2 of the 4 non-test cases; fold 6: for shared
     trainers = ["BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
-    run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu"], env)
+    pre = "BSFPretrainTrainer_CIfast"
+    run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu",
+         "--pretrain-trainer", pre], env)
+    results = os.path.join(env["nnUNet_results"], full)
+    stage2 = os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_5", "checkpoint_final.pth")
+    assert os.path.isfile(stage2) and not os.path.isdir(os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres",
+                                                                      "fold_6"))
+    (log_file,) = glob.glob(os.path.join(results, f"{trainers[0]}__nnUNetPlans__3d_fullres", "fold_5",
+                                         "training_log_*.txt"))
+    log = Path(log_file).read_text()
+    assert f"Initialised from {stage2}" in log  # the fine-tuning starts from the fold's own stage 2
     # a second run has nothing left to do
-    out = run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu", "--dry-run"],
-              env)
-    assert "4 trainings: 4 already done, would run 0" in out
+    out = run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu",
+               "--dry-run", "--pretrain-trainer", pre], env)
+    assert "3 trainings (1 of them stage-2 pretrainings): 3 already done, would run 0" in out
     report_dir = tmp_path / "report"
     run(["bsf-nnunet", "lowdata", "report", "-d", dataset_id, "--trainers", *trainers, "--pretrained", trainers[0],
          "--baseline", trainers[1], "--out", str(report_dir)], env)
-    files = os.listdir(report_dir)
-    assert any(f.endswith(".csv") for f in files) and any(f.endswith(".md") for f in files)
-    assert any(f.endswith(".png") for f in files)
-    rows = list(csv.DictReader(open(report_dir / [f for f in files if f.endswith(".csv")][0])))
-    assert {(r["trainer"], float(r["fraction"])) for r in rows} == {(t, f) for t in trainers for f in (0.5, 1.0)}
+    assert sorted(os.listdir(report_dir)) == ["lowdata_dice.png", "lowdata_report.md", "lowdata_results.csv"]
+    rows = list(csv.DictReader(io.StringIO((report_dir / "lowdata_results.csv").read_text())))
+    assert {(r["trainer"], float(r["fraction"])) for r in rows} == {(t, 0.5) for t in trainers}
+    md = (report_dir / "lowdata_report.md").read_text()
+    assert f"stage 2 of {trainers[0]}: per-fold (each fraction's own training cases, as the original study)" in md

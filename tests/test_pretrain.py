@@ -62,6 +62,9 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path):
     assert meta["axis_order"] == "zyx" and len(meta["spacing"]) == 3 and meta["normalization"]
     assert os.path.isfile(os.path.join(res, RES, "fold_all", "progress.png"))
     assert all(k in ck["logging"] for k in ("ssl_rot", "ssl_con", "ssl_rec", "val_losses"))
+    for k in ("ssl_rot_acc", "ssl_con_top1", "val_ssl_rot_acc", "val_ssl_con_top1"):  # per epoch, train and val
+        assert len(ck["logging"][k]) == 2 and all(0.0 <= a <= 1.0 for a in ck["logging"][k]), k
+    assert meta["recipe"]["initial_lr"] == 3e-4 and not meta["recipe"]["contrastive_gather"]  # stage 1
 
     # training lowered the SSL loss on a fixed batch (same crops and views) compared with the initial weights
     assert _ssl_loss_on_fixed_batch(ck["network_weights"], pre) < _ssl_loss_on_fixed_batch(None, pre)

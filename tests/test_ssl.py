@@ -4,6 +4,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -88,39 +89,81 @@ def test_forward_shapes_and_axis_order(toy_model):
 
 
 # ----------------------------------------------------------------------------------------------------- views
-def test_random_rotation_labels_match_rotation():
-    x = torch.randn(6, 2, 8, 16, 16)
+def _as_monai(t):
+    """(C, z, y, x) nnU-Net crop -> (C, x, y, z) MONAI crop."""
+    return t.permute(0, 3, 2, 1)
+
+
+def test_random_rotation_is_the_official_plane():
+    """Label k means what it means in the official rot_rand: rot90(k, (2, 3)) of the (C, x, y, z) crop, i.e. the
+    (y, z) plane; in nnU-Net's (z, y, x) arrays that is dims (y, z) of each item."""
+    x = torch.randn(6, 2, 16, 16, 8)  # (B, C, z, y, x): z and y equal, x differs
     seen = set()
     for seed in range(4):
         r, k = random_rotation(x, torch.Generator().manual_seed(seed))
         for i in range(6):
-            assert torch.equal(torch.rot90(r[i], -int(k[i]), (2, 3)), x[i])
-            assert torch.equal(r[i], torch.rot90(x[i], int(k[i]), (2, 3)))
+            assert torch.equal(_as_monai(r[i]), torch.rot90(_as_monai(x[i]), int(k[i]), (2, 3)))
+            assert torch.equal(torch.rot90(r[i], -int(k[i]), (2, 1)), x[i])
         seen |= set(k.tolist())
     assert seen == {0, 1, 2, 3}
-    r, k = random_rotation(x.transpose(2, 4), torch.Generator().manual_seed(0), plane=(2, 3))
+    r, k = random_rotation(x.transpose(2, 4), torch.Generator().manual_seed(0), plane=(3, 4))
     for i in range(6):
-        assert torch.equal(torch.rot90(r[i], -int(k[i]), (1, 2)), x.transpose(2, 4)[i])
+        assert torch.equal(torch.rot90(r[i], -int(k[i]), (2, 3)), x.transpose(2, 4)[i])
     with pytest.raises(ValueError, match="equal sizes"):
-        random_rotation(torch.zeros(1, 1, 8, 8, 6))
+        random_rotation(torch.zeros(1, 1, 6, 8, 8))
 
 
-def test_mask_coverage_and_block_sizes():
+def _official_drop(shape, rng, max_drop=0.3, max_block=0.25, tolr=0.05):
+    """The official patch_rand_drop's boxes, written from its description: a target of uniform(0, max_drop) of
+    the voxels, boxes (start in [0, n - tol), side in [tol, max) cut at the edge) until their summed volume
+    reaches it. Returns the union mask."""
+    mask = np.zeros(shape, bool)
+    target, total = rng.uniform(0, max_drop) * np.prod(shape), 0
+    tol = [int(tolr * n) for n in shape]
+    hi = [int(max_block * n) for n in shape]
+    while total < target:
+        start = [int(rng.integers(0, n - t)) for n, t in zip(shape, tol)]
+        end = [min(int(rng.integers(t, h)) + s0, n) for s0, t, h, n in zip(start, tol, hi, shape)]
+        mask[tuple(slice(s0, e) for s0, e in zip(start, end))] = True
+        total += np.prod([e - s0 for s0, e in zip(start, end)])
+    return mask
+
+
+def test_mask_amount_matches_the_official_two_rounds():
+    """Coverage statistics of inpainting_mask equal the official aug_rand's (noise round, then a paste round
+    unless the crop draws itself), 4 crops of 48^3: mean about 0.22, maxima above max_fraction."""
+    rng, shape, ref = np.random.default_rng(0), (48, 48, 48), []
+    for _ in range(100):
+        for i in range(4):
+            m = _official_drop(shape, rng)
+            if int(rng.integers(0, 4)) != i:
+                m |= _official_drop(shape, rng)
+            ref.append(m.mean())
+    ours = []
+    for seed in range(100):
+        _, mask = inpainting_mask(torch.zeros(4, 1, *shape), torch.Generator().manual_seed(seed))
+        ours += mask.float().mean((1, 2, 3, 4)).tolist()
+    assert abs(np.mean(ours) - np.mean(ref)) < 0.025, (np.mean(ours), np.mean(ref))
+    assert 0.19 < np.mean(ours) < 0.26 and max(ours) > 0.3
+    assert abs(np.std(ours) - np.std(ref)) < 0.02
+
+
+def test_mask_boxes_and_union():
     x = torch.randn(2, 1, 64, 64, 64)
-    for seed in range(25):
-        g = torch.Generator().manual_seed(seed)
+    for seed in range(10):
         blocks = draw_blocks(2, (64, 64, 64), torch.Generator().manual_seed(seed))
-        assert blocks["sizes"].min() >= 1 and blocks["sizes"].max() <= 16  # 25% of 64
-        assert ((blocks["starts"] >= 0) & (blocks["starts"] + blocks["sizes"] <= 64)).all()
-        masked, mask = inpainting_mask(x, g)
-        cov = mask.float().mean((1, 2, 3, 4))
-        assert ((cov > 0) & (cov <= 0.3)).all(), cov
-        if seed == 0:  # the mask is the union of the drawn boxes (painted with loops here)
-            ref = torch.zeros_like(mask)
-            for b, (z, y, w), (sz, sy, sw) in zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
-                                                  blocks["sizes"].tolist()):
-                ref[b, 0, z:z + sz, y:y + sy, w:w + sw] = True
-            assert torch.equal(mask, ref)
+        assert blocks["sizes"].min() >= 3 and blocks["sizes"].max() <= 15  # [5%, 25%) of 64
+        assert ((blocks["starts"] >= 0) & (blocks["starts"] <= 60) & (blocks["starts"] + blocks["sizes"] <= 64)).all()
+        # a crop's boxes: consecutive, noise round first
+        for b in range(2):
+            paste = blocks["paste"][blocks["batch"] == b]
+            assert torch.equal(paste, paste.sort().values)
+        masked, mask = inpainting_mask(x, torch.Generator().manual_seed(seed))
+        ref = torch.zeros_like(mask)
+        for b, (z, y, w), (sz, sy, sw) in zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
+                                              blocks["sizes"].tolist()):
+            ref[b, 0, z:z + sz, y:y + sy, w:w + sw] = True
+        assert torch.equal(mask, ref)
         keep = ~mask.expand_as(x)
         assert torch.equal(masked[keep], x[keep])
     with pytest.raises(ValueError, match="mode"):
@@ -137,65 +180,86 @@ def test_views_reproducible_and_consistent():
     assert not torch.equal(a["view1"], c["view1"])
     for v in ("1", "2"):
         for i in range(2):  # targets are the rotated crops, views equal them outside the mask
-            assert torch.equal(torch.rot90(a["target" + v][i], -int(a["rot" + v][i]), (2, 3)), crops[i])
+            assert torch.equal(torch.rot90(a["target" + v][i], -int(a["rot" + v][i]), (2, 1)), crops[i])
         m = a["mask" + v].expand_as(crops)
         assert torch.equal(a["view" + v][~m], a["target" + v][~m])
-        assert (a["view" + v][m] != a["target" + v][m]).float().mean() > 0.5
     for key, one, two in (("masks", "mask1", "mask2"), ("views", "view1", "view2"), ("targets", "target1", "target2"),
                           ("rots", "rot1", "rot2")):
         assert torch.equal(a[key], torch.cat([a[one], a[two]]))
 
 
+def test_paste_round_reads_each_source_as_it_is_then():
+    """As the official loop: crop i pastes from crop s after crop s was augmented if s < i, from the clean crop if
+    s > i. Reference: the drawn boxes painted with loops, noise boxes marked NaN."""
+    x = torch.stack([torch.full((1, 32, 32, 32), float(i)) for i in range(4)])  # crop i holds the value i
+    masked, mask = inpainting_mask(x, torch.Generator().manual_seed(1))
+    blocks = draw_blocks(4, (32, 32, 32), torch.Generator().manual_seed(1))
+    assert (blocks["source"] != torch.arange(4)).any()
+    ref = x.clone()
+    for i in range(4):
+        for b, (z, y, w), (sz, sy, sw), paste in zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
+                                                     blocks["sizes"].tolist(), blocks["paste"].tolist()):
+            if b == i:
+                box = (slice(None), slice(z, z + sz), slice(y, y + sy), slice(w, w + sw))
+                ref[i][box] = ref[int(blocks["source"][i])][box] if paste else float("nan")
+    known = ~torch.isnan(ref)
+    assert torch.equal(masked[known], ref[known])
+    assert known.sum() < ref.numel() and (masked[~known] >= 0).all() and (masked[~known] <= 3).all()
+
+
 def test_paste_mode_copies_from_another_sample():
-    x = torch.stack([torch.full((1, 32, 32, 32), float(i)) for i in range(3)])  # sample i holds the value i
+    x = torch.stack([torch.full((1, 32, 32, 32), float(i)) for i in range(3)])
+    blocks = draw_blocks(3, (32, 32, 32), torch.Generator().manual_seed(1), mode="paste")
+    assert (blocks["source"] != torch.arange(3)).all() and blocks["paste"].all()
     masked, mask = inpainting_mask(x, torch.Generator().manual_seed(1), mode="paste")
-    for i in range(3):
-        vals = masked[i][mask[i]]
-        assert vals.numel() > 0 and (vals != i).all()
-        assert set(vals.unique().tolist()) <= {0.0, 1.0, 2.0}
+    assert mask.any() and set(masked.unique().tolist()) <= {0.0, 1.0, 2.0}
     # a single sample has nothing to paste from: noise fill instead (constant input -> its constant)
     masked, mask = inpainting_mask(x[1:2] + 0.0, torch.Generator().manual_seed(1), mode="paste")
     assert mask.any() and torch.equal(masked, x[1:2])
 
 
-def test_noise_mode_is_scaled_to_the_block():
+def test_noise_spans_each_crops_intensity_range():
+    """Official noise is N(0, 1) min-max scaled to [0, 1], the range of its [0, 1]-scaled images; on z-scored
+    images it is mapped onto the crop's own range per channel: every noise value lies in that range, and a box that
+    no later box overlaps reaches both ends of it."""
     g = torch.Generator().manual_seed(0)
-    x = 3.0 + 2.0 * torch.randn(2, 1, 64, 64, 64, generator=g)
-    masked, mask = inpainting_mask(x, torch.Generator().manual_seed(2), mode="noise")
-    vals = masked[mask]
-    assert vals.numel() > 10000 and not torch.equal(vals, x[mask])
-    assert abs(vals.mean().item() - 3.0) < 0.1 and abs(vals.std().item() - 2.0) < 0.1
+    x = torch.randn(2, 2, 48, 48, 48, generator=g) * torch.tensor([1.0, 5.0]).view(1, 2, 1, 1, 1)
+    masked, mask = inpainting_mask(x, torch.Generator().manual_seed(4), mode="noise")
+    blocks = draw_blocks(2, (48, 48, 48), torch.Generator().manual_seed(4), mode="noise")
+    lo, hi = x.amin((2, 3, 4)), x.amax((2, 3, 4))
+    for b in range(2):
+        for ch in range(2):
+            vals = masked[b, ch][mask[b, 0]]
+            assert vals.numel() > 1000 and (vals >= lo[b, ch] - 1e-5).all() and (vals <= hi[b, ch] + 1e-5).all()
+    owner = torch.full((2, 48, 48, 48), -1)
+    for i, (b, (z, y, w), (sz, sy, sw)) in enumerate(zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
+                                                         blocks["sizes"].tolist())):
+        owner[b, z:z + sz, y:y + sy, w:w + sw] = i
+    whole = 0
+    for i, (b, (z, y, w), (sz, sy, sw)) in enumerate(zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
+                                                         blocks["sizes"].tolist())):
+        if (owner[b, z:z + sz, y:y + sy, w:w + sw] == i).all():
+            box = masked[b, :, z:z + sz, y:y + sy, w:w + sw]
+            unit = (box - lo[b].view(2, 1, 1, 1)) / (hi[b] - lo[b]).view(2, 1, 1, 1)
+            assert unit.min().item() == pytest.approx(0.0, abs=1e-5) and unit.max().item() == pytest.approx(1, 1e-5)
+            whole += 1
+    assert whole >= 2
     const = torch.full((2, 1, 32, 32, 32), 7.0)
     assert torch.equal(inpainting_mask(const, torch.Generator().manual_seed(2), mode="noise")[0], const)
 
 
-def test_noise_fill_uses_each_box_statistics():
-    """Each noise-filled voxel follows N(mean, std) of the original values of the box that painted it last."""
-    n = 48
-    c = torch.arange(n, dtype=torch.float32)
-    ramp = 4 * c.view(n, 1, 1) + 2 * c.view(1, n, 1) + c.view(1, 1, n)
-    x = (ramp + torch.randn(n, n, n, generator=torch.Generator().manual_seed(0))).view(1, 1, n, n, n)
-    masked, mask = inpainting_mask(x, torch.Generator().manual_seed(4), mode="noise")
-    blocks = draw_blocks(1, (n, n, n), torch.Generator().manual_seed(4), mode="noise")
-    owner = torch.full((n, n, n), -1)
-    stats = []
-    for i, ((z, y, w), (sz, sy, sw)) in enumerate(zip(blocks["starts"].tolist(), blocks["sizes"].tolist())):
-        region = (slice(z, z + sz), slice(y, y + sy), slice(w, w + sw))
-        owner[region] = i
-        box = x[0, 0][region]
-        stats.append((box.mean(), box.std(unbiased=False)))
-    assert torch.equal(mask[0, 0], owner >= 0)
-    checked = 0
-    for i, (m, sd) in enumerate(stats):
-        sel = owner == i
-        if sel.sum() >= 300:
-            zs = (masked[0, 0][sel] - m) / sd
-            assert abs(zs.mean().item()) < 0.3 and 0.8 < zs.std().item() < 1.2, (i, zs.mean(), zs.std())
-            checked += 1
-    assert checked >= 3
-
-
 # ----------------------------------------------------------------------------------------------------- losses
+def test_ssl_metrics_count_right_answers():
+    from bsf_nnunet.ssl.losses import ssl_metrics
+
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [5.0, 0, 0, 0]])
+    z1 = torch.eye(3)
+    z2 = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.0, -1.0]])  # crop 2's views disagree
+    m = ssl_metrics(logits, torch.tensor([0, 1, 2, 3]), z1, z2)
+    assert m["rot_acc"] == 0.75
+    assert m["con_top1"] == pytest.approx(4 / 6)  # both views of crops 0 and 1 find their partner, crop 2's don't
+
+
 def _nt_xent_by_hand(z1, z2, tau):
     z = [list(map(float, v)) for v in list(z1) + list(z2)]
     n2 = len(z)
@@ -245,9 +309,11 @@ def _ddp_worker(rank, world, port, z1, z2, out_dir):
         n = z1.shape[0] // world
         a = z1[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         b = z2[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        loss = nt_xent(a, b, 0.5)
+        local = nt_xent(a.detach(), b.detach(), 0.5)  # the default: this rank's batch only, as the paper
+        loss = nt_xent(a, b, 0.5, gather=True)
         loss.backward()
-        torch.save({"loss": loss.detach(), "g1": a.grad, "g2": b.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"loss": loss.detach(), "local": local, "g1": a.grad, "g2": b.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -259,12 +325,14 @@ def test_nt_xent_gathered_over_two_gloo_ranks(tmp_path):
     mp.start_processes(_ddp_worker, args=(2, _free_port(), z1, z2, str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
-    ref = nt_xent(a, b, 0.5)
+    ref = nt_xent(a, b, 0.5, gather=False)
     ref.backward()
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
         # DDP averages gradients over the 2 ranks: the averaged local gradient is the single-process slice
         sl = slice(rank * 3, rank * 3 + 3)
+        assert r["local"].item() == pytest.approx(nt_xent(z1[sl], z2[sl], 0.5).item(), rel=1e-6)
+        assert abs(r["local"].item() - ref.item()) > 1e-3
         assert torch.allclose(r["g1"] / 2, a.grad[sl], atol=1e-6)
         assert torch.allclose(r["g2"] / 2, b.grad[sl], atol=1e-6)

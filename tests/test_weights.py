@@ -20,6 +20,7 @@ from bsf_nnunet.weights import (ChannelMappingError, CheckpointError, WeightsMis
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1))
 PE = "swinViT.patch_embed.proj.weight"
 ENC1 = ("encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight")
+BRATS = ["FLAIR", "T1ce", "T1", "T2"]  # the official BraTS files' channel order
 
 
 class Unpicklable:  # an arbitrary custom object: weights_only loading must refuse it
@@ -145,7 +146,7 @@ def test_official_ssl_format_and_transfer(tmp_path, capsys):
     model = toy(seed=2)
     x = x_in()
     before = run(model, x)
-    rep = transfer_weights(model, ck, target_channels=["FLAIR", "T1ce", "T1", "T2"])
+    rep = transfer_weights(model, ck, source_channels=BRATS, target_channels=["FLAIR", "T1ce", "T1", "T2"])
     assert "loaded" in capsys.readouterr().out  # verbose prints the summary
     for k, v in swin_only(src.state_dict()).items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -155,7 +156,7 @@ def test_official_ssl_format_and_transfer(tmp_path, capsys):
     missing = rep.names("missing")
     assert "decoder1.conv_block.conv1.conv.weight" in missing and "out.conv.conv.weight" in missing
     assert not any(m.startswith("swinViT.") for m in missing)
-    assert any("by position" in w for w in rep.warnings)  # official files carry no channel names
+    assert not rep.warnings
     assert rep.encoder_loaded == len([k for k in src.state_dict()
                                       if k.startswith("swinViT.") and "relative_position_index" not in k])
     assert not torch.allclose(before, run(model, x))
@@ -170,7 +171,7 @@ def test_legacy_ssl_encoder_keys(tmp_path):
     assert PE in ck.state_dict and "swinViT.layers4.0.blocks.0.attn.qkv.weight" in ck.state_dict
     assert "rotation_head.weight" in ck.state_dict  # heads keep their names
     model = toy(seed=2)
-    rep = transfer_weights(model, ck, verbose=False)
+    rep = transfer_weights(model, ck, source_channels=BRATS, verbose=False)
     assert torch.equal(model.state_dict()[PE], src.state_dict()[PE])
     assert "swinViT.norm.weight" in dict(rep.skipped)
 
@@ -183,7 +184,7 @@ def test_official_finetuned_reproduces_outputs(tmp_path):
     assert ck.metadata["best_acc"] == pytest.approx(0.91) and ck.metadata["out_channels"] == 3
     model = toy(seed=4, axis_order="xyz")
     x = x_in()
-    rep = transfer_weights(model, ck, verbose=False)
+    rep = transfer_weights(model, ck, source_channels=BRATS, verbose=False)
     assert not rep.missing and not rep.adapted
     assert {n for n, _ in rep.skipped} == {k for k in src.state_dict() if k.endswith("relative_position_index")}
     assert torch.equal(run(model, x), run(src, x))
@@ -261,14 +262,49 @@ def test_channel_reorder_in_full_model(tmp_path):
     assert torch.allclose(run(model, x), run(src, x[:, perm]), atol=1e-5)
 
 
-def test_raw_state_dict(tmp_path):
+def test_bare_state_dicts_classified_by_keys(tmp_path):
+    """A bare dict gets the checks of the same tensors inside {'state_dict': ...}: format, merging, axis order."""
     src = toy(seed=12)
-    ck = load_checkpoint(save(src.state_dict(), tmp_path))
-    assert ck.metadata["format"] == "raw" and "axis_order" not in ck.metadata and "merging" not in ck.metadata
+    official = official_ssl(src)["state_dict"]
+    for obj, fmt in ((official, "monai_ssl"), (src.state_dict(), "monai_finetuned")):
+        bare = load_checkpoint(save(obj, tmp_path, "bare.pth")).metadata
+        boxed = load_checkpoint(save({"state_dict": obj}, tmp_path, "boxed.pth")).metadata
+        for md in (bare, boxed):
+            assert md["format"] == fmt and md["axis_order"] == "xyz" and md["merging"] == "legacy", md
+            assert md["merging_assumed"] and md["axis_order_assumed"] and md["channel_names"] is None
+    # the merging check runs for bare dicts too
+    with pytest.raises(WeightsMismatchError, match="Patch-merging mismatch"):
+        transfer_weights(toy(merging="fixed"), load_checkpoint(save(official, tmp_path, "bare.pth")),
+                         source_channels=BRATS, verbose=False)
+    # no Swin encoder at all: raw
+    assert load_checkpoint(save({"w": torch.zeros(2)}, tmp_path, "raw.pth")).metadata["format"] == "raw"
+    # a bare dict of our own zyx network needs its conventions stated: the file alone cannot tell
     model = toy(seed=13)
-    transfer_weights(model, ck, verbose=False)
+    transfer_weights(model, load_checkpoint(save(src.state_dict(), tmp_path)), source_channels=BRATS,
+                     verbose=False)
     x = x_in()
     assert torch.equal(run(model, x), run(src, x))
+
+
+def test_unnamed_checkpoint_channels_refused(tmp_path):
+    """Files without channel names are not mapped by position: the error lists the dataset's channels and the
+    official orders; naming the channels (BSF_PRETRAINED_CHANNELS) maps them by name."""
+    src = toy(seed=14)
+    ck = load_checkpoint(save(official_ssl(src), tmp_path))
+    nnunet_order = ["T1", "T1ce", "T2", "FLAIR"]  # nnU-Net's own BraTS conversion
+    with pytest.raises(ChannelMappingError) as e:
+        transfer_weights(toy(seed=15), ck, target_channels=nnunet_order, verbose=False)
+    msg = str(e.value)
+    assert "[T1, T1ce, T2, FLAIR]" in msg and "BSF_PRETRAINED_CHANNELS" in msg and "--pretrained-channels" in msg
+    assert "T1,FLAIR" in msg and "FLAIR,T1ce,T1,T2" in msg and "ATLAS" in msg
+    model = toy(seed=15)
+    rep = transfer_weights(model, ck, source_channels=BRATS, target_channels=nnunet_order, verbose=False)
+    assert rep.channel_mapping == [(0, 2, "same"), (1, 1, "same"), (2, 3, "same"), (3, 0, "same")]
+    assert torch.equal(model.state_dict()[PE][:, 3], src.state_dict()[PE][:, 0])  # FLAIR filters on FLAIR
+    # a single pretrained channel needs no names (every mapping copies its one filter)
+    one = load_checkpoint(save(official_ssl(toy(cin=1, seed=16)), tmp_path, "one.pth"))
+    rep = transfer_weights(toy(cin=2, seed=17), one, target_channels=["T1", "FLAIR"], verbose=False)
+    assert rep.channel_mapping == [(0, 0, "single"), (1, 0, "single")]
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
@@ -400,8 +436,8 @@ def test_official_files_assumed_legacy(tmp_path):
     ck = load_checkpoint(save(official_ssl(toy()), tmp_path))
     fixed = toy(merging="fixed")
     with pytest.raises(WeightsMismatchError, match="assumed"):
-        transfer_weights(fixed, ck, verbose=False)
-    rep = transfer_weights(fixed, ck, verbose=False, checkpoint_merging="fixed")
+        transfer_weights(fixed, ck, source_channels=BRATS, verbose=False)
+    rep = transfer_weights(fixed, ck, source_channels=BRATS, verbose=False, checkpoint_merging="fixed")
     assert rep.encoder_loaded > 0
 
 
@@ -410,13 +446,13 @@ def test_output_head_and_encoder_only(tmp_path):
     src = toy(ncls=3, seed=15)
     ck = load_checkpoint(save({"state_dict": src.state_dict()}, tmp_path))
     model = toy(ncls=5, seed=16)
-    rep = transfer_weights(model, ck, verbose=False)
+    rep = transfer_weights(model, ck, source_channels=BRATS, verbose=False)
     assert "3 outputs" in dict(rep.skipped)["out.conv.conv.weight"]
     assert torch.equal(model.state_dict()["decoder1.conv_block.conv1.conv.weight"],
                        src.state_dict()["decoder1.conv_block.conv1.conv.weight"])
     model2 = toy(ncls=3, seed=16)
     dec = model2.state_dict()["decoder1.conv_block.conv1.conv.weight"].clone()
-    rep = transfer_weights(model2, ck, verbose=False, encoder_only=True)
+    rep = transfer_weights(model2, ck, source_channels=BRATS, verbose=False, encoder_only=True)
     assert torch.equal(model2.state_dict()["decoder1.conv_block.conv1.conv.weight"], dec)
     assert all(n.startswith("swinViT.") for n in rep.names("loaded"))
     assert "encoder_only" in dict(rep.skipped)["decoder1.conv_block.conv1.conv.weight"]
@@ -432,7 +468,7 @@ def test_channel_errors_through_transfer(tmp_path):
     assert rep.channel_mapping == [(0, 1, "same"), (1, 0, "same")]
     # unknown names and different counts: ask for names
     ssl = load_checkpoint(save(official_ssl(toy(cin=4)), tmp_path, "ssl.pth"))
-    with pytest.raises(ChannelMappingError, match="does not record which channels"):
+    with pytest.raises(ChannelMappingError, match="have no names"):
         transfer_weights(toy(cin=2), ssl, target_channels=["T1", "FLAIR"], verbose=False)
     rep = transfer_weights(toy(cin=2), ssl, source_channels=parse_channel_list("FLAIR,T1ce,T1,T2"),
                            target_channels=["T1", "FLAIR"], verbose=False)
@@ -453,7 +489,7 @@ def test_transfer_into_ssl_model(tmp_path):
     src = toy(seed=21)
     ck = load_checkpoint(save({"state_dict": src.state_dict()}, tmp_path))
     target = _SSLStandIn()
-    rep = transfer_weights(target, ck, verbose=False)
+    rep = transfer_weights(target, ck, source_channels=BRATS, verbose=False)
     assert "segmentation decoder" in dict(rep.skipped)["decoder1.conv_block.conv1.conv.weight"]
     assert set(rep.names("missing")) == {"rotation_head.weight", "rotation_head.bias", "contrastive_head.weight",
                                          "contrastive_head.bias"}
@@ -474,3 +510,41 @@ def test_imported_model_checkpoint(tmp_path):
     md = ck.metadata
     assert md["format"] == "bsf_nnunet" and md["declared_format"] == "imported" and md["axis_order"] == "xyz"
     assert md["trainer_name"] == "BSFTrainer_Toy" and md["source"] == "/x/model.pt"
+
+
+SSL_TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
+
+
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("src_names,tgt_names", [
+    (["T1", "FLAIR"], ["FLAIR", "T1ce", "T1", "T2"]),  # UK Biobank stage 1 -> BraTS stage 2
+    (["T1", "FLAIR"], ["T1"]),  # -> ATLAS
+    (BRATS, ["T1", "T1ce", "T2", "FLAIR"]),  # BraTS -> nnU-Net's BraTS order
+])
+def test_ssl_checkpoint_across_channel_counts(tmp_path, src_names, tgt_names, official):
+    """Stage 1 -> stage 2 with another channel set: the input filters and the reconstruction head's outputs (one
+    per input channel) are matched by name; every tensor of the SSL model is loaded or adapted."""
+    from bsf_nnunet.ssl import BSFSSLModel
+
+    torch.manual_seed(30)
+    src = BSFSSLModel(len(src_names), **SSL_TOY)
+    sd = src.state_dict()
+    if official:
+        obj, given = {"state_dict": {"module." + k: v for k, v in sd.items()}}, src_names
+    else:
+        obj, given = {"network_weights": sd, "bsf_metadata": {"format": "bsf_pretrain", "stage": 1,
+                                                               "channel_names": src_names, "axis_order": "zyx"}}, None
+    ck = load_checkpoint(save(obj, tmp_path))
+    torch.manual_seed(31)
+    tgt = BSFSSLModel(len(tgt_names), **SSL_TOY)
+    rep = transfer_weights(tgt, ck, source_channels=given, target_channels=tgt_names, verbose=False)
+    assert not rep.missing and not rep.warnings
+    new = tgt.state_dict()
+    canon = [normalise_channel_name(n) for n in src_names]
+    for t, name in enumerate(tgt_names):
+        s = canon.index(normalise_channel_name(name)) if normalise_channel_name(name) in canon else None
+        for key, dim in ((PE, 1), ("conv.20.weight", 0), ("conv.20.bias", 0)):
+            want = sd[key].mean(dim) if s is None else sd[key].select(dim, s)
+            assert torch.allclose(new[key].select(dim, t), want), (key, name)
+    if src_names != tgt_names:
+        assert {"conv.20.weight", "conv.20.bias", PE} <= set(rep.names("adapted"))

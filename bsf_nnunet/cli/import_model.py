@@ -6,7 +6,8 @@ def register(sub) -> None:
     p = sub.add_parser("import-model", help="turn a fine-tuned MONAI Swin-UNETR checkpoint into an nnU-Net model",
                        description="Writes $nnUNet_results/DatasetID_.../BSFTrainer_imported__BSFImportedPlans__"
                                    "3d_fullres/fold_all so that `nnUNetv2_predict -d ID -c 3d_fullres -tr "
-                                   "BSFTrainer_imported -p BSFImportedPlans -f all` segments new cases with it.")
+                                   "BSFTrainer_imported -p BSFImportedPlans -f all -step_size 0.4` segments new "
+                                   "cases with it (the original's sliding-window overlap 0.6, no mirroring).")
     p.add_argument("checkpoint")
     p.add_argument("-d", "--dataset", type=int, required=True, help="dataset ID to file the model under")
     p.add_argument("--channels", required=True, help="input channels in the checkpoint's order, e.g. FLAIR,T1ce,T1,T2")
@@ -22,17 +23,24 @@ def register(sub) -> None:
                    help="array order the weights saw (xyz for MONAI pipelines)")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (only for files you trust)")
+    p.add_argument("--tta", action="store_true",
+                   help="allow nnU-Net's mirroring test-time augmentation (8x the windows); default: off, as in the "
+                        "original BrainSegFounder inference")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..training.import_model import IMPORTED_PLANS, IMPORTED_TRAINER, import_model
+    from ..training.import_model import ORIGINAL_BLENDING, ORIGINAL_OVERLAP, import_model, predict_command
 
     out = import_model(args.checkpoint, args.dataset, args.channels.split(","), regions=args.regions,
                        labels=args.labels.split(",") if args.labels else None, dataset_name=args.dataset_name,
                        patch=args.patch, spacing=args.spacing, merging=args.merging, axis_order=args.axis_order,
-                       allow_unsafe_pickle=args.allow_unsafe_pickle, overwrite=args.overwrite)
-    print(f"Wrote {out}\nPredict with:\n  nnUNetv2_predict -i INPUT -o OUTPUT -d {args.dataset} -c 3d_fullres "
-          f"-tr {IMPORTED_TRAINER} -p {IMPORTED_PLANS} -f all")
+                       allow_unsafe_pickle=args.allow_unsafe_pickle, overwrite=args.overwrite, tta=args.tta)
+    tta = ("mirroring test-time augmentation on (--tta: 8x the windows; the original has none)" if args.tta else
+           "no mirroring (as the original; --tta allows nnU-Net's)")
+    print(f"Wrote {out}\nPredict with:\n  {predict_command(args.dataset)}\n"
+          f"-step_size matches the original's sliding-window overlap {ORIGINAL_OVERLAP} (nnUNetv2_predict takes it "
+          f"from the command line, default 0.5); {tta}. nnU-Net blends overlapping windows with a Gaussian, the "
+          f"original with {ORIGINAL_BLENDING} weights.")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..lowdata.stage2 import MODES as STAGE2_MODES
+
 DEFAULT_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
@@ -34,8 +36,11 @@ def register(sub) -> None:
 
     q = sp.add_parser("run", help="train all low-data folds (restartable)",
                       description="Run nnUNetv2_train DATASET C FOLD -tr T -p P -device D for every low-data fold and "
-                                  "trainer. Finished folds are skipped, interrupted ones continued with --c; stop and "
-                                  "restart at any time. Exit code 1 when a training fails (fold and log named).")
+                                  "trainer; by default (--stage2 per-fold) each fold is first pretrained "
+                                  "self-supervised on its own training cases, as in the original study, and its "
+                                  "pretrained fine-tuning starts from that. Finished steps are skipped, interrupted "
+                                  "ones continued with --c; stop and restart at any time. Exit code 1 when a training "
+                                  "fails (fold and log named).")
     q.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
     q.add_argument("--trainers", nargs="+", default=["BSFTrainer", "BSFTrainer_scratch"],
                    help="trainers (default: BSFTrainer BSFTrainer_scratch)")
@@ -43,9 +48,20 @@ def register(sub) -> None:
     q.add_argument("-p", "--plans", default="nnUNetPlans")
     q.add_argument("--folds", type=int, nargs="+", default=None, help="only these low-data folds")
     q.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    q.add_argument("--stage2", choices=list(STAGE2_MODES), default=None,
+                   help="stage 2 (self-supervised pretraining on this dataset) of the pretrained trainers: per-fold "
+                        "(default): the trainer's BSFPretrainTrainer* on every low-data fold's own training cases "
+                        "first, as the original study; shared: one pretraining on all non-test cases that you ran "
+                        "yourself, given with --pretrained-weights (the previous behaviour); none: fine-tune straight "
+                        "from --pretrained-weights. Recorded in $nnUNet_results/DatasetXXX/lowdata_run.json")
+    q.add_argument("--pretrain-trainer", default=None, metavar="TRAINER",
+                   help="stage-2 trainer for --stage2 per-fold (default: each trainer's own, its bsf_pretrain_trainer, "
+                        "e.g. BSFPretrainTrainer for BSFTrainer)")
     q.add_argument("--pretrained-weights", default=None, metavar="CKPT",
-                   help="passed as -pretrained_weights to every trainer except *scratch* ones (new trainings only): "
-                        "the stage-2 checkpoint of the pretraining fold")
+                   help="-pretrained_weights of new trainings, never of *scratch* ones: with --stage2 per-fold the "
+                        "stage-1 checkpoint, given to each stage-2 pretraining; shared: the stage-2 checkpoint of the "
+                        "pretraining fold, given to the fine-tunings; none: the stage-1 checkpoint, given to the "
+                        "fine-tunings")
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     q.set_defaults(func=_guard(_run))
 
@@ -102,7 +118,8 @@ def _run(args) -> int:
     from ..lowdata.runner import run_lowdata
 
     run_lowdata(args.dataset, args.trainers, args.configuration, args.plans, folds=args.folds, device=args.device,
-                dry_run=args.dry_run, pretrained_weights=args.pretrained_weights)
+                dry_run=args.dry_run, pretrained_weights=args.pretrained_weights, stage2=args.stage2,
+                pretrain_trainer=args.pretrain_trainer)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Low-data report: Dice on the fixed test set per fraction and trainer (BrainSegFounder's Figure 5).
 
 Reads nnU-Net's ``fold_F/validation/summary.json`` of every low-data fold (its "val" is the test set) and writes
-``lowdata_results.csv`` (one row per trainer and fold), ``lowdata_report.md`` (mean +- sd over repeats, the paired
-pretrained - baseline comparison, missing folds) and ``lowdata_dice.png``.
+``lowdata_results.csv`` (one row per trainer and fold), ``lowdata_report.md`` (which stage 2 the pretrained trainers
+used, mean +- sd over repeats, the paired pretrained - baseline comparison, missing folds) and ``lowdata_dice.png``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import numpy as np
 
 from .common import (atomic_write_bytes, atomic_write_text, finetune_folds, fmt_fraction, fold_dir, load_layout,
                      preprocessed_dir, read_json, resolve_dataset, results_dir)
-from .runner import fold_status
+from .runner import fold_status, is_scratch
+from .stage2 import report_lines
 
 CSV_NAME, MD_NAME, PNG_NAME = "lowdata_results.csv", "lowdata_report.md", "lowdata_dice.png"
 TESTS = {"ttest": "paired t-test (scipy.stats.ttest_rel, two-sided)",
@@ -150,6 +151,7 @@ def build_report(dataset, trainers: Optional[Sequence[str]] = None, configuratio
     pre_t, base_t = _pick_pair(trainers, pretrained, baseline)
     names = _label_names(name)
     test_cases = set(layout["test"])
+    stage2_lines = report_lines(name, trainers, plans, configuration, is_scratch)
 
     rows, missing, warnings = [], [], []
     keys: List[str] = []
@@ -218,8 +220,9 @@ def build_report(dataset, trainers: Optional[Sequence[str]] = None, configuratio
           f"each low-data fold). Fractions are of the {layout['n_cases'] - len(layout['test'])} non-test cases; "
           f"{layout['settings']['repeats']} random draws (repeats) per fraction, seed {layout['settings']['seed']}. "
           f"Values: Dice, foreground mean over classes/regions (nnU-Net's `foreground_mean`), mean ± sd over "
-          f"repeats (sample sd).", "",
-          "## Mean Dice", ""]
+          f"repeats (sample sd).", ""]
+    md += [f"- {line}" for line in stage2_lines] + ([""] if stage2_lines else [])
+    md += ["## Mean Dice", ""]
     head = ["fraction", "n_train"] + [f"{t}" for t in trainers]
     if compare:
         head += [f"Δ {pre_t} − {base_t}", "pairs", "p"]
@@ -280,10 +283,12 @@ def build_report(dataset, trainers: Optional[Sequence[str]] = None, configuratio
         for m in missing:
             out(f"  {m['trainer']} fold {m['fold']} ({fmt_fraction(m['fraction'])}, repeat {m['repeat']}): "
                 f"{m['reason']}")
+    for line in stage2_lines:
+        out(line)
     out("\n".join(mean_table))
     out(f"wrote {files['csv']}, {files['md']}, {files['png']}")
     return {"rows": rows, "missing": missing, "summary": summary, "comparison": comparison, "files": files,
-            "pretrained": pre_t, "baseline": base_t, "keys": keys, "warnings": warnings}
+            "pretrained": pre_t, "baseline": base_t, "keys": keys, "warnings": warnings, "stage2": stage2_lines}
 
 
 def _num(x) -> str:

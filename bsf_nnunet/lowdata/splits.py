@@ -6,8 +6,10 @@ subsets of one repeat are nested. Every low-data fold is ``{"train": subset, "va
 validation of that fold is the evaluation on the test set. The folds come after the existing folds (nnU-Net's five
 cross-validation folds), which are kept byte for byte.
 
-If the fractions do not include 1.0, one extra "pretrain" fold (all non-test cases) is added: stage-2
-self-supervised pretraining (BSFPretrainTrainer) uses the images of all non-test cases, never the test set.
+Stage 2 (self-supervised pretraining, BSFPretrainTrainer) runs by default on every low-data fold itself, on that
+fold's training cases only (``lowdata run --stage2 per-fold``, as the original study). For the alternative
+``--stage2 shared`` (one pretraining on the images of all non-test cases, never the test set) the layout names a
+``pretrain_fold``: the first 100 % fold, or, if the fractions do not include 1.0, one extra "pretrain" fold.
 """
 from __future__ import annotations
 
@@ -222,7 +224,8 @@ def format_table(layout: dict, dataset_name: str = "") -> str:
         rep = "-" if f["repeat"] is None else str(f["repeat"])
         rows.append(f"{f['fold']:>5}  {fmt_fraction(f['fraction']):>8}  {rep:>6}  {f['n_train']:>7}  {f['n_val']:>5}  "
                     f"{f['role']}")
-    rows.append(f"Stage-2 pretraining fold (all non-test cases): {layout['pretrain_fold']}")
+    rows.append(f"Stage-2 pretraining fold for `lowdata run --stage2 shared` (all non-test cases): "
+                f"{layout['pretrain_fold']} (the default, --stage2 per-fold, pretrains every fold on its own cases)")
     return "\n".join(rows)
 
 

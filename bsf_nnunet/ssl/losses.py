@@ -1,8 +1,9 @@
 """Losses of BrainSegFounder's self-supervised recipe: rotation (cross-entropy), contrastive (NT-Xent) and
 reconstruction (L1), as in MONAI's Swin-UNETR pretraining.
 
-``nt_xent`` gathers the embeddings of all ranks when ``torch.distributed`` runs with more than one process, so the
-negatives come from the global batch. The gather is differentiable: its backward sums the incoming gradients over
+``nt_xent`` uses the local batch's negatives by default, as the paper did (each GPU's own crops). With
+``gather=True`` under ``torch.distributed`` it gathers the embeddings of all ranks, so the negatives come from the
+global batch (useful at scale; ``BSFPretrainTrainer.bsf_contrastive_gather``). The gather is differentiable: its backward sums the incoming gradients over
 ranks (``all_reduce``) and returns this rank's slice. Every rank computes the same global loss value; the gradient
 reaching its local embeddings is ``world_size`` times its share of the global loss's gradient, which is exactly
 what ``DistributedDataParallel`` expects since it averages parameter gradients over ranks (after averaging, the
@@ -59,7 +60,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.l1_loss(pred.float(), target.float())
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR) loss between two views' embeddings z1, z2 (N, D): z1[i] and z2[i] are a positive pair.
 
     With z = the 2N L2-normalised embeddings and s_ij = cos(z_i, z_j) / temperature, each of the 2N anchors
@@ -82,6 +83,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     return (torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1) - pos).mean()
 
 
+@torch.no_grad()
+def ssl_metrics(rot_logits: torch.Tensor, rot_labels: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict:
+    """What the SSL losses alone do not show: ``rot_acc``, the fraction of views whose rotation is classified right
+    (chance 0.25), and ``con_top1``, the fraction of the 2N embeddings whose most similar other embedding is their
+    partner view (chance 1 / (2N - 1)). Local batch, detached floats."""
+    acc = (rot_logits.argmax(1) == rot_labels).float().mean()
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.t()).fill_diagonal_(float("-inf"))
+    partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    top1 = (sim.argmax(1) == partner).float().mean()
+    return {"rot_acc": float(acc), "con_top1": float(top1)}
+
+
 class SSLLoss(nn.Module):
     """w_rot * CE(rotation) + w_con * NT-Xent(z1, z2) + w_rec * L1(reconstruction).
 
@@ -89,7 +104,7 @@ class SSLLoss(nn.Module):
     per-task values are the unweighted losses, detached."""
 
     def __init__(self, w_rot: float = 1.0, w_con: float = 1.0, w_rec: float = 1.0, temperature: float = 0.5,
-                 gather: bool = True) -> None:
+                 gather: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")

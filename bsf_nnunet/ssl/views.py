@@ -1,24 +1,29 @@
 """Augmented views for BrainSegFounder's self-supervised tasks, made on the training device.
 
-* ``random_rotation``: each batch item rotated by k * 90 degrees (k = 0..3 is the label) in one plane, by default
-  the axial plane of nnU-Net's (z, y, x) arrays, i.e. dims (3, 4) of a (B, C, Z, Y, X) tensor.
-* ``inpainting_mask``: random boxes (each side between ``min_block_fraction`` and ``max_block_fraction`` of its
-  axis) replaced either by Gaussian noise with the mean and standard deviation of the box's original values, or by
-  the same box of another sample of the batch. Per sample a target coverage is drawn uniformly in
-  [0, max_fraction) and boxes are taken in order while the sum of their volumes stays within it (at least one box),
-  so the masked fraction never exceeds ``max_fraction``. Where boxes overlap, the later box's fill wins.
+* ``random_rotation``: each batch item rotated by k * 90 degrees (k = 0..3 is the label) in one plane: by default
+  the official one, the (y, z) plane of MONAI's (x, y, z) crops (``rot_rand`` rotates dims (2, 3) of a (C, x, y, z)
+  crop), which is dims (3, 2) of nnU-Net's (B, C, z, y, x) arrays. A rotation head trained by the official code
+  therefore keeps the meaning of its labels here.
+* ``inpainting_mask``: the official ``aug_rand`` / ``patch_rand_drop``, two rounds per crop. Round 1 paints noise
+  boxes; round 2 draws a random crop of the batch and, unless it drew itself, pastes boxes of that crop (as it is at
+  that moment: crops before this one already augmented, crops after it still clean). Each round draws a target of
+  ``uniform(0, max_fraction)`` of the voxels and adds boxes until the counted box volumes (overlaps counted twice)
+  reach it, so a crop's masked fraction can exceed ``max_fraction`` (up to about 2x). A box starts anywhere in
+  ``[0, n - min_side)`` along each axis, has a side drawn from ``[min_side, max_side)`` (5% and 25% of the axis)
+  and is cut at the crop's edge. Noise: the official code fills a box with N(0, 1) noise min-max scaled to [0, 1],
+  the range of its [0, 1]-scaled images; nnU-Net's images are z-scored, so the scaled noise is mapped onto the
+  crop's own intensity range, per channel (docs/fidelity.md). Where boxes overlap, the later box wins.
 * ``make_views``: two views per crop, each rotated then masked; the rotated un-masked crops are the reconstruction
   targets (as in MONAI's Swin-UNETR pretraining, which BrainSegFounder used).
 
 Randomness: every random choice is drawn from a CPU ``torch.Generator`` (small tensors, then moved to the data's
-device), so a seed gives identical views. The Gaussian noise itself is drawn on the data's device: from the given
-generator on CPU, and on CUDA from a device generator seeded from it (reproducible on the same device type).
+device), so a seed gives identical views. The noise itself is drawn on the data's device: from the given generator
+on CPU, and on CUDA from a device generator seeded from it (reproducible on the same device type).
 
-Nothing loops over voxels: rotation is one gather through a cached index table; the boxes are expanded into
-flat voxel indices with two levels of ``repeat_interleave`` (boxes -> rows -> voxels) whose sizes are known on the
-host, so no device synchronisation is needed; box statistics are segment sums (``index_add_``); overlaps are
-resolved with ``scatter_reduce(amax)`` of the box index; the fill is one ``index_put_``. Work is proportional to
-the masked volume plus a few passes over the batch.
+Nothing loops over voxels: rotation is one gather through a cached index table; the boxes are expanded into flat
+voxel indices with two levels of ``repeat_interleave`` (boxes -> rows -> voxels) whose sizes are known on the host;
+per-box noise ranges are segment reductions; overlaps are resolved with ``scatter_reduce(amax)`` of the painting
+rank. The paste round is one ``torch.where`` per crop, in batch order.
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-MASK_MODES = ("noise", "paste", "mixed")
-DEFAULT_PLANE = (3, 4)
+MASK_MODES = ("official", "noise", "paste")
+# The official rotation is rot90(k, (2, 3)) of a (C, x, y, z) crop: the (y, z) plane, y first. In nnU-Net's
+# (B, C, z, y, x) arrays the same plane, in the same sense, is dims (3, 2).
+DEFAULT_PLANE = (3, 2)
 
 _ROT_TABLES: dict = {}
 
@@ -96,7 +103,14 @@ def random_rotation(x: torch.Tensor, generator: Optional[torch.Generator] = None
 
 
 # ----------------------------------------------------------------------------------------------------- inpainting
-def _validate_mask_args(spatial, max_fraction, max_block_fraction, min_block_fraction, mode):
+def _side_limits(spatial, max_block_fraction, min_block_fraction):
+    """Per axis ``(min_side, max_side)``: sides are drawn from ``[min_side, max_side)`` as ``randint`` does."""
+    lo = [max(1, int(min_block_fraction * n)) for n in spatial]
+    hi = [max(low + 1, int(max_block_fraction * n)) for low, n in zip(lo, spatial)]
+    return lo, hi
+
+
+def _validate_mask_args(max_fraction, max_block_fraction, min_block_fraction, mode):
     if mode not in MASK_MODES:
         raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     if not 0.0 <= max_fraction <= 1.0:
@@ -104,98 +118,86 @@ def _validate_mask_args(spatial, max_fraction, max_block_fraction, min_block_fra
     if not 0.0 < min_block_fraction <= max_block_fraction <= 1.0:
         raise ValueError("need 0 < min_block_fraction <= max_block_fraction <= 1, got "
                          f"{min_block_fraction}, {max_block_fraction}")
-    lo = [max(1, int(min_block_fraction * n)) for n in spatial]
-    hi = [max(l, int(max_block_fraction * n)) for l, n in zip(lo, spatial)]
-    if max_fraction > 0 and math.prod(hi) > max_fraction * math.prod(spatial):
-        raise ValueError(f"a single box of up to {hi} voxels can exceed max_fraction={max_fraction} of "
-                         f"{tuple(spatial)}; lower max_block_fraction")
-    return lo, hi
+
+
+def _draw_rounds(rows: int, spatial, lo, hi, max_fraction: float, generator) -> Tuple[torch.Tensor, ...]:
+    """Boxes of ``rows`` independent rounds: each draws a target of uniform(0, max_fraction) of the voxels, then
+    boxes until the summed (clipped) box volumes reach it. Returns (row, starts (A, 3), sizes (A, 3)), row-major."""
+    vox = math.prod(spatial)
+    lo_t, hi_t, n_t = (torch.tensor(v, dtype=torch.long) for v in (lo, hi, spatial))
+    target = torch.rand(rows, generator=generator, dtype=torch.float64) * (max_fraction * vox)
+    mean_vol = math.prod((a + b - 1) / 2 for a, b in zip(lo, hi))
+    chunk = int(min(4096, math.ceil(1.5 * max_fraction * vox / mean_vol) + 8))
+    starts, sizes = [], []
+    done = torch.zeros(rows, dtype=torch.float64)
+    while bool((done < target).any()):
+        u = torch.rand(rows, chunk, 3, generator=generator, dtype=torch.float64)
+        start = (u * (n_t - lo_t)).long()
+        u = torch.rand(rows, chunk, 3, generator=generator, dtype=torch.float64)
+        size = torch.minimum(lo_t + (u * (hi_t - lo_t)).long(), n_t - start)
+        starts.append(start)
+        sizes.append(size)
+        done = done + size.prod(-1).sum(1).double()
+    if not starts:
+        empty = torch.zeros((0, 3), dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long), empty, empty
+    start, size = torch.cat(starts, 1), torch.cat(sizes, 1)
+    before = size.prod(-1).cumsum(1) - size.prod(-1)  # volume counted before each box
+    active = before.double() < target.unsqueeze(1)
+    row, k = active.nonzero(as_tuple=True)
+    return row, start[row, k], size[row, k]
 
 
 def draw_blocks(batch: int, spatial: Sequence[int], generator: Optional[torch.Generator] = None,
                 max_fraction: float = 0.3, max_block_fraction: float = 0.25, min_block_fraction: float = 0.05,
-                mode: str = "mixed", group_size: Optional[int] = None) -> dict:
+                mode: str = "official", group_size: Optional[int] = None) -> dict:
     """Draw the boxes of ``inpainting_mask`` on the host (CPU tensors; exposed for tests and benchmarks).
 
-    Returns a dict with ``starts`` and ``sizes`` (A, 3) long, ``batch`` (A,) long (the sample of each box, boxes of
-    a sample in painting order), ``paste`` (A,) bool and ``source`` (B,) long (the sample pasted from; itself where
-    the group has one sample, in which case every box is filled with noise)."""
+    ``mode``: ``"official"`` (a noise round, then a paste round from a random crop of the group, skipped when the
+    crop drew itself), ``"noise"`` (the noise round only) or ``"paste"`` (the paste round only, always from another
+    crop; a group of one falls back to noise). Returns ``starts``, ``sizes`` (A, 3) long, ``batch`` (A,) long (the
+    crop of each box; a crop's boxes are consecutive, noise boxes first, in painting order), ``paste`` (A,) bool and
+    ``source`` (B,) long (the crop pasted from; the crop itself where it has no paste round)."""
     generator = _check_generator(generator)
     spatial = [int(s) for s in spatial]
     if len(spatial) != 3:
         raise ValueError(f"inpainting works on 3D crops, got spatial shape {spatial}")
-    lo, hi = _validate_mask_args(spatial, max_fraction, max_block_fraction, min_block_fraction, mode)
+    _validate_mask_args(max_fraction, max_block_fraction, min_block_fraction, mode)
+    lo, hi = _side_limits(spatial, max_block_fraction, min_block_fraction)
     group = batch if group_size is None else int(group_size)
     if group < 1 or batch % group:
         raise ValueError(f"group_size {group} must divide the batch size {batch}")
-    vox = math.prod(spatial)
-    mean_vol = math.prod((l + h) / 2 for l, h in zip(lo, hi))
-    k_max = int(min(4096, math.ceil(2 * max_fraction * vox / mean_vol) + 8))
-    lo_t, hi_t, n_t = (torch.tensor(v, dtype=torch.long) for v in (lo, hi, spatial))
-
-    target = torch.rand(batch, generator=generator, dtype=torch.float64) * (max_fraction * vox)
-    u = torch.rand(batch, k_max, 3, generator=generator, dtype=torch.float64)
-    sizes = torch.minimum(lo_t + (u * (hi_t - lo_t + 1)).long(), hi_t)
-    u = torch.rand(batch, k_max, 3, generator=generator, dtype=torch.float64)
-    starts = torch.minimum((u * (n_t - sizes + 1)).long(), n_t - sizes)
-    p_paste = {"noise": 0.0, "paste": 1.0, "mixed": 0.5}[mode]
-    paste = torch.rand(batch, k_max, generator=generator) < p_paste
-    shift = torch.randint(1, max(group, 2), (batch,), generator=generator)
     i = torch.arange(batch)
-    source = (i // group) * group + (i % group + shift) % group if group > 1 else i.clone()
-    if group == 1:
-        paste[:] = False
+    if mode == "paste":
+        shift = torch.randint(1, max(group, 2), (batch,), generator=generator)
+        source = (i // group) * group + (i % group + shift) % group if group > 1 else i.clone()
+    else:
+        source = (i // group) * group + torch.randint(0, group, (batch,), generator=generator)
+    noise_round = torch.ones(batch, dtype=torch.bool) if mode != "paste" else source == i
+    paste_round = source != i if mode != "noise" else torch.zeros(batch, dtype=torch.bool)
+    if mode == "noise":
+        source = i.clone()
+    # rounds in painting order: crop 0 noise, crop 0 paste, crop 1 noise, ...
+    rounds = torch.stack([noise_round, paste_round], 1).reshape(-1)
+    owner = torch.arange(2 * batch)[rounds]
+    row, starts, sizes = _draw_rounds(int(owner.numel()), spatial, lo, hi, max_fraction, generator)
+    round_id = owner[row]
+    return {"starts": starts, "sizes": sizes, "batch": round_id // 2, "paste": round_id % 2 == 1,
+            "source": source}
 
-    vol = sizes.prod(-1)
-    count = (vol.cumsum(1) <= target.unsqueeze(1)).sum(1).clamp_min(1)
-    if max_fraction == 0:
-        count.zero_()
-    active = torch.arange(k_max).unsqueeze(0) < count.unsqueeze(1)
-    b_idx, k_idx = active.nonzero(as_tuple=True)  # row-major: sample by sample, boxes in order
-    return {"starts": starts[b_idx, k_idx], "sizes": sizes[b_idx, k_idx], "batch": b_idx,
-            "paste": paste[b_idx, k_idx], "source": source}
 
-
-def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Generator]):
-    """Fill the boxes of ``blocks`` in a copy of x (B, C, Z, Y, X). Returns (masked, mask (B, 1, Z, Y, X) bool).
-
-    All boxes are expanded into one flat list of voxels (noise boxes first, then pasted ones; each box's voxels
-    contiguous, in row-major order), built as boxes -> rows (runs along X) -> voxels with ``repeat_interleave``.
-    The list lengths are computed on the host from the box sizes, so nothing waits for the device."""
-    b, c, z, y, xx = x.shape
-    dev = x.device
-    vox = z * y * xx
-    total = b * c * vox
-    out_buf = torch.empty(total + 1, dtype=x.dtype, device=dev)  # last element: sink for overwritten voxels
-    masked = out_buf[:-1].view_as(x)
-    masked.copy_(x)
-    a = int(blocks["batch"].numel())
-    if a == 0:
-        return masked, torch.zeros((b, 1, z, y, xx), dtype=torch.bool, device=dev)
-
-    # host: per-box table, noise boxes first (stable, so painting order is kept within each part)
-    paste = blocks["paste"]
-    order = torch.argsort(paste.to(torch.uint8), stable=True)
-    n_noise_boxes = int((~paste).sum())
-    # painting rank of each box within its sample (a sample's boxes are consecutive in ``blocks``)
-    first_of_sample = torch.searchsorted(blocks["batch"], blocks["batch"])
-    rank = (torch.arange(a) - first_of_sample)[order]
-    sizes, starts, bidx = blocks["sizes"][order], blocks["starts"][order], blocks["batch"][order]
-    # owner map: the painting rank + 1 of the box that wins each voxel (0: none). uint8 on CPU; int32 on other
-    # devices, where scatter_reduce runs on atomics
-    small = dev.type == "cpu" and int(rank.max()) < 255
-    key_dtype = torch.uint8 if small else torch.int32
+def _box_voxels(blocks: dict, shape, dev: torch.device):
+    """Flat (B, Z, Y, X) indices of every voxel of every box (each box's voxels contiguous, boxes in the order of
+    ``blocks``) and the box of each listed voxel. Sizes are known on the host, so nothing waits for the device."""
+    _, z, y, xx = shape
+    sizes, starts, bidx = blocks["sizes"], blocks["starts"], blocks["batch"]
+    a = int(bidx.numel())
     rows = sizes[:, 0] * sizes[:, 1]
     vol = rows * sizes[:, 2]
     n_rows, n_vox = int(rows.sum()), int(vol.sum())
-    n_noise_vox = int(vol[:n_noise_boxes].sum())
-    base = bidx * vox + starts[:, 0] * (y * xx) + starts[:, 1] * xx + starts[:, 2]
-    src_delta = (blocks["source"][bidx] - bidx) * (c * vox)
-    tab = torch.stack([rows, torch.cumsum(rows, 0) - rows, sizes[:, 1], sizes[:, 2], base, vol, src_delta,
-                       rank + 1, bidx * ((c - 1) * vox)], 0).to(dev)
-    rows_d, rows_first, sy_d, sx_d, base_d, vol_d, delta_d, key_d, chan_off_d = tab.unbind(0)
-
-    # device: rows, then voxels; sp = spatial index of each listed voxel in (B, Z, Y, X)
+    base = bidx * (z * y * xx) + starts[:, 0] * (y * xx) + starts[:, 1] * xx + starts[:, 2]
+    tab = torch.stack([rows, torch.cumsum(rows, 0) - rows, sizes[:, 1], sizes[:, 2], base], 0).to(dev)
+    rows_d, rows_first, sy_d, sx_d, base_d = tab.unbind(0)
     row_box = torch.repeat_interleave(torch.arange(a, device=dev), rows_d, output_size=n_rows)
     local = torch.arange(n_rows, device=dev) - rows_first.index_select(0, row_box)
     sy_r = sy_d.index_select(0, row_box)
@@ -205,62 +207,84 @@ def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Gener
         - (torch.cumsum(row_len, 0) - row_len)
     row_of = torch.repeat_interleave(row_len, output_size=n_vox)  # row of each voxel
     sp = torch.arange(n_vox, device=dev).add_(row_off.index_select(0, row_of))
+    return sp, row_box.index_select(0, row_of)
 
-    # overlaps: the box painted last wins (amax of the painting rank, per voxel)
-    key = key_d.to(key_dtype).index_select(0, row_box).index_select(0, row_of)
-    owner = torch.zeros(b * vox, dtype=key_dtype, device=dev)
-    owner.scatter_reduce_(0, sp, key, "amax")
-    winner = owner.index_select(0, sp) == key
-    mask = owner.bool().view(b, 1, z, y, xx)
-    del owner, key
 
-    # index of the voxel's values in x.reshape(-1): (N,) for one channel, (C, N) otherwise
-    if c > 1:
-        lin = sp + chan_off_d.index_select(0, row_box).index_select(0, row_of)
-        lin = lin.unsqueeze(0) + (torch.arange(c, device=dev) * vox).unsqueeze(1)
+def _paint_noise(masked: torch.Tensor, x: torch.Tensor, blocks: dict, generator) -> torch.Tensor:
+    """Noise boxes into ``masked`` (in place): N(0, 1) min-max scaled per box (over its channels and voxels), then
+    mapped onto each crop's intensity range per channel; later boxes win. Returns the (B, Z, Y, X) bool mask."""
+    b, c, z, y, xx = x.shape
+    dev = x.device
+    vox = z * y * xx
+    painted = torch.zeros(b * vox, dtype=torch.bool, device=dev)
+    a = int(blocks["batch"].numel())
+    if a == 0:
+        return painted.view(b, z, y, xx)
+    sp, box = _box_voxels(blocks, (b, z, y, xx), dev)
+    rank = torch.arange(1, a + 1, dtype=torch.int32, device=dev)  # painting order: the largest wins
+    owner = torch.zeros(b * vox, dtype=torch.int32, device=dev)
+    owner.scatter_reduce_(0, sp, rank.index_select(0, box), "amax")
+    winner = owner.index_select(0, sp) == rank.index_select(0, box)
+    painted[sp] = True
+    if dev.type == "cpu":
+        gen = generator
     else:
-        lin = sp
-    xflat = x.reshape(-1)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+    noise = torch.randn((c, sp.numel()), generator=gen, device=dev, dtype=torch.float32)
+    big = torch.full((a,), float("inf"), device=dev)
+    box_min = big.scatter_reduce(0, box, noise.amin(0), "amin")
+    box_max = (-big).scatter_reduce(0, box, noise.amax(0), "amax")
+    unit = (noise - box_min[box]) / (box_max - box_min).clamp_min(1e-12)[box]
+    flat = x.reshape(b, c, vox).float()
+    lo, hi = flat.amin(2), flat.amax(2)  # (B, C): each crop's intensity range
+    crop = blocks["batch"].to(dev)[box]
+    vals = lo[crop].t() + (hi - lo)[crop].t() * unit  # (C, N)
+    keep = sp[winner]
+    idx = (crop[winner] * (c * vox) + keep % vox).unsqueeze(0) + (torch.arange(c, device=dev) * vox).unsqueeze(1)
+    masked.view(-1).index_put_((idx.reshape(-1),), vals[:, winner].reshape(-1).to(x.dtype))
+    return painted.view(b, z, y, xx)
 
-    def _write(idx, win, vals):
-        out_buf.scatter_(0, torch.where(win, idx, total).reshape(-1), vals.reshape(-1))
 
-    if n_noise_vox:
-        lin_n = lin[..., :n_noise_vox]
-        vol_n = vol_d[:n_noise_boxes]
-        orig = xflat.index_select(0, lin_n.reshape(-1)).view(-1, n_noise_vox)  # (C, N)
-        ends = torch.cumsum(vol_n, 0) - 1
-        zero = torch.zeros(orig.shape[0], 1, dtype=torch.float64, device=dev)
-        s1 = torch.diff(torch.cumsum(orig, 1, dtype=torch.float64).index_select(1, ends), dim=1, prepend=zero)
-        s2 = torch.diff(torch.cumsum(orig.float().square(), 1, dtype=torch.float64).index_select(1, ends), dim=1,
-                        prepend=zero)
-        mean = s1 / vol_n
-        std = (s2 / vol_n - mean * mean).clamp_min_(0).sqrt_()
-        if dev.type == "cpu":
-            gen = generator
-        else:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
-        noise = torch.randn(orig.shape, generator=gen, device=dev, dtype=torch.float32)
-        vox_box = row_box.index_select(0, row_of[:n_noise_vox])
-        vals = torch.addcmul(mean.float().index_select(1, vox_box), noise, std.float().index_select(1, vox_box))
-        _write(lin_n, winner[:n_noise_vox], vals.to(x.dtype).view(lin_n.shape))
-    if n_vox > n_noise_vox:
-        lin_p = lin[..., n_noise_vox:]
-        src = lin_p + delta_d.index_select(0, row_box).index_select(0, row_of[n_noise_vox:])
-        _write(lin_p, winner[n_noise_vox:], xflat.index_select(0, src.reshape(-1)))
-    return masked, mask
+def _paint_paste(masked: torch.Tensor, x: torch.Tensor, blocks: dict) -> torch.Tensor:
+    """Paste round, crop by crop in batch order: the union of a crop's paste boxes is copied from its source as it
+    is at that moment (an earlier crop: already augmented; a later one: still ``x``). Returns the bool mask."""
+    b, c, z, y, xx = x.shape
+    dev = x.device
+    painted = torch.zeros(b * z * y * xx, dtype=torch.bool, device=dev)
+    if int(blocks["batch"].numel()):
+        sp, _ = _box_voxels(blocks, (b, z, y, xx), dev)
+        painted[sp] = True
+    painted = painted.view(b, 1, z, y, xx)
+    has_boxes = torch.zeros(b, dtype=torch.bool)
+    has_boxes[blocks["batch"]] = True
+    for i, s in enumerate(blocks["source"].tolist()):
+        if s != i and bool(has_boxes[i]):
+            src = masked[s] if s < i else x[s]
+            masked[i] = torch.where(painted[i], src, masked[i])
+    return painted[:, 0]
+
+
+def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Generator]):
+    """Fill the boxes of ``blocks`` in a copy of x (B, C, Z, Y, X): noise boxes, then pasted ones. Returns (masked,
+    mask (B, 1, Z, Y, X) bool)."""
+    masked = x.clone()
+    paste = blocks["paste"]
+    noise_blocks = {k: blocks[k][~paste] for k in ("starts", "sizes", "batch")}
+    paste_blocks = {k: blocks[k][paste] for k in ("starts", "sizes", "batch")}
+    paste_blocks["source"] = blocks["source"]
+    mask = _paint_noise(masked, x, noise_blocks, generator)
+    mask |= _paint_paste(masked, x, paste_blocks)
+    return masked, mask.unsqueeze(1)
 
 
 def inpainting_mask(x: torch.Tensor, generator: Optional[torch.Generator] = None, max_fraction: float = 0.3,
-                    max_block_fraction: float = 0.25, mode: str = "mixed", min_block_fraction: float = 0.05,
+                    max_block_fraction: float = 0.25, mode: str = "official", min_block_fraction: float = 0.05,
                     group_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Replace random boxes of each sample of ``x`` (B, C, Z, Y, X) (see the module docstring).
-
-    mode: ``"noise"`` (Gaussian noise with each box's mean/std), ``"paste"`` (the same box of another sample of the
-    batch; with a single sample this falls back to noise) or ``"mixed"`` (each box either, with probability 1/2).
-    ``group_size``: samples only paste from samples of their own group of ``group_size`` consecutive items
-    (default: the whole batch). Returns (masked copy of x, mask (B, 1, Z, Y, X) bool)."""
+    """Replace random boxes of each sample of ``x`` (B, C, Z, Y, X) (see the module docstring and
+    :func:`draw_blocks` for ``mode``). ``group_size``: samples only paste from samples of their own group of
+    ``group_size`` consecutive items (default: the whole batch). Returns (masked copy of x, mask (B, 1, Z, Y, X)
+    bool)."""
     if x.dim() != 5:
         raise ValueError(f"inpainting_mask expects (B, C, Z, Y, X), got shape {tuple(x.shape)}")
     blocks = draw_blocks(x.shape[0], x.shape[2:], generator, max_fraction, max_block_fraction,
@@ -270,14 +294,14 @@ def inpainting_mask(x: torch.Tensor, generator: Optional[torch.Generator] = None
 
 def make_views(crops: torch.Tensor, generator: Optional[torch.Generator] = None,
                plane: Sequence[int] = DEFAULT_PLANE, max_fraction: float = 0.3, max_block_fraction: float = 0.25,
-               mode: str = "mixed", min_block_fraction: float = 0.05) -> dict:
+               mode: str = "official", min_block_fraction: float = 0.05) -> dict:
     """Two views of each crop of ``crops`` (B, C, Z, Y, X): each randomly rotated, then inpainted.
 
     Returns a dict of tensors on crops' device: ``view1``, ``view2`` (masked inputs), ``target1``, ``target2`` (the
     rotated un-masked crops, i.e. reconstruction targets), ``rot1``, ``rot2`` (rotation labels, long),
     ``mask1``, ``mask2`` ((B, 1, Z, Y, X) bool), and the same stacked along the batch, view 1 first, without a
     copy: ``views`` (2B, C, Z, Y, X), ``targets``, ``rots`` (2B,), ``masks`` (2B, 1, Z, Y, X). Pasted boxes come
-    from another crop of the same view."""
+    from another crop of the same view (as the official code augments each view's batch on its own)."""
     generator = _check_generator(generator)
     if crops.dim() != 5:
         raise ValueError(f"make_views expects (B, C, Z, Y, X) crops, got shape {tuple(crops.shape)}")

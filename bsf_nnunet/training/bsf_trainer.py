@@ -108,6 +108,26 @@ def _autocast_dtype(device_type: str, dtype):
         torch.set_autocast_dtype(device_type, old)
 
 
+def _unsafe_pickle_allowed() -> bool:
+    return os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true")
+
+
+def _plain_arch(value):
+    """Architecture values compared as JSON would store them (tuples and lists alike)."""
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def saved_arch_kwargs(checkpoint: dict, configuration: str) -> dict:
+    """The architecture arguments a trainer checkpoint was trained with: ``bsf_metadata['arch_kwargs']`` (our
+    pretraining checkpoints), else the configuration of the plans nnU-Net saved in ``init_args``; {} if neither."""
+    meta = checkpoint.get("bsf_metadata") or {}
+    if isinstance(meta.get("arch_kwargs"), dict):
+        return dict(meta["arch_kwargs"])
+    plans = (checkpoint.get("init_args") or {}).get("plans") or {}
+    conf = (plans.get("configurations") or {}).get(configuration) or {}
+    return dict((conf.get("architecture") or {}).get("arch_kwargs") or {})
+
+
 class BSFTrainer(nnUNetTrainer):
     """Small variant (depths 2-2-6-2, 64.1 M parameters): the paper's best model (BF-S 64M)."""
 
@@ -213,7 +233,7 @@ class BSFTrainer(nnUNetTrainer):
 
         if not self.was_initialized:
             self.initialize()
-        ckpt = load_checkpoint(path, allow_unsafe_pickle=os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true"))
+        ckpt = load_checkpoint(path, allow_unsafe_pickle=_unsafe_pickle_allowed())
         src = os.environ.get(PRETRAINED_CHANNELS_ENV)
         src = parse_channel_list(src) if src else None
         report = transfer_weights(_unwrap(self.network), ckpt, source_channels=src,
@@ -221,14 +241,45 @@ class BSFTrainer(nnUNetTrainer):
                                   encoder_only=self._pretrained_encoder_only())
         axis = ckpt.metadata.get("axis_order", "zyx")
         if axis != getattr(_unwrap(self.network), "axis_order", axis):
-            _unwrap(self.network).set_axis_order(axis)
-            self.configuration_manager.configuration["architecture"]["arch_kwargs"]["axis_order"] = axis
-            self.plans_manager.plans["configurations"][self.configuration_name]["architecture"]["arch_kwargs"][
-                "axis_order"] = axis
-            self.print_to_log_file(f"  the checkpoint was trained on {axis} arrays: the network now transposes "
-                                   "nnU-Net's (z, y, x) input to match (recorded in plans.json)")
+            self._set_axis_order(axis, "the checkpoint was trained on " + axis + " arrays")
         self.bsf_pretrained_from = os.path.abspath(path)
         self.print_to_log_file(f"Initialised from {path} ({how}):\n{report.summary()}")
+
+    def _set_axis_order(self, axis: str, why: str) -> None:
+        """Switch the network's axis order and record it in the plans (saved to the results' plans.json, which
+        nnUNetv2_predict rebuilds the network from)."""
+        _unwrap(self.network).set_axis_order(axis)
+        self.configuration_manager.configuration["architecture"]["arch_kwargs"]["axis_order"] = axis
+        self.plans_manager.plans["configurations"][self.configuration_name]["architecture"]["arch_kwargs"][
+            "axis_order"] = axis
+        self.print_to_log_file(f"  {why}: the network sees {axis} arrays (nnU-Net's (z, y, x) input transposed "
+                               "to match; recorded in plans.json)")
+
+    def _restore_architecture(self, saved: dict, where: str) -> None:
+        """Make the network the one a checkpoint was trained with before its weights are loaded (--c, --val):
+        nnU-Net rebuilds it from the preprocessed plans, which know nothing of an axis order taken from weights."""
+        current = self.configuration_manager.network_arch_init_kwargs
+        for key in ("merging", "feature_size", "depths", "num_heads"):
+            if key in saved and key in current and _plain_arch(saved[key]) != _plain_arch(current[key]):
+                raise ConfigurationError(
+                    f"{where} was trained with {key}={saved[key]}, but {self.__class__.__name__} builds {key}="
+                    f"{current[key]}: continue or validate it with the trainer (variant) that wrote it.")
+        axis = saved.get("axis_order", "zyx")
+        if axis != getattr(_unwrap(self.network), "axis_order", axis):
+            self._set_axis_order(axis, f"{os.path.basename(where)} was trained on {axis} arrays")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's loading for --c, --val and --val_best, read without unpickling code, into the architecture
+        (axis order) that the checkpoint was trained with."""
+        from ..weights import read_checkpoint_file
+
+        checkpoint, where = filename_or_checkpoint, "the checkpoint"
+        if isinstance(checkpoint, str):
+            checkpoint, where = read_checkpoint_file(checkpoint, _unsafe_pickle_allowed()), checkpoint
+        if not self.was_initialized:
+            self.initialize()
+        self._restore_architecture(saved_arch_kwargs(checkpoint, self.configuration_name), where)
+        super().load_checkpoint(checkpoint)
 
     def _pretrained_encoder_only(self) -> bool:
         return False
@@ -413,18 +464,27 @@ class BSFTrainer_Tiny(BSFTrainer):
     """Depths 2-2-2-2, 62.2 M parameters."""
 
     bsf_variant = "tiny"
+    bsf_pretrain_trainer = "BSFPretrainTrainer_Tiny"  # stage chaining within the variant
 
 
 class BSFTrainer_Big(BSFTrainer):
     """Depths 2-2-18-2, 69.7 M parameters."""
 
     bsf_variant = "big"
+    bsf_pretrain_trainer = "BSFPretrainTrainer_Big"  # stage chaining within the variant
 
 
 class BSFTrainer_Large(BSFTrainer):
     """Feature size 96, depths 2-2-18-2, heads 4-8-16-32, ~277 M parameters."""
 
     bsf_variant = "large"
+    bsf_pretrain_trainer = "BSFPretrainTrainer_Large"  # stage chaining within the variant
+
+
+class BSFTrainer_Tiny_scratch(BSFTrainer_Tiny):
+    """The Tiny variant (the published files' architecture, depths 2-2-2-2) from random initialisation."""
+
+    bsf_use_pretraining = False
 
 
 class BSFTrainer_scratch(BSFTrainer):

@@ -1,12 +1,19 @@
 """Turn a published (MONAI) fine-tuned Swin-UNETR checkpoint into an nnU-Net results folder.
 
     bsf-nnunet import-model model.pt --channels FLAIR,T1ce,T1,T2 --regions brats -d 137
-    nnUNetv2_predict -i imgs -o pred -d 137 -c 3d_fullres -tr BSFTrainer_imported -p BSFImportedPlans -f all
+    nnUNetv2_predict -i imgs -o pred -d 137 -c 3d_fullres -tr BSFTrainer_imported -p BSFImportedPlans -f all \
+        -step_size 0.4
 
 The plans reproduce the original inference: no resampling (the images' own spacing, given by --spacing),
 z-score on the non-zero voxels of each channel, a 128^3 sliding window (--patch), sigmoid outputs for regions.
 The network sees (x, y, z) arrays as in MONAI (``axis_order="xyz"``) and MONAI 0.9's patch merging (legacy).
 BraTS outputs (TC, WT, ET) are reordered to (WT, TC, ET) so that nnU-Net paints WT, then TC, then ET.
+
+Sliding window: the official BraTS test script (lab-smile/BrainSegFounder downstream/BraTS/finetuning/test.py) runs
+MONAI's ``sliding_window_inference`` with overlap 0.6, its default constant blending and no test-time mirroring.
+The checkpoint therefore allows no mirroring axes (``tta=True`` writes nnU-Net's (0, 1, 2): 8x the windows), and the
+overlap becomes nnU-Net's ``-step_size 0.4``, which nnUNetv2_predict takes from its command line, not from the model:
+:func:`predict_command` prints it. nnU-Net blends the windows with a Gaussian; that difference remains.
 """
 from __future__ import annotations
 
@@ -28,6 +35,36 @@ IMPORTED_PLANS = "BSFImportedPlans"
 BRATS_OUTPUT_ORDER = ("TC", "WT", "ET")
 BRATS_REGIONS = {"whole_tumor": ("WT", [1, 2, 3], 2), "tumor_core": ("TC", [1, 3], 1),
                  "enhancing_tumor": ("ET", [3], 3)}
+
+# The original's inference (downstream/BraTS/finetuning/test.py: MONAI sliding_window_inference, overlap 0.6, default
+# mode "constant", no mirroring). nnU-Net's step size is the window stride as a fraction of the patch: 1 - overlap.
+ORIGINAL_OVERLAP = 0.6
+ORIGINAL_BLENDING = "constant"
+STEP_SIZE = round(1.0 - ORIGINAL_OVERLAP, 6)
+TTA_MIRROR_AXES = (0, 1, 2)
+
+
+def inference_settings(tta: bool = False) -> dict:
+    """What the imported model's inference does, next to the original's (written into the checkpoint's
+    ``bsf_metadata`` and IMPORTED_FROM.json)."""
+    return {
+        "original": {"script": "lab-smile/BrainSegFounder downstream/BraTS/finetuning/test.py",
+                     "sliding_window_overlap": ORIGINAL_OVERLAP, "blending": ORIGINAL_BLENDING, "mirroring": False},
+        "step_size": STEP_SIZE,
+        "predict_args": ["-step_size", str(STEP_SIZE)],
+        "mirroring": bool(tta),
+        "inference_allowed_mirroring_axes": list(TTA_MIRROR_AXES) if tta else None,
+        "blending": "gaussian",
+        "differences": ["nnU-Net blends overlapping windows with a Gaussian, the original with constant weights"]
+                       + (["mirroring test-time augmentation (8x the windows), which the original does not use"]
+                          if tta else []),
+    }
+
+
+def predict_command(dataset_id: int, inp: str = "INPUT", out: str = "OUTPUT") -> str:
+    """The nnUNetv2_predict command for an imported model, with the original's window overlap."""
+    return (f"nnUNetv2_predict -i {inp} -o {out} -d {dataset_id} -c 3d_fullres -tr {IMPORTED_TRAINER} "
+            f"-p {IMPORTED_PLANS} -f all -step_size {STEP_SIZE}")
 
 
 def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: dict, batch_size: int = 1) -> dict:
@@ -74,8 +111,11 @@ def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regi
                  labels: Optional[Sequence[str]] = None, dataset_name: Optional[str] = None,
                  patch: Sequence[int] = (128, 128, 128), spacing: Sequence[float] = (1.0, 1.0, 1.0),
                  merging: str = "legacy", axis_order: str = "xyz", results: Optional[str] = None,
-                 allow_unsafe_pickle: bool = False, overwrite: bool = False) -> str:
-    """Write ``<results>/<dataset>/BSFTrainer_imported__BSFImportedPlans__3d_fullres``; return its path."""
+                 allow_unsafe_pickle: bool = False, overwrite: bool = False, tta: bool = False) -> str:
+    """Write ``<results>/<dataset>/BSFTrainer_imported__BSFImportedPlans__3d_fullres``; return its path.
+
+    ``tta=False`` (the original's inference): no mirroring axes in the checkpoint, so nnUNetv2_predict never
+    mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes."""
     from ..network import BSFSwinUNETR
     from ..weights import guess_variant, load_checkpoint
 
@@ -111,6 +151,10 @@ def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regi
         extra = {"regions_class_order": [v[2] for v in BRATS_REGIONS.values()]}
     elif regions:
         raise ValueError(f"Unknown --regions {regions!r}; supported: brats (or give --labels for softmax models).")
+    elif nout == 1:
+        raise ValueError(f"{checkpoint} has a single output channel (a sigmoid model, e.g. the ATLAS lesion model): "
+                         "import-model takes softmax models (--labels, background first) and --regions brats. Use "
+                         "it as initialisation instead: nnUNetv2_train ... -pretrained_weights FILE.")
     else:
         names = list(labels) if labels else ["background"] + [f"label_{i}" for i in range(1, nout)]
         if len(names) != nout:
@@ -131,6 +175,7 @@ def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regi
     plans = _plans(dataset_name, cin, patch, [float(s) for s in spacing], arch)
     dataset_json = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": label_dict,
                     "numTraining": 0, "file_ending": ".nii.gz", **extra}
+    inference = inference_settings(tta)
     os.makedirs(os.path.join(out, "fold_all"), exist_ok=True)
     atomic_write_json(os.path.join(out, "plans.json"), plans)
     atomic_write_json(os.path.join(out, "dataset.json"), dataset_json)
@@ -138,12 +183,14 @@ def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regi
         "network_weights": net.state_dict(),
         "trainer_name": IMPORTED_TRAINER,
         "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all", "dataset_json": dataset_json},
-        "inference_allowed_mirroring_axes": (0, 1, 2),
+        "inference_allowed_mirroring_axes": TTA_MIRROR_AXES if tta else None,
         "current_epoch": 0,
         "bsf_metadata": {"format": "imported", "source": os.path.abspath(checkpoint), "variant": variant,
-                         "channel_names": channels, "merging": merging, "axis_order": axis_order},
+                         "channel_names": channels, "merging": merging, "axis_order": axis_order,
+                         "inference": inference},
     }, final)
     with open(os.path.join(out, "IMPORTED_FROM.json"), "w") as f:
         json.dump({"checkpoint": os.path.abspath(checkpoint), "variant": variant, "regions": regions,
-                   "channels": channels, "patch": patch, "spacing": list(spacing)}, f, indent=2)
+                   "channels": channels, "patch": patch, "spacing": list(spacing), "inference": inference,
+                   "predict": predict_command(dataset_id)}, f, indent=2)
     return out

@@ -4,9 +4,12 @@
     nnUNetv2_train 4 3d_fullres 0 -tr BSFPretrainTrainer -pretrained_weights S1.pth  # stage 2, fold 0's train cases
 
 Swin-UNETR encoder + rotation, contrastive and reconstruction heads (``bsf_nnunet.ssl``); two augmented views per
-crop (rotation + inpainting masks, made on the device); loss = CE(rotation) + NT-Xent (tau 0.5, negatives gathered
-across DDP ranks) + L1 reconstruction. AdamW (lr 4e-4, wd 0.1), warmup then cosine per step, bf16 autocast on CUDA,
-gradient clipping. Validation loss on the fold's validation cases (held-out cases never enter pretraining).
+crop (rotation in the official (y, z) plane + the official two-round inpainting, made on the device); loss =
+CE(rotation) + NT-Xent (tau 0.5, negatives from the local batch as in the paper; ``bsf_contrastive_gather = True``
+gathers them across DDP ranks) + L1 reconstruction. Stage 1: AdamW (lr 4e-4, wd 0.1); stage 2 (started from a
+stage-1 checkpoint): the official stage-2 recipe (lr 6e-6, 500 warm-up steps, ``bsf_stage2_recipe``). Warmup then
+cosine per step, bf16 autocast on CUDA and on CPUs with native bf16, gradient clipping. Per epoch the log and
+progress.png show each loss, the rotation accuracy and the contrastive top-1 (train and validation). Validation loss on the fold's validation cases (held-out cases never enter pretraining).
 Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``); they load with
 ``torch.load(weights_only=True)``.
 """
@@ -28,11 +31,23 @@ from .checkpointing import atomic_torch_save, safe_torch_load
 from .lr import WarmupCosineLR
 from .ssl_data import SSLCropLoader
 
-SSL_LOG_KEYS = ("ssl_rot", "ssl_con", "ssl_rec", "val_ssl_rot", "val_ssl_con", "val_ssl_rec")
+SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1")
+SSL_LOG_KEYS = tuple(f"{prefix}ssl_{k}" for prefix in ("", "val_") for k in SSL_PARTS)
 
 
 class SSLDivergedError(RuntimeError):
     pass
+
+
+def _epoch_summary(log: dict, epoch: int, name: str, prefix: str) -> str:
+    """One log line: total and per-task losses, rotation accuracy and contrastive top-1 of an epoch."""
+    def get(key):
+        values = log.get(prefix + key) or []
+        return values[epoch] if len(values) > epoch else float("nan")
+
+    total = log["train_losses" if name == "train" else "val_losses"][epoch]
+    return (f"{name} loss {total:.4f} (rot {get('ssl_rot'):.4f}, con {get('ssl_con'):.4f}, rec {get('ssl_rec'):.4f}); "
+            f"rotation accuracy {get('ssl_rot_acc'):.2f} (chance 0.25), contrastive top-1 {get('ssl_con_top1'):.2f}")
 
 
 class BSFPretrainTrainer(BSFTrainer):
@@ -44,6 +59,11 @@ class BSFPretrainTrainer(BSFTrainer):
     bsf_foreground_probability = 0.9
     bsf_loss_weights = (1.0, 1.0, 1.0)  # rotation, contrastive, reconstruction
     bsf_temperature = 0.5
+    bsf_contrastive_gather = False  # the paper: negatives from the local batch; True: from all DDP ranks
+    # official stage 2 (lab-smile/BrainSegFounder downstream/BraTS/ssl/launch.sh), applied when the trainer starts
+    # from a stage-1 checkpoint; None keeps the stage-1 recipe
+    bsf_stage2_recipe = {"initial_lr": 6e-6, "warmup_steps": 500}
+    bsf_warmup_steps = None  # None: bsf_warmup_fraction of all steps
     bsf_seed = 12345
     bsf_grad_clip = 12.0
     bsf_recipe = {"initial_lr": 4e-4, "weight_decay": 0.1, "num_epochs": 100, "num_iterations_per_epoch": 250,
@@ -110,22 +130,43 @@ class BSFPretrainTrainer(BSFTrainer):
         self.was_initialized = True
 
     def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
-        """Stage 2: start from a stage-1 (or official SSL) checkpoint, encoder and heads."""
+        """Stage 2: start from a stage-1 (or official SSL) checkpoint, encoder and heads, with the stage-2 recipe."""
         super().load_bsf_pretrained(path, how)
-        self.bsf_stage = 2
-        self.bsf_parent = os.path.abspath(path)
+        self._enter_stage2(os.path.abspath(path))
+
+    def _enter_stage2(self, parent: str) -> None:
+        """Stage 2 trains with its own recipe (a fresh optimiser and schedule; --c then loads their state)."""
+        self.bsf_stage, self.bsf_parent = 2, parent
+        recipe = self.bsf_stage2_recipe
+        if not recipe:
+            self.print_to_log_file("Stage 2 keeps the stage-1 recipe (bsf_stage2_recipe is None).")
+            return
+        stage1_lr = self.initial_lr
+        self.initial_lr = float(recipe["initial_lr"])
+        self.bsf_warmup_steps = recipe.get("warmup_steps", self.bsf_warmup_steps)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self.print_to_log_file(
+            f"Stage-2 recipe (official BrainSegFounder stage 2): lr {self.initial_lr:g} (stage 1: {stage1_lr:g}), "
+            f"{self.lr_scheduler.warmup_steps} warm-up steps, weight decay {self.weight_decay:g}")
 
     def _build_loss(self):
         from ..ssl.losses import SSLLoss
 
         w = self.bsf_loss_weights
-        return SSLLoss(w_rot=w[0], w_con=w[1], w_rec=w[2], temperature=self.bsf_temperature)
+        return SSLLoss(w_rot=w[0], w_con=w[1], w_rec=w[2], temperature=self.bsf_temperature,
+                       gather=self.bsf_contrastive_gather)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         total = self.num_epochs * self.num_iterations_per_epoch
-        warmup = max(1, int(round(self.bsf_warmup_fraction * total))) if total > 1 else 0
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, total, warmup)
+        warmup = self.bsf_warmup_steps
+        if warmup is None:
+            warmup = max(1, int(round(self.bsf_warmup_fraction * total))) if total > 1 else 0
+        elif warmup > total // 2:
+            self.print_to_log_file(f"  {warmup} warm-up steps exceed half of this run's {total} steps: "
+                                   f"warming up for {total // 2}")
+            warmup = total // 2
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, total, int(warmup))
 
     @property
     def _module(self) -> nn.Module:
@@ -193,6 +234,7 @@ class BSFPretrainTrainer(BSFTrainer):
         self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
 
     def _forward_losses(self, batch: dict, generator: torch.Generator):
+        from ..ssl.losses import ssl_metrics
         from ..ssl.views import make_views
 
         crops = torch.from_numpy(batch["data"]).to(self.device, non_blocking=True)
@@ -202,8 +244,9 @@ class BSFPretrainTrainer(BSFTrainer):
                 torch.autocast(self.device.type, enabled=self.bsf_amp_dtype is not None):
             rot, con, rec = self.network(x)
         n = crops.shape[0]
-        return self.loss(rot.float(), torch.cat([v["rot1"], v["rot2"]]), con[:n].float(), con[n:].float(),
-                         rec.float(), torch.cat([v["target1"], v["target2"]]))
+        rot, z1, z2, labels = rot.float(), con[:n].float(), con[n:].float(), torch.cat([v["rot1"], v["rot2"]])
+        total, parts = self.loss(rot, labels, z1, z2, rec.float(), torch.cat([v["target1"], v["target2"]]))
+        return total, {**parts, **ssl_metrics(rot, labels, z1, z2)}
 
     def train_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
@@ -240,7 +283,7 @@ class BSFPretrainTrainer(BSFTrainer):
 
     def on_train_epoch_end(self, train_outputs):
         self.logger.log("train_losses", self._reduce([o["loss"] for o in train_outputs]), self.current_epoch)
-        for k in ("rot", "con", "rec"):
+        for k in SSL_PARTS:
             self.logger.log(f"ssl_{k}", self._reduce([o[k] for o in train_outputs]), self.current_epoch)
 
     def on_validation_epoch_start(self):
@@ -256,18 +299,16 @@ class BSFPretrainTrainer(BSFTrainer):
         if not val_outputs:
             return
         self.logger.log("val_losses", self._reduce([o["loss"] for o in val_outputs]), self.current_epoch)
-        for k in ("rot", "con", "rec"):
+        for k in SSL_PARTS:
             self.logger.log(f"val_ssl_{k}", self._reduce([o[k] for o in val_outputs]), self.current_epoch)
 
     def on_epoch_end(self):
         log = self.logger.local_logger.my_fantastic_logging
         self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
         e = self.current_epoch
-        msg = f"train loss {log['train_losses'][e]:.4f} (rot {log['ssl_rot'][e]:.4f}, con {log['ssl_con'][e]:.4f}, " \
-              f"rec {log['ssl_rec'][e]:.4f})"
+        self.print_to_log_file(_epoch_summary(log, e, "train", ""))
         if len(log["val_losses"]) > e:
-            msg += f", val loss {log['val_losses'][e]:.4f}"
-        self.print_to_log_file(msg)
+            self.print_to_log_file(_epoch_summary(log, e, "val", "val_"))
         self.print_to_log_file(f"Epoch time: {log['epoch_end_timestamps'][e] - log['epoch_start_timestamps'][e]:.2f} s")
         if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
@@ -295,6 +336,9 @@ class BSFPretrainTrainer(BSFTrainer):
             "format": "bsf_pretrain",
             "stage": int(self.bsf_stage),
             "parent": self.bsf_parent,
+            "recipe": {"initial_lr": float(self.initial_lr), "weight_decay": float(self.weight_decay),
+                       "warmup_steps": int(self.lr_scheduler.warmup_steps), "total_steps": int(self.lr_scheduler.max_steps),
+                       "contrastive_gather": bool(self.bsf_contrastive_gather)},
             "variant": cm.configuration.get("bsf", {}).get("variant", self.bsf_variant),
             "arch_kwargs": arch,
             "merging": arch.get("merging", self.bsf_merging),
@@ -339,6 +383,11 @@ class BSFPretrainTrainer(BSFTrainer):
             ckpt = safe_torch_load(filename_or_checkpoint)
         else:
             ckpt = filename_or_checkpoint
+        meta = ckpt.get("bsf_metadata", {})
+        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        self._restore_architecture(meta.get("arch_kwargs") or {}, where)
+        if int(meta.get("stage", 1)) >= 2 and self.bsf_stage < 2:
+            self._enter_stage2(meta.get("parent"))
         self._module.load_state_dict(ckpt["network_weights"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.current_epoch = int(ckpt["current_epoch"])
@@ -346,7 +395,6 @@ class BSFPretrainTrainer(BSFTrainer):
         self._best_ema = ckpt.get("_best_ema")
         for k, v in ckpt.get("logging", {}).items():
             self.logger.local_logger.my_fantastic_logging[k] = list(v)
-        meta = ckpt.get("bsf_metadata", {})
         self.bsf_stage = meta.get("stage", self.bsf_stage)
         self.bsf_parent = meta.get("parent", self.bsf_parent)
         if "rng" in ckpt:

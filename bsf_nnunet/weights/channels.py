@@ -101,8 +101,9 @@ def resolve_channel_mapping(source_names: Optional[Sequence[str]], target_names:
                             n_source: int, n_target: int):
     """The mapping for ``n_source`` pretrained channels onto ``n_target`` model channels, and warnings.
 
-    Names on both sides: :func:`map_channels`. A side without names: position by position when the counts are
-    equal (with a warning), else :class:`ChannelMappingError` asking for the names."""
+    Names on both sides: :func:`map_channels`. One source channel: its filter for every target channel. A checkpoint
+    without names: :class:`ChannelMappingError` asking for them (position mapping would silently mix modalities).
+    A model without names: position by position when the counts are equal (with a warning), else the error."""
     if source_names is not None and len(source_names) != n_source:
         raise ChannelMappingError(
             f"{len(source_names)} checkpoint channel names were given {_fmt(source_names)} but the checkpoint's "
@@ -114,30 +115,56 @@ def resolve_channel_mapping(source_names: Optional[Sequence[str]], target_names:
             f"{n_target} input channels.")
     if source_names is not None and target_names is not None:
         return map_channels(source_names, target_names), []
+    if n_source == 1:
+        # one pretrained filter: every mapping (by name, alias or mean) copies that filter, names change nothing
+        return [(i, 0, "single") for i in range(n_target)], []
+    if source_names is None:
+        raise ChannelMappingError(unnamed_checkpoint_message(n_source, target_names))
     if n_source == n_target:
-        missing = "the checkpoint's" if source_names is None else "the model's"
         return [(i, i, "position") for i in range(n_target)], [
-            f"{missing} input channel names are unknown: the {n_target} input channels were mapped by position "
-            f"(checkpoint channel i -> model channel i). If the order differs, name the checkpoint's channels with "
-            f"{PRETRAINED_CHANNELS_OPTION} (the official BraTS fine-tuned Swin-UNETR weights use FLAIR,T1ce,T1,T2)."]
-    known = f"the model's channels are {_fmt(target_names)}" if target_names is not None else \
-        "the model's channel names are unknown"
+            f"the model's input channel names are unknown: the {n_target} input channels were mapped by position "
+            f"(checkpoint channel i {_fmt(source_names)} -> model channel i)."]
     raise ChannelMappingError(
-        f"The checkpoint was trained on {n_source} input channels and the model has {n_target}, and the "
-        f"checkpoint does not record which channels those were ({known}). Name the checkpoint's channels in order, "
-        f"e.g. {PRETRAINED_CHANNELS_OPTION} FLAIR,T1ce,T1,T2 (environment variable {PRETRAINED_CHANNELS_ENV}; Python: "
-        "transfer_weights(..., source_channels=[...], target_channels=[...])), so that filters can be matched by name.")
+        f"The checkpoint was trained on {n_source} input channels {_fmt(source_names)} and the model has "
+        f"{n_target} whose names are unknown: pass the model's channel names (Python: "
+        "transfer_weights(..., target_channels=[...])) so that filters can be matched by name.")
+
+
+# what the published BrainSegFounder files were trained on, in order (they record no channel names themselves)
+OFFICIAL_CHANNEL_ORDERS = {
+    "UK Biobank stage 1 (model_weights_UKB-pretrain.pt)": "T1,FLAIR",
+    "BraTS (model_weights_BRATS-pretrain.pt / -finetune.pt)": "FLAIR,T1ce,T1,T2",
+    "ATLAS (model_weights_ATLAS-pretrain.pt / -finetune.pt)": "T1",
+}
+
+
+def unnamed_checkpoint_message(n_source: int, target_names: Optional[Sequence[str]]) -> str:
+    """Why a checkpoint without channel names is refused, and which names to pass."""
+    known = f"this dataset's channels are {_fmt(target_names)}" if target_names is not None else \
+        "the model's channel names are unknown"
+    orders = "; ".join(f"{k}: {v}" for k, v in OFFICIAL_CHANNEL_ORDERS.items())
+    return (
+        f"The checkpoint's {n_source} input channels have no names (official BrainSegFounder/MONAI files and bare "
+        f"state dicts record none), and {known}. Mapping by position would silently put one modality's filters on "
+        "another (nnU-Net's own BraTS conversion orders T1, T1ce, T2, FLAIR; the official BraTS files use FLAIR, "
+        f"T1ce, T1, T2). Name the checkpoint's channels in the order it was trained with: environment variable "
+        f"{PRETRAINED_CHANNELS_ENV}=NAMES for nnUNetv2_train, {PRETRAINED_CHANNELS_OPTION} NAMES for bsf-nnunet "
+        f"commands, transfer_weights(..., source_channels=[...]) in Python. Official orders: {orders}.")
+
+
+def adapt_channel_tensor(tensor, mapping, dim: int = 1):
+    """Build a tensor with one slice per target channel along ``dim`` from a pretrained one with one slice per
+    source channel, following ``mapping`` (matched: that slice; unmatched: the mean over source channels)."""
+    import torch
+
+    mean = tensor.mean(dim=dim)
+    slices = [mean if s is None else tensor.select(dim, s) for _, s, _ in mapping]
+    return torch.stack(slices, dim=dim).contiguous()
 
 
 def adapt_input_weight(weight, mapping):
     """Build a [out, n_target, ...] tensor from a pretrained [out, n_source, ...] one following ``mapping``."""
-    import torch
-
-    slices = []
-    mean = weight.mean(dim=1)
-    for _, s, _ in mapping:
-        slices.append(mean if s is None else weight[:, s])
-    return torch.stack(slices, dim=1).contiguous()
+    return adapt_channel_tensor(weight, mapping, dim=1)
 
 
 def mapping_table(mapping, source_names, target_names) -> List[str]:
@@ -147,6 +174,8 @@ def mapping_table(mapping, source_names, target_names) -> List[str]:
         tn = f"{t} {target_names[t]!r}" if target_names is not None else f"{t}"
         if s is None:
             src = "mean of all checkpoint channels (no match)"
+        elif how == "single":
+            src = "the checkpoint's only channel"
         else:
             sn = f"{s} {source_names[s]!r}" if source_names is not None else f"{s}"
             src = f"checkpoint channel {sn} ({how})"

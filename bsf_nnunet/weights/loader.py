@@ -7,7 +7,11 @@ Formats (``Checkpoint.metadata['format']``):
 * ``monai_ssl``: official BrainSegFounder / MONAI Swin SSL, ``{'state_dict': {'module.swinViT.*', heads}}``; older
   files without the ``swinViT.`` level (``module.patch_embed.*``, ``module.layers1.0.*``) are mapped onto it.
 * ``monai_finetuned``: official fine-tuned Swin-UNETR, ``{'state_dict': {'swinViT.*', 'encoder1.*', ...}}``.
-* ``raw``: a bare state dict.
+* ``raw``: tensors without a Swin encoder.
+
+Files without our or nnU-Net's metadata are classified by their tensor names (:func:`classify_by_keys`), whatever
+their container: a bare dict of ``module.swinViT.*`` tensors is an official SSL file like one inside
+``{'state_dict': ...}``.
 
 ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed. Files are read with
 ``torch.load(weights_only=True)`` (plus numpy scalars/arrays, which nnU-Net's logging stores); anything that needs
@@ -23,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .channels import adapt_input_weight, mapping_table, resolve_channel_mapping
+from .channels import adapt_channel_tensor, adapt_input_weight, mapping_table, resolve_channel_mapping
 
 UNSAFE_PICKLE_OPTION = "--allow-unsafe-pickle"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
@@ -33,6 +37,8 @@ STATE_DICT_KEYS = ("network_weights", "state_dict", "model_state_dict", "model",
 # tensors whose dimension 1 is the network's input channels
 INPUT_CHANNEL_KEYS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
                       "encoder1.layer.conv3.conv.weight")
+# tensors whose dimension 0 is the network's input channels (the SSL reconstruction head's last convolution)
+OUTPUT_CHANNEL_KEYS = ("conv.20.weight", "conv.20.bias")
 SSL_HEAD_ROOTS = ("rotation_head", "rotation_pre", "contrastive_head", "contrastive_pre", "conv")
 SEGMENTATION_ROOTS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder1", "decoder2",
                       "decoder3", "decoder4", "decoder5", "out")
@@ -214,6 +220,20 @@ def _nnunet_configuration(init_args: Mapping) -> Tuple[dict, Optional[str]]:
     return conf, init_args.get("configuration")
 
 
+def classify_by_keys(roots: set) -> dict:
+    """Format and assumed conventions of a file without our or nnU-Net's metadata, from its tensor names alone
+    (a bare state dict and one inside ``{'state_dict': ...}`` get the same checks).
+
+    ``swinViT.*`` with segmentation modules: an official fine-tuned Swin-UNETR; ``swinViT.*`` otherwise: an official
+    SSL file. Both were trained with MONAI < 1.5 (legacy merging) on (x, y, z) arrays and record no channel names.
+    Anything else is ``raw`` (no Swin encoder to load)."""
+    if "swinViT" not in roots:
+        return {"format": "raw", "channel_names": None}
+    fmt = "monai_finetuned" if roots & set(SEGMENTATION_ROOTS) else "monai_ssl"
+    return {"format": fmt, "channel_names": None, "merging": "legacy", "merging_assumed": True,
+            "axis_order": "xyz", "axis_order_assumed": True}
+
+
 def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
     """A :class:`Checkpoint` from an already loaded object (any supported format)."""
     where = path or "<in-memory checkpoint>"
@@ -275,15 +295,11 @@ def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
         meta.setdefault("axis_order", arch.get("axis_order", "zyx"))
         meta.setdefault("channel_names", None)
     if not is_nnunet and not isinstance(bsf_meta, Mapping):
-        if container is not None and "swinViT" in roots:
-            # official BrainSegFounder / MONAI files: no channel names; trained with MONAI < 1.5 on (x, y, z) arrays
-            meta["format"] = "monai_finetuned" if roots & set(SEGMENTATION_ROOTS) else "monai_ssl"
-            meta.update({"channel_names": None, "merging": "legacy", "merging_assumed": True, "axis_order": "xyz"})
+        meta.update(classify_by_keys(roots))
+        if meta["format"] != "raw":
             for k in ("epoch", "global_step", "best_acc"):
-                if k in obj:
+                if k in obj and not _is_state_dict(obj):
                     meta[k] = _plain(obj[k])
-        else:
-            meta.update({"format": "raw", "channel_names": None})
     meta["state_dict_key"] = container
     meta["top_level_keys"] = [str(k) for k in obj][:20] if container else []
     meta.update(info)
@@ -551,6 +567,17 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
                 to_load[k] = adapt_input_weight(v, mapping)
                 how = "reordered" if v.shape[1] == t.shape[1] else f"{v.shape[1]} -> {t.shape[1]}"
                 report.adapted.append((k, f"input channels {how}, matched by name (see the channel table)"))
+            continue
+        if k in OUTPUT_CHANNEL_KEYS and mapping is not None and v.shape[0] == n_src and t.shape[0] == n_tgt \
+                and v.shape[1:] == t.shape[1:]:
+            if identity:
+                to_load[k] = v
+                report.loaded.append((k, "same name and shape"))
+            else:
+                to_load[k] = adapt_channel_tensor(v, mapping, dim=0)
+                how = "reordered" if n_src == n_tgt else f"{n_src} -> {n_tgt}"
+                report.adapted.append((k, f"reconstruction outputs (one per input channel) {how}, matched by name "
+                                          "(see the channel table)"))
             continue
         if v.shape == t.shape:
             to_load[k] = v

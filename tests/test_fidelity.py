@@ -1,0 +1,98 @@
+"""The paper's path end to end with official-format files made here: a 2-channel (T1, FLAIR) SSL checkpoint as
+UK Biobank stage 1 -> stage 2 on a 4-channel BraTS-like dataset in nnU-Net's channel order -> fine-tuning chained
+from it -> stopped and continued with --c -> --val -> nnUNetv2_predict. Checked at every step: the channel mapping
+(by name), the stage-2 recipe, and the (x, y, z) axis order of the official weights."""
+import glob
+import json
+import os
+
+import torch
+
+from bsf_nnunet.planning.presets import variant_arch_kwargs
+from bsf_nnunet.ssl import BSFSSLModel
+
+PRE = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
+FT = "BSFTrainer_CIpaper__nnUNetPlans__3d_fullres"
+PE = "swinViT.patch_embed.proj.weight"
+
+
+def _official_stage1(path):
+    """An official-format stage-1 file (toy-sized): {'state_dict': {'module.swinViT.*', heads}}, T1 and FLAIR."""
+    torch.manual_seed(7)
+    model = BSFSSLModel(2, **variant_arch_kwargs("toy"))
+    sd = model.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 100, "global_step": 5000}, path)
+    return sd
+
+
+def _log(folder):
+    return "\n".join(open(f).read() for f in sorted(glob.glob(os.path.join(folder, "training_log_*.txt"))))
+
+
+def _axis(plans_or_ckpt):
+    plans = plans_or_ckpt["init_args"]["plans"] if "init_args" in plans_or_ckpt else plans_or_ckpt
+    return plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["axis_order"]
+
+
+def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path):
+    env = nnunet_env
+    dataset_id, full, raw = prepared("brats4")
+    res = os.path.join(env["nnUNet_results"], full)
+    stage1 = tmp_path / "model_weights_UKB-pretrain.pt"
+    sd1 = _official_stage1(stage1)
+    train = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-device", "cpu"]
+
+    # without channel names the official file is refused, naming the dataset's channels and the official orders
+    import subprocess
+
+    p = subprocess.run(train + ["-tr", "BSFPretrainTrainer_CI", "-pretrained_weights", str(stage1)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "[T1, T1ce, T2, FLAIR]" in p.stdout + p.stderr and "T1,FLAIR" in p.stdout + p.stderr
+
+    # stage 2, stopped after its first epoch and continued: the stage-2 recipe and the axis order survive --c
+    named = dict(env, BSF_PRETRAINED_CHANNELS="T1,FLAIR")
+    run(train + ["-tr", "BSFPretrainTrainer_CI", "-pretrained_weights", str(stage1)],
+        dict(named, BSF_STOP_AFTER_EPOCH="0"))
+    run(train + ["-tr", "BSFPretrainTrainer_CI", "--c"], env)
+    s2 = torch.load(os.path.join(res, PRE, "fold_0", "checkpoint_final.pth"), weights_only=True)
+    meta = s2["bsf_metadata"]
+    assert meta["stage"] == 2 and meta["parent"] == str(stage1) and meta["axis_order"] == "xyz"
+    assert meta["channel_names"] == ["T1", "T1ce", "T2", "FLAIR"] and meta["arch_kwargs"]["axis_order"] == "xyz"
+    assert meta["recipe"]["initial_lr"] == 6e-6 and meta["recipe"]["warmup_steps"] == 6  # 500, capped at half
+    assert max(s2["logging"]["lrs"]) <= 6e-6
+    log = _log(os.path.join(res, PRE, "fold_0"))
+    assert log.count("Stage-2 recipe (official BrainSegFounder stage 2): lr 6e-06 (stage 1: 0.0003)") == 2
+    assert "model channel 3 'FLAIR' <- checkpoint channel 1 'FLAIR' (same)" in log
+    assert "model channel 1 'T1ce' <- mean of all checkpoint channels" in log
+    assert "adapted conv.20.weight" in log and "rotation accuracy" in log
+    # after 12 steps at lr <= 6e-6 the filters are still the stage-1 ones, each on its own modality
+    w, w1 = s2["network_weights"][PE], sd1[PE]
+    assert torch.allclose(w[:, 0], w1[:, 0], atol=2e-3) and torch.allclose(w[:, 3], w1[:, 1], atol=2e-3)
+    assert not torch.allclose(w[:, 0], w1[:, 1], atol=2e-3)
+    rec_w = s2["network_weights"]["conv.20.weight"]
+    assert torch.allclose(rec_w[3], sd1["conv.20.weight"][1], atol=2e-3)
+
+    # fine-tuning chains from stage 2 (xyz), is stopped after epoch 0, continued with --c, validated with --val
+    run(train + ["-tr", "BSFTrainer_CIpaper"], dict(env, BSF_STOP_AFTER_EPOCH="0"))
+    folder = os.path.join(res, FT, "fold_0")
+    assert _axis(torch.load(os.path.join(folder, "checkpoint_latest.pth"), weights_only=False)) == "xyz"
+    run(train + ["-tr", "BSFTrainer_CIpaper", "--c"], env)
+    run(train + ["-tr", "BSFTrainer_CIpaper", "--val"], env)
+    log = _log(folder)
+    assert "stage chaining from BSFPretrainTrainer_CI fold 0" in log
+    seen = [line.split("CI axis order at ")[1] for line in log.splitlines() if "CI axis order at " in line]
+    assert len(seen) == 5 and all(s.endswith(": xyz") for s in seen), seen  # epochs 0, 1, 2, validation x2
+    assert "checkpoint_latest.pth was trained on xyz arrays" in log
+    assert "checkpoint_final.pth was trained on xyz arrays" in log
+    assert _axis(json.load(open(os.path.join(res, FT, "plans.json")))) == "xyz"
+
+    # prediction rebuilds the network from the results' plans.json: xyz
+    run(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", str(tmp_path / "pred"), "-d", dataset_id,
+         "-c", "3d_fullres", "-tr", "BSFTrainer_CIpaper", "-f", "0", "-device", "cpu", "--disable_tta",
+         "-npp", "1", "-nps", "1"], env)
+    assert os.path.isfile(tmp_path / "pred" / "case_005.nii.gz")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"))
+    predictor.initialize_from_trained_model_folder(os.path.join(res, FT), (0,), "checkpoint_final.pth")
+    assert getattr(predictor.network, "_orig_mod", predictor.network).axis_order == "xyz"
