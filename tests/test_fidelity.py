@@ -49,10 +49,11 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0 and "[T1, T1ce, T2, FLAIR]" in p.stdout + p.stderr and "T1,FLAIR" in p.stdout + p.stderr
 
-    # stage 2, stopped after its first epoch and continued: the stage-2 recipe and the axis order survive --c
-    named = dict(env, BSF_PRETRAINED_CHANNELS="T1,FLAIR")
+    # stage 2, stopped after its first epoch and continued: the stage-2 recipe and the axis order survive --c.
+    # BSF_PRETRAINED_CHANNELS stays exported for the whole chain: it names only files that record no channels
+    env = dict(env, BSF_PRETRAINED_CHANNELS="T1,FLAIR")
     run(train + ["-tr", "BSFPretrainTrainer_CI", "-pretrained_weights", str(stage1)],
-        dict(named, BSF_STOP_AFTER_EPOCH="0"))
+        dict(env, BSF_STOP_AFTER_EPOCH="0"))
     run(train + ["-tr", "BSFPretrainTrainer_CI", "--c"], env)
     s2 = torch.load(os.path.join(res, PRE, "fold_0", "checkpoint_final.pth"), weights_only=True)
     meta = s2["bsf_metadata"]
@@ -80,7 +81,8 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path):
     run(train + ["-tr", "BSFTrainer_CIpaper", "--val"], env)
     log = _log(folder)
     assert "stage chaining from BSFPretrainTrainer_CI fold 0" in log
-    seen = [line.split("CI axis order at ")[1] for line in log.splitlines() if "CI axis order at " in line]
+    assert "BSF_PRETRAINED_CHANNELS=T1,FLAIR not used: the checkpoint records its channels (T1, T1ce, T2, FLAIR)" in log
+    seen = [line.split("CI axis order at ")[1].strip() for line in log.splitlines() if "CI axis order at " in line]
     assert len(seen) == 5 and all(s.endswith(": xyz") for s in seen), seen  # epochs 0, 1, 2, validation x2
     assert "checkpoint_latest.pth was trained on xyz arrays" in log
     assert "checkpoint_final.pth was trained on xyz arrays" in log

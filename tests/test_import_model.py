@@ -1,6 +1,5 @@
 """A published-style fine-tuned MONAI checkpoint runs inside nnUNetv2_predict and agrees with MONAI's pipeline."""
 import json
-import os
 
 import nibabel as nib
 import numpy as np

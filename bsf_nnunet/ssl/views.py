@@ -20,10 +20,10 @@ Randomness: every random choice is drawn from a CPU ``torch.Generator`` (small t
 device), so a seed gives identical views. The noise itself is drawn on the data's device: from the given generator
 on CPU, and on CUDA from a device generator seeded from it (reproducible on the same device type).
 
-Nothing loops over voxels: rotation is one gather through a cached index table; the boxes are expanded into flat
-voxel indices with two levels of ``repeat_interleave`` (boxes -> rows -> voxels) whose sizes are known on the host;
-per-box noise ranges are segment reductions; overlaps are resolved with ``scatter_reduce(amax)`` of the painting
-rank. The paste round is one ``torch.where`` per crop, in batch order.
+Rotation is one gather through a cached index table. Boxes are painted one by one as slices (a few tensor operations
+each, no host synchronisation; measured faster on CPU than expanding all boxes into flat voxel indices, whose
+index tensors outweigh the boxes themselves at the official amount of about 100 boxes per crop and round); the paste
+round is one ``torch.where`` per crop, in batch order.
 """
 from __future__ import annotations
 
@@ -186,82 +186,48 @@ def draw_blocks(batch: int, spatial: Sequence[int], generator: Optional[torch.Ge
             "source": source}
 
 
-def _box_voxels(blocks: dict, shape, dev: torch.device):
-    """Flat (B, Z, Y, X) indices of every voxel of every box (each box's voxels contiguous, boxes in the order of
-    ``blocks``) and the box of each listed voxel. Sizes are known on the host, so nothing waits for the device."""
-    _, z, y, xx = shape
-    sizes, starts, bidx = blocks["sizes"], blocks["starts"], blocks["batch"]
-    a = int(bidx.numel())
-    rows = sizes[:, 0] * sizes[:, 1]
-    vol = rows * sizes[:, 2]
-    n_rows, n_vox = int(rows.sum()), int(vol.sum())
-    base = bidx * (z * y * xx) + starts[:, 0] * (y * xx) + starts[:, 1] * xx + starts[:, 2]
-    tab = torch.stack([rows, torch.cumsum(rows, 0) - rows, sizes[:, 1], sizes[:, 2], base], 0).to(dev)
-    rows_d, rows_first, sy_d, sx_d, base_d = tab.unbind(0)
-    row_box = torch.repeat_interleave(torch.arange(a, device=dev), rows_d, output_size=n_rows)
-    local = torch.arange(n_rows, device=dev) - rows_first.index_select(0, row_box)
-    sy_r = sy_d.index_select(0, row_box)
-    dz = torch.div(local, sy_r, rounding_mode="floor")
-    row_len = sx_d.index_select(0, row_box)
-    row_off = base_d.index_select(0, row_box) + dz * (y * xx) + (local - dz * sy_r) * xx \
-        - (torch.cumsum(row_len, 0) - row_len)
-    row_of = torch.repeat_interleave(row_len, output_size=n_vox)  # row of each voxel
-    sp = torch.arange(n_vox, device=dev).add_(row_off.index_select(0, row_of))
-    return sp, row_box.index_select(0, row_of)
+def _regions(blocks: dict):
+    """(crop, (slice z, slice y, slice x)) of each box, in painting order."""
+    for crop, (z, y, x), (sz, sy, sx) in zip(blocks["batch"].tolist(), blocks["starts"].tolist(),
+                                             blocks["sizes"].tolist()):
+        yield crop, (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
 
 
 def _paint_noise(masked: torch.Tensor, x: torch.Tensor, blocks: dict, generator) -> torch.Tensor:
-    """Noise boxes into ``masked`` (in place): N(0, 1) min-max scaled per box (over its channels and voxels), then
-    mapped onto each crop's intensity range per channel; later boxes win. Returns the (B, Z, Y, X) bool mask."""
-    b, c, z, y, xx = x.shape
+    """Noise boxes into ``masked`` (in place, later boxes win): N(0, 1) min-max scaled per box (over its channels
+    and voxels), then mapped onto each crop's intensity range per channel. Returns the (B, Z, Y, X) bool mask."""
+    b, c = x.shape[:2]
     dev = x.device
-    vox = z * y * xx
-    painted = torch.zeros(b * vox, dtype=torch.bool, device=dev)
-    a = int(blocks["batch"].numel())
-    if a == 0:
-        return painted.view(b, z, y, xx)
-    sp, box = _box_voxels(blocks, (b, z, y, xx), dev)
-    rank = torch.arange(1, a + 1, dtype=torch.int32, device=dev)  # painting order: the largest wins
-    owner = torch.zeros(b * vox, dtype=torch.int32, device=dev)
-    owner.scatter_reduce_(0, sp, rank.index_select(0, box), "amax")
-    winner = owner.index_select(0, sp) == rank.index_select(0, box)
-    painted[sp] = True
+    painted = torch.zeros((b,) + tuple(x.shape[2:]), dtype=torch.bool, device=dev)
     if dev.type == "cpu":
         gen = generator
     else:
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
-    noise = torch.randn((c, sp.numel()), generator=gen, device=dev, dtype=torch.float32)
-    big = torch.full((a,), float("inf"), device=dev)
-    box_min = big.scatter_reduce(0, box, noise.amin(0), "amin")
-    box_max = (-big).scatter_reduce(0, box, noise.amax(0), "amax")
-    unit = (noise - box_min[box]) / (box_max - box_min).clamp_min(1e-12)[box]
-    flat = x.reshape(b, c, vox).float()
-    lo, hi = flat.amin(2), flat.amax(2)  # (B, C): each crop's intensity range
-    crop = blocks["batch"].to(dev)[box]
-    vals = lo[crop].t() + (hi - lo)[crop].t() * unit  # (C, N)
-    keep = sp[winner]
-    idx = (crop[winner] * (c * vox) + keep % vox).unsqueeze(0) + (torch.arange(c, device=dev) * vox).unsqueeze(1)
-    masked.view(-1).index_put_((idx.reshape(-1),), vals[:, winner].reshape(-1).to(x.dtype))
-    return painted.view(b, z, y, xx)
+    flat = x.reshape(b, c, -1)
+    lo = flat.amin(2).view(b, c, 1, 1, 1)
+    span = flat.amax(2).view(b, c, 1, 1, 1) - lo  # each crop's intensity range, per channel
+    for crop, region in _regions(blocks):
+        noise = torch.randn((c,) + tuple(r.stop - r.start for r in region), generator=gen, device=dev)
+        low, high = noise.aminmax()
+        scale = span[crop] / (high - low).clamp_min(1e-12)
+        masked[(crop, slice(None)) + region] = (noise - low).mul_(scale).add_(lo[crop]).to(x.dtype)
+        painted[(crop,) + region] = True
+    return painted
 
 
 def _paint_paste(masked: torch.Tensor, x: torch.Tensor, blocks: dict) -> torch.Tensor:
     """Paste round, crop by crop in batch order: the union of a crop's paste boxes is copied from its source as it
     is at that moment (an earlier crop: already augmented; a later one: still ``x``). Returns the bool mask."""
-    b, c, z, y, xx = x.shape
-    dev = x.device
-    painted = torch.zeros(b * z * y * xx, dtype=torch.bool, device=dev)
-    if int(blocks["batch"].numel()):
-        sp, _ = _box_voxels(blocks, (b, z, y, xx), dev)
-        painted[sp] = True
-    painted = painted.view(b, 1, z, y, xx)
-    has_boxes = torch.zeros(b, dtype=torch.bool)
-    has_boxes[blocks["batch"]] = True
+    b = x.shape[0]
+    painted = torch.zeros((b, 1) + tuple(x.shape[2:]), dtype=torch.bool, device=x.device)
+    for crop, region in _regions(blocks):
+        painted[(crop, 0) + region] = True
+    has_boxes = set(blocks["batch"].tolist())
     for i, s in enumerate(blocks["source"].tolist()):
-        if s != i and bool(has_boxes[i]):
+        if s != i and i in has_boxes:
             src = masked[s] if s < i else x[s]
-            masked[i] = torch.where(painted[i], src, masked[i])
+            torch.where(painted[i], src, masked[i], out=masked[i])
     return painted[:, 0]
 
 

@@ -117,6 +117,11 @@ def _plain_arch(value):
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
+def _strip_module_prefix(state_dict: dict) -> dict:
+    """Weights saved from a DDP-wrapped network carry ``module.``; the unwrapped network has none."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
 def saved_arch_kwargs(checkpoint: dict, configuration: str) -> dict:
     """The architecture arguments a trainer checkpoint was trained with: ``bsf_metadata['arch_kwargs']`` (our
     pretraining checkpoints), else the configuration of the plans nnU-Net saved in ``init_args``; {} if neither."""
@@ -229,13 +234,12 @@ class BSFTrainer(nnUNetTrainer):
             raise ConfigurationError(
                 f"{self.__class__.__name__} trains from scratch by definition and never loads pretrained weights; "
                 f"drop -pretrained_weights or use BSFTrainer.")
-        from ..weights import load_checkpoint, parse_channel_list, transfer_weights
+        from ..weights import load_checkpoint, transfer_weights
 
         if not self.was_initialized:
             self.initialize()
         ckpt = load_checkpoint(path, allow_unsafe_pickle=_unsafe_pickle_allowed())
-        src = os.environ.get(PRETRAINED_CHANNELS_ENV)
-        src = parse_channel_list(src) if src else None
+        src = self._named_source_channels(ckpt.metadata.get("channel_names"))
         report = transfer_weights(_unwrap(self.network), ckpt, source_channels=src,
                                   target_channels=self.target_channel_names(), verbose=False,
                                   encoder_only=self._pretrained_encoder_only())
@@ -244,6 +248,21 @@ class BSFTrainer(nnUNetTrainer):
             self._set_axis_order(axis, "the checkpoint was trained on " + axis + " arrays")
         self.bsf_pretrained_from = os.path.abspath(path)
         self.print_to_log_file(f"Initialised from {path} ({how}):\n{report.summary()}")
+
+    def _named_source_channels(self, recorded):
+        """``BSF_PRETRAINED_CHANNELS`` names the channels of checkpoints that record none (official files); a
+        checkpoint that records its channels (ours, nnU-Net's) keeps them, so the variable can stay exported
+        through a whole stage 1 -> stage 2 -> fine-tuning chain."""
+        from ..weights import parse_channel_list
+
+        given = os.environ.get(PRETRAINED_CHANNELS_ENV)
+        given = parse_channel_list(given) if given else None
+        if given is not None and recorded:
+            if [str(c) for c in recorded] != given:
+                self.print_to_log_file(f"  {PRETRAINED_CHANNELS_ENV}={','.join(given)} not used: the checkpoint "
+                                       f"records its channels ({', '.join(map(str, recorded))})")
+            return None
+        return given
 
     def _set_axis_order(self, axis: str, why: str) -> None:
         """Switch the network's axis order and record it in the plans (saved to the results' plans.json, which
@@ -279,7 +298,20 @@ class BSFTrainer(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         self._restore_architecture(saved_arch_kwargs(checkpoint, self.configuration_name), where)
-        super().load_checkpoint(checkpoint)
+        self._apply_checkpoint(checkpoint)
+
+    def _apply_checkpoint(self, checkpoint: dict) -> None:
+        """What nnU-Net's load_checkpoint does with a loaded checkpoint (nnU-Net 2.8 itself only accepts a path)."""
+        _unwrap(self.network).load_state_dict(_strip_module_prefix(checkpoint["network_weights"]))
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def _pretrained_encoder_only(self) -> bool:
         return False

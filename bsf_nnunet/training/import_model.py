@@ -21,7 +21,6 @@ import json
 import os
 from typing import Optional, Sequence
 
-import torch
 
 from ..planning.bsf_plans import atomic_write_json
 from ..planning.presets import get_variant
