@@ -34,7 +34,7 @@ def _axis(plans_or_ckpt):
     return plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["axis_order"]
 
 
-def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path):
+def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path, monkeypatch):
     env = nnunet_env
     dataset_id, full, raw = prepared("brats4")
     res = os.path.join(env["nnUNet_results"], full)
@@ -95,6 +95,8 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path):
     assert os.path.isfile(tmp_path / "pred" / "case_005.nii.gz")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"] + os.pathsep +
+                       os.environ.get("nnUNet_extTrainer", ""))
     predictor = nnUNetPredictor(device=torch.device("cpu"))
     predictor.initialize_from_trained_model_folder(os.path.join(res, FT), (0,), "checkpoint_final.pth")
     assert getattr(predictor.network, "_orig_mod", predictor.network).axis_order == "xyz"
