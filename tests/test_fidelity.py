@@ -41,13 +41,7 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path, monke
     stage1 = tmp_path / "model_weights_UKB-pretrain.pt"
     sd1 = _official_stage1(stage1)
     train = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-device", "cpu"]
-
-    # without channel names the official file is refused, naming the dataset's channels and the official orders
-    import subprocess
-
-    p = subprocess.run(train + ["-tr", "BSFPretrainTrainer_CI", "-pretrained_weights", str(stage1)], env=env,
-                       capture_output=True, text=True)
-    assert p.returncode != 0 and "[T1, T1ce, T2, FLAIR]" in p.stdout + p.stderr and "T1,FLAIR" in p.stdout + p.stderr
+    # (without BSF_PRETRAINED_CHANNELS the official file is refused: test_weights.test_unnamed_checkpoint_channels_refused)
 
     # stage 2, stopped after its first epoch and continued: the stage-2 recipe and the axis order survive --c.
     # BSF_PRETRAINED_CHANNELS stays exported for the whole chain: it names only files that record no channels
