@@ -41,7 +41,8 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path, monke
     stage1 = tmp_path / "model_weights_UKB-pretrain.pt"
     sd1 = _official_stage1(stage1)
     train = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-device", "cpu"]
-    # (without BSF_PRETRAINED_CHANNELS the official file is refused: test_weights.test_unnamed_checkpoint_channels_refused)
+    # (without BSF_PRETRAINED_CHANNELS the official file is refused:
+    # test_weights.test_unnamed_checkpoint_channels_refused)
 
     # stage 2, stopped after its first epoch and continued: the stage-2 recipe and the axis order survive --c.
     # BSF_PRETRAINED_CHANNELS stays exported for the whole chain: it names only files that record no channels

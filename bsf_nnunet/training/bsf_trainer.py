@@ -117,11 +117,6 @@ def _plain_arch(value):
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _strip_module_prefix(state_dict: dict) -> dict:
-    """Weights saved from a DDP-wrapped network carry ``module.``; the unwrapped network has none."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-
-
 def saved_arch_kwargs(checkpoint: dict, configuration: str) -> dict:
     """The architecture arguments a trainer checkpoint was trained with: ``bsf_metadata['arch_kwargs']`` (our
     pretraining checkpoints), else the configuration of the plans nnU-Net saved in ``init_args``; {} if neither."""
@@ -302,7 +297,10 @@ class BSFTrainer(nnUNetTrainer):
 
     def _apply_checkpoint(self, checkpoint: dict) -> None:
         """What nnU-Net's load_checkpoint does with a loaded checkpoint (nnU-Net 2.8 itself only accepts a path)."""
-        _unwrap(self.network).load_state_dict(_strip_module_prefix(checkpoint["network_weights"]))
+        from ..ssl.model import strip_prefix
+
+        # weights saved from a DDP-wrapped network carry module.; the unwrapped network has none
+        _unwrap(self.network).load_state_dict(strip_prefix(checkpoint["network_weights"], "module."))
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])

@@ -9,7 +9,8 @@ CE(rotation) + NT-Xent (tau 0.5, negatives from the local batch as in the paper;
 gathers them across DDP ranks) + L1 reconstruction. Stage 1: AdamW (lr 4e-4, wd 0.1); stage 2 (started from a
 stage-1 checkpoint): the official stage-2 recipe (lr 6e-6, 500 warm-up steps, ``bsf_stage2_recipe``). Warmup then
 cosine per step, bf16 autocast on CUDA and on CPUs with native bf16, gradient clipping. Per epoch the log and
-progress.png show each loss, the rotation accuracy and the contrastive top-1 (train and validation). Validation loss on the fold's validation cases (held-out cases never enter pretraining).
+progress.png show each loss, the rotation accuracy and the contrastive top-1 (train and validation). Validation
+loss on the fold's validation cases (held-out cases never enter pretraining).
 Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``); they load with
 ``torch.load(weights_only=True)``.
 """
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..planning.swin_config import ConfigurationError
-from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap
+from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
 from .checkpointing import atomic_torch_save, safe_torch_load
 from .lr import WarmupCosineLR
 from .ssl_data import SSLCropLoader
@@ -337,7 +338,8 @@ class BSFPretrainTrainer(BSFTrainer):
             "stage": int(self.bsf_stage),
             "parent": self.bsf_parent,
             "recipe": {"initial_lr": float(self.initial_lr), "weight_decay": float(self.weight_decay),
-                       "warmup_steps": int(self.lr_scheduler.warmup_steps), "total_steps": int(self.lr_scheduler.max_steps),
+                       "warmup_steps": int(self.lr_scheduler.warmup_steps),
+                       "total_steps": int(self.lr_scheduler.max_steps),
                        "contrastive_gather": bool(self.bsf_contrastive_gather)},
             "variant": cm.configuration.get("bsf", {}).get("variant", self.bsf_variant),
             "arch_kwargs": arch,
@@ -385,7 +387,7 @@ class BSFPretrainTrainer(BSFTrainer):
             ckpt = filename_or_checkpoint
         meta = ckpt.get("bsf_metadata", {})
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
-        self._restore_architecture(meta.get("arch_kwargs") or {}, where)
+        self._restore_architecture(saved_arch_kwargs(ckpt, self.configuration_name), where)
         if int(meta.get("stage", 1)) >= 2 and self.bsf_stage < 2:
             self._enter_stage2(meta.get("parent"))
         self._module.load_state_dict(ckpt["network_weights"])
