@@ -7,7 +7,8 @@ slices, one ``torch.where`` per crop for the paste round) against a literal refe
 
 Both versions draw the rotations and boxes with ``draw_blocks`` from the same seed, so their rotation labels,
 targets and masks are identical (checked before timing); only the noise values differ (the loop draws noise box by
-box), and with them the pasted content where a crop pastes from an already-noised one. The loop's timing therefore excludes any per-box random-number overhead (in its favour).
+box), and with them the pasted content where a crop pastes from an already-noised one. The loop's timing therefore
+excludes any per-box random-number overhead (in its favour).
 Median of --reps repetitions (the two versions alternate) after --warmup. Writes bench/results/ssl_masking.json.
 """
 from __future__ import annotations

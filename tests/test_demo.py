@@ -13,8 +13,9 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     if importlib.util.find_spec("nilearn") is None:  # the [demo] extra brings it; without it use the phantom
         cmd += ["--source", "synthetic"]
     out = run(cmd, env)
-    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990", "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CIfast",
-                  "-pretrained_weights", "$ nnUNetv2_predict", "Dice on 2 held-out cases", "Run time per step"):
+    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990",
+                  "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CIfast", "-pretrained_weights",
+                  "$ nnUNetv2_predict", "Dice on 2 held-out cases", "Run time per step"):
         assert shown in out, shown
     summary = json.load(open(work / "demo_summary.json"))
     assert set(summary["dice"]) == {"pretrained", "scratch", "trivial (majority class)"}

@@ -188,17 +188,17 @@ def test_build_dataset_synthetic(tmp_path):
     phantom = dd.synthetic_source(2.0)
     for c in ids:
         im, a = _sitk_read(p / "imagesTr" / f"{c}_0000.nii.gz")
-        lb, l = _sitk_read(p / "labelsTr" / f"{c}.nii.gz")
+        lb, seg = _sitk_read(p / "labelsTr" / f"{c}.nii.gz")
         assert im.GetSpacing() == pytest.approx((2, 2, 2)) and lb.GetSpacing() == pytest.approx((2, 2, 2))
         assert im.GetDirection() == pytest.approx((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-        assert lb.GetOrigin() == pytest.approx(im.GetOrigin()) and a.shape == l.shape
-        assert set(np.unique(l)) == {0, 1, 2, 3}
+        assert lb.GetOrigin() == pytest.approx(im.GetOrigin()) and a.shape == seg.shape
+        assert set(np.unique(seg)) == {0, 1, 2, 3}
         n = nib.load(str(p / "imagesTr" / f"{c}_0000.nii.gz"))
         assert nib.aff2axcodes(n.affine) == ("R", "A", "S")
         np.testing.assert_allclose(im.GetOrigin(), n.affine[:3, 3] * [-1, -1, 1], atol=1e-4)
         # same arrays as make_case with the documented per-case stream
         img, lab, aff = dd.make_case(phantom, np.random.default_rng([5, 0, ids.index(c)]))
-        np.testing.assert_array_equal(l, lab.transpose(2, 1, 0))
+        np.testing.assert_array_equal(seg, lab.transpose(2, 1, 0))
         np.testing.assert_array_equal(a, img.transpose(2, 1, 0))
         np.testing.assert_allclose(n.affine, aff, atol=1e-5)
 

@@ -131,5 +131,6 @@ def test_wrong_number_of_input_channels_is_explained():
     from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
 
     net = BSFSwinUNETR(2, 3, feature_size=12, depths=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match=r"expects input of shape \(batch, 2 channels.*has 1 channel files instead of 2"):
+    with pytest.raises(ValueError,
+                       match=r"expects input of shape \(batch, 2 channels.*has 1 channel files instead of 2"):
         net(torch.zeros(1, 1, 64, 64, 64))

@@ -32,7 +32,8 @@ def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
                             ("fpu sse avx2 avx512f avx512bw", False)):
         f = tmp_path / "cpuinfo"
         f.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/cpuinfo" else p, *a, **k))
+        monkeypatch.setattr(builtins, "open",
+                            lambda p, *a, f=f, **k: real_open(f if p == "/proc/cpuinfo" else p, *a, **k))
         assert cpu_has_native_bf16() is expected
     monkeypatch.setattr(builtins, "open", real_open)
 

@@ -23,8 +23,8 @@ def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env,
     ckpt = tmp_path / "ssl_official.pt"
     torch.save({"state_dict": sd, "epoch": 10, "global_step": 1000, "optimizer": {}}, ckpt)
 
-    out = run(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
-               "-pretrained_weights", str(ckpt)], dict(env, BSF_PRETRAINED_CHANNELS="FLAIR,T1"))
+    run(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
+         "-pretrained_weights", str(ckpt)], dict(env, BSF_PRETRAINED_CHANNELS="FLAIR,T1"))
     res = os.path.join(env["nnUNet_results"], full, "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     log = open(glob.glob(os.path.join(res, "fold_0", "training_log_*.txt"))[0]).read()
     assert "Initialised from" in log and "-pretrained_weights" in log

@@ -11,8 +11,18 @@ import torch.multiprocessing as mp
 
 from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
 from bsf_nnunet.planning.presets import variant_arch_kwargs
-from bsf_nnunet.ssl import (BSFSSLModel, SSLLoss, draw_blocks, inpainting_mask, make_views, nt_xent,
-                            random_rotation, reconstruction_loss, rotation_loss, strip_prefix)
+from bsf_nnunet.ssl import (
+    BSFSSLModel,
+    SSLLoss,
+    draw_blocks,
+    inpainting_mask,
+    make_views,
+    nt_xent,
+    random_rotation,
+    reconstruction_loss,
+    rotation_loss,
+    strip_prefix,
+)
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 

@@ -5,7 +5,11 @@ import pytest
 from bsf_nnunet.planning.bsf_plans import make_bsf_plans
 from bsf_nnunet.planning.presets import get_variant, variant_names
 from bsf_nnunet.planning.swin_config import (
-    NETWORK_CLASS_NAME, ConfigurationError, check_user_patch, derive_swin_configuration, round_patch_axis,
+    NETWORK_CLASS_NAME,
+    ConfigurationError,
+    check_user_patch,
+    derive_swin_configuration,
+    round_patch_axis,
 )
 
 
@@ -128,3 +132,26 @@ def test_float_patch_and_huge_batch_still_work():
     new, notes = derive_swin_configuration(dict(conf((100.0, 64, 64), batch=1000)), "toy", memory_budget_gb=8)
     assert new["patch_size"] == [128, 64, 64] and 1 <= new["batch_size"] < 1000
     assert any("batch size" in n for n in notes)
+
+
+def test_variant_registry_is_the_one_source():
+    """plans/variants.json names each variant's trainers; classes, __all__, info and the loader's hint derive."""
+    import bsf_nnunet.training as training
+    from bsf_nnunet.planning.presets import variant_names, variant_of_trainer, variant_trainers
+    from bsf_nnunet.weights.loader import _trainer_hint
+
+    registry = variant_trainers()
+    assert sorted(registry) == variant_names()
+    for variant, (ft, pt) in registry.items():
+        assert getattr(training, ft).bsf_variant == variant
+        assert getattr(training, pt).bsf_variant == variant
+        assert getattr(training, ft).bsf_pretrain_trainer == pt  # stage chaining within the variant
+        assert {ft, pt} <= set(training.__all__)
+        assert variant_of_trainer(ft) == variant_of_trainer(pt) == variant
+        assert f"-tr {ft}" in _trainer_hint(variant, None) and f"-tr {pt}" in _trainer_hint(variant, None)
+    assert training.BSFTrainer_ToyFast.bsf_pretrain_trainer == "BSFPretrainTrainer_ToyFast"  # explicit wins
+
+    class BSFTrainer_NewTiny(training.BSFTrainer):  # a new trainer = one subclass line
+        bsf_variant = "tiny"
+
+    assert BSFTrainer_NewTiny.bsf_pretrain_trainer == "BSFPretrainTrainer_Tiny"

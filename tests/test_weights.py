@@ -13,9 +13,18 @@ from torch import nn
 
 from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
 from bsf_nnunet.planning.presets import load_preset
-from bsf_nnunet.weights import (ChannelMappingError, CheckpointError, WeightsMismatchError, guess_variant,
-                                load_checkpoint, map_channels, normalise_channel_name, normalise_state_dict,
-                                parse_channel_list, transfer_weights)
+from bsf_nnunet.weights import (
+    ChannelMappingError,
+    CheckpointError,
+    WeightsMismatchError,
+    guess_variant,
+    load_checkpoint,
+    map_channels,
+    normalise_channel_name,
+    normalise_state_dict,
+    parse_channel_list,
+    transfer_weights,
+)
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1))
 PE = "swinViT.patch_embed.proj.weight"

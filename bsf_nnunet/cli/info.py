@@ -10,22 +10,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from importlib.metadata import version
+
     import monai
     import nnunetv2  # noqa: F401
     import torch
-    from importlib.metadata import version
 
     from .. import __version__
-    from ..planning.presets import get_variant, variant_names
+    from ..planning.presets import get_variant, variant_names, variant_trainers
 
     print(f"bsf-nnunet {__version__}, nnunetv2 {version('nnunetv2')}, monai {monai.__version__}, torch "
           f"{torch.__version__} (cuda available: {torch.cuda.is_available()})")
     print("variants (trainer: feature size, depths, heads, parameters at 4->3 channels):")
-    trainer = {"toy": "BSFTrainer_Toy", "tiny": "BSFTrainer_Tiny", "small": "BSFTrainer", "big": "BSFTrainer_Big",
-               "large": "BSFTrainer_Large"}
+    trainers = variant_trainers()
     for n in variant_names():
         v = get_variant(n)
-        print(f"  {trainer.get(n, '-'):18s} {n:6s} fs {v['feature_size']:3d} depths {v['depths']} heads "
+        print(f"  {trainers[n][0]:18s} {n:6s} fs {v['feature_size']:3d} depths {v['depths']} heads "
               f"{v['num_heads']} {v['params_m']} M")
     ext = os.environ.get("nnUNet_extTrainer", "")
     print(f"nnUNet_extTrainer = {ext or '(unset)'}")

@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..planning.presets import get_variant
     from ..planning.bsf_plans import plan_dataset
+    from ..planning.presets import get_variant
 
     if args.variant:
         get_variant(args.variant)

@@ -15,8 +15,16 @@ import os
 import re
 from typing import Iterator, Optional
 
-from .convert import CaseSpec, ConversionError, DatasetInfo, nifti_stem, require_dir, run_conversion, safe_case_id, \
-    walk_dirs
+from .convert import (
+    CaseSpec,
+    ConversionError,
+    DatasetInfo,
+    nifti_stem,
+    require_dir,
+    run_conversion,
+    safe_case_id,
+    walk_dirs,
+)
 
 DATASET_INFO = DatasetInfo(
     name="ATLAS2", channel_names=["T1"], labels={"background": 0, "lesion": 1},
@@ -40,7 +48,7 @@ def iter_cases(src: str, split: str = "auto") -> Iterator[CaseSpec]:
     if split not in ("auto", "train", "test"):
         raise ConversionError(f"split must be auto, train or test, not {split!r}")
     src = require_dir(src, "ATLAS source folder")
-    for dirpath, dirs, files in walk_dirs(src):
+    for dirpath, _dirs, files in walk_dirs(src):
         for n in files:
             stem = nifti_stem(n)
             m = _T1.match(stem) if stem else None

@@ -63,8 +63,8 @@ def _dice_text(ref: np.ndarray, pred: np.ndarray) -> str:
     if not labels:
         return ""
     d = []
-    for l in labels:
-        r, p = ref == l, pred == l
+    for lab in labels:
+        r, p = ref == lab, pred == lab
         den = r.sum() + p.sum()
         d.append(2.0 * np.logical_and(r, p).sum() / den if den else 1.0)
     return f"mean Dice {np.mean(d):.3f}"
@@ -130,9 +130,9 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
 
     present = sorted({int(v) for a in labs.values() for v in np.unique(a) if v != 0})
     lut = np.zeros((max(present + [0]) + 1, 4), np.float32)
-    for l in present:
-        lut[l, :3] = _color(l)
-        lut[l, 3] = alpha
+    for lab in present:
+        lut[lab, :3] = _color(lab)
+        lut[lab, 3] = alpha
 
     ncol, nrow = len(columns), len(views)
     ext = [img.shape[2] * sp[2], img.shape[1] * sp[1], img.shape[0] * sp[0]]  # R, A, S extents in mm
@@ -143,7 +143,7 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
     fig.patch.set_facecolor("black")
     gs = fig.add_gridspec(nrow, ncol, height_ratios=panel_h, hspace=0.08, wspace=0.04,
                           left=0.02, right=0.98, top=0.93 if title else 0.95, bottom=0.09)
-    for r, (vname, slicer, rs, cs, (right_mark, left_mark), (up_mark, down_mark)) in enumerate(views):
+    for r, (vname, slicer, rs, cs, (right_mark, left_mark), (up_mark, _down)) in enumerate(views):
         base = slicer(img)
         for c, (cname, lab) in enumerate(columns):
             ax = fig.add_subplot(gs[r, c])
@@ -153,7 +153,8 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
                       interpolation="nearest")
             if lab is not None:
                 ax.imshow(lut[slicer(lab)], origin="lower", extent=extent, interpolation="nearest")
-            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
             if r == 0:
@@ -169,7 +170,7 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
                 ax.text(0.02, 0.5, left_mark, ha="left", va="center", **kw)
                 ax.text(0.5, 0.98, up_mark, ha="center", va="top", **kw)
     if present:
-        handles = [Patch(facecolor=_color(l), label=f"{l}: {names.get(l, str(l))}") for l in present]
+        handles = [Patch(facecolor=_color(v), label=f"{v}: {names.get(v, str(v))}") for v in present]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
                    labelcolor="white")
     if title:

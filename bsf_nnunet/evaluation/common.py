@@ -70,7 +70,7 @@ def load(path: str, what: str):
 
 
 def check_same_grid(pred, gt, pred_path, gt_path) -> None:
-    (pa, ps, paff), (ga, gs, gaff) = pred, gt
+    (pa, ps, _), (ga, gs, _) = pred, gt
     if pa.shape != ga.shape:
         raise CaseError(f"prediction {pred_path} has shape {pa.shape}, ground truth {gt_path} {ga.shape}; "
                         f"predict on the original images (nnUNetv2_predict resamples back to them)")

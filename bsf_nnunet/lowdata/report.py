@@ -16,8 +16,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .common import (atomic_write_bytes, atomic_write_text, finetune_folds, fmt_fraction, fold_dir, load_layout,
-                     preprocessed_dir, read_json, resolve_dataset, results_dir)
+from .common import (
+    atomic_write_bytes,
+    atomic_write_text,
+    finetune_folds,
+    fmt_fraction,
+    fold_dir,
+    load_layout,
+    preprocessed_dir,
+    read_json,
+    resolve_dataset,
+    results_dir,
+)
 from .runner import fold_status, is_scratch
 from .stage2 import report_lines
 

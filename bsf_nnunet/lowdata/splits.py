@@ -20,8 +20,16 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .common import (LAYOUT_FILE, SPLITS_FILE, atomic_write_text, env_folder, fmt_fraction, preprocessed_dir,
-                     read_json, resolve_dataset)
+from .common import (
+    LAYOUT_FILE,
+    SPLITS_FILE,
+    atomic_write_text,
+    env_folder,
+    fmt_fraction,
+    preprocessed_dir,
+    read_json,
+    resolve_dataset,
+)
 
 FORMAT_VERSION = 1
 CV_SEED = 12345  # nnU-Net's seed for the default 5-fold split (nnUNetTrainer.do_split)

@@ -44,6 +44,19 @@ def get_variant(name: str) -> dict:
     return out
 
 
+def variant_trainers() -> dict:
+    """The variant registry: variant name -> (fine-tuning trainer, pretraining trainer), from ``variants.json``."""
+    return {name: (v["trainer"], v["pretrain_trainer"]) for name, v in load_preset("variants.json").items()}
+
+
+def variant_of_trainer(trainer_name: str):
+    """The variant whose registry entry names ``trainer_name`` (fine-tuning or pretraining), else None."""
+    for name, pair in variant_trainers().items():
+        if trainer_name in pair:
+            return name
+    return None
+
+
 def variant_arch_kwargs(name: str) -> dict:
     v = get_variant(name)
     return {k: v[k] for k in ARCH_KEYS}

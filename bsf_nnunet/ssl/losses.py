@@ -3,12 +3,12 @@ reconstruction (L1), as in MONAI's Swin-UNETR pretraining.
 
 ``nt_xent`` uses the local batch's negatives by default, as the paper did (each GPU's own crops). With
 ``gather=True`` under ``torch.distributed`` it gathers the embeddings of all ranks, so the negatives come from the
-global batch (useful at scale; ``BSFPretrainTrainer.bsf_contrastive_gather``). The gather is differentiable: its backward sums the incoming gradients over
-ranks (``all_reduce``) and returns this rank's slice. Every rank computes the same global loss value; the gradient
-reaching its local embeddings is ``world_size`` times its share of the global loss's gradient, which is exactly
-what ``DistributedDataParallel`` expects since it averages parameter gradients over ranks (after averaging, the
-update equals single-process training on the concatenated batch). All ranks must pass the same number of
-embeddings.
+global batch (useful at scale; ``BSFPretrainTrainer.bsf_contrastive_gather``). The gather is differentiable: its
+backward sums the incoming gradients over ranks (``all_reduce``) and returns this rank's slice. Every rank computes
+the same global loss value; the gradient reaching its local embeddings is ``world_size`` times its share of the
+global loss's gradient, which is exactly what ``DistributedDataParallel`` expects since it averages parameter
+gradients over ranks (after averaging, the update equals single-process training on the concatenated batch). All
+ranks must pass the same number of embeddings.
 """
 from __future__ import annotations
 

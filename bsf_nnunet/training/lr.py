@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from torch.optim.lr_scheduler import _LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 
 
 def warmup_cosine_lr(step: int, initial_lr: float, max_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
@@ -16,7 +16,7 @@ def warmup_cosine_lr(step: int, initial_lr: float, max_steps: int, warmup_steps:
     return min_lr + 0.5 * (initial_lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
-class WarmupCosineLR(_LRScheduler):
+class WarmupCosineLR(LRScheduler):
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, min_lr: float = 0.0,
                  current_step: int = None):
         self.initial_lr = initial_lr

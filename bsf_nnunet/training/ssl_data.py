@@ -73,7 +73,7 @@ class SSLCropLoader:
         c = self._centre(data, seg, shape)
         out = np.empty((data.shape[0], *self.crop_size), np.float32)
         src, dst = [], []
-        for ax, (cc, s, cs) in enumerate(zip(c, shape, self.crop_size)):
+        for cc, s, cs in zip(c, shape, self.crop_size):
             lo = cc - cs // 2
             lo = min(max(lo, min(0, s - cs)), max(0, s - cs))  # keep inside when possible
             a, b = max(lo, 0), min(lo + cs, s)
