@@ -134,7 +134,7 @@ def test_brats2021_resume_and_partial_case(tmp_path, raw):
     assert cli("convert", "brats2021", src, "-d", 5, "-j", 1) == 0
     out = raw / "Dataset005_BraTS2021"
     os.remove(out / "imagesTr" / "BraTS2021_00000_0002.nii.gz")     # an interrupted case
-    (out / "labelsTr" / "x.nii.gz.123.abc.part").write_bytes(b"half")  # a temp file of a killed run
+    (out / "labelsTr" / ".tmp_x.nii.gz.0123abcd").write_bytes(b"half")  # a temp file of a killed run
     keep = out / "imagesTr" / "BraTS2021_00001_0000.nii.gz"
     st = os.stat(keep)
     assert cli("convert", "brats2021", src, "-d", 5, "-j", 1) == 0
@@ -142,7 +142,7 @@ def test_brats2021_resume_and_partial_case(tmp_path, raw):
     assert rep["converted"] == ["BraTS2021_00000"] and rep["done_before"] == ["BraTS2021_00001"]
     assert os.stat(keep).st_mtime_ns == st.st_mtime_ns                 # finished case untouched
     assert (out / "imagesTr" / "BraTS2021_00000_0002.nii.gz").exists()
-    assert not any(n.endswith(".part") for d in ("imagesTr", "labelsTr") for n in os.listdir(out / d))
+    assert not any(n.startswith(".tmp_") for d in ("imagesTr", "labelsTr") for n in os.listdir(out / d))
     assert dataset_json(out)["numTraining"] == 2
 
 
@@ -323,3 +323,21 @@ def test_nnunet_verify_dataset_integrity(tmp_path, raw):
     make_brats_case(src, "BraTS2021_00001")
     assert cli("convert", "brats2021", src, "-d", 9, "-j", 1) == 0
     verify_dataset_integrity(str(raw / "Dataset009_BraTS2021"), num_processes=1)
+
+
+def test_walk_dirs_ends_on_symlink_cycles_and_follows_linked_folders(tmp_path):
+    from bsf_nnunet.datasets.convert import walk_dirs
+
+    other = tmp_path / "other_disk" / "sub-02"
+    other.mkdir(parents=True)
+    (other / "t1.nii.gz").write_bytes(b"x")
+    root = tmp_path / "data"
+    (root / "sub-01").mkdir(parents=True)
+    (root / "sub-01" / "t1.nii.gz").write_bytes(b"x")
+    os.symlink(other, root / "sub-02")  # a subject folder on another disk: followed
+    os.symlink(root, root / "sub-01" / "loop")  # a cycle: visited once
+    os.symlink(tmp_path / "missing", root / "dangling")
+    walked = list(walk_dirs(str(root)))
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in walked for f in fs)
+    assert files == ["dangling", "sub-01/t1.nii.gz", "sub-02/t1.nii.gz"]
+    assert len(walked) == 3

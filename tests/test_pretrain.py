@@ -3,10 +3,7 @@ import glob
 import json
 import os
 
-import numpy as np
-import pytest
 import torch
-
 
 RES = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 
-
 def _load(path):
     # nnU-Net's own checkpoints hold plain python objects next to the tensors
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -58,13 +57,13 @@ def test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights(to
     assert rc == -signal.SIGKILL
     half_written = open(marker).read()
     assert os.path.basename(half_written).startswith(".tmp_checkpoint_latest.pth")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (torch raises different types for files cut at different points)
         _load(half_written)  # the interrupted write is garbage ...
     latest = _load(os.path.join(fold, "checkpoint_latest.pth"))  # ... but the previous checkpoint is intact
     assert latest["current_epoch"] == 1
     assert not os.path.exists(os.path.join(fold, "checkpoint_final.pth"))
 
-    out = run(cmd + ["--c"], env)
+    run(cmd + ["--c"], env)
     resumed = _load(os.path.join(fold, "checkpoint_final.pth"))
     assert resumed["current_epoch"] == straight["current_epoch"] == 3
     # same epochs, same data stream (per-epoch seeds), same optimiser state -> the same weights
@@ -114,7 +113,7 @@ def test_pretrainer_kill_during_checkpoint_write_resumes(nnunet_env, prepared, r
     # the pretraining checkpoints load with weights_only=True; the last complete one is intact
     done = torch.load(os.path.join(fold, "checkpoint_latest.pth"), map_location="cpu", weights_only=True)
     assert done["current_epoch"] == 1
-    out = run(cmd + ["--c"], env)
+    run(cmd + ["--c"], env)
     final = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=True)
     assert final["current_epoch"] == 3
     # the half-written temporary file of the killed run was cleaned up

@@ -1,5 +1,6 @@
-"""``bsf-nnunet check``: check an nnU-Net raw dataset before ``nnUNetv2_plan_and_preprocess`` (see
-docs/troubleshooting.md, "Dataset check")."""
+"""``bsf-nnunet check``: check an nnU-Net raw dataset before ``nnUNetv2_plan_and_preprocess``, the input of
+``nnUNetv2_predict`` (``--predict-input``) or the preprocessed cases of a configuration before a long training run
+(``--preprocessed``). See docs/troubleshooting.md, "Dataset check"."""
 from __future__ import annotations
 
 import os
@@ -33,39 +34,49 @@ def register(sub) -> None:
                         "dataset.json): one file per channel per case, matching shapes/affines, no NaN/Inf")
     p.add_argument("-o", "--output", metavar="FOLDER",
                    help="with --predict-input: also check that the prediction output folder can be written")
+    p.add_argument("--preprocessed", action="store_true",
+                   help="instead of the raw dataset, check the preprocessed cases of one configuration (-d looked "
+                        "up in $nnUNet_preprocessed): read every case's data, seg and properties completely and name "
+                        "each missing, truncated or corrupt file, with the command that remakes them")
+    p.add_argument("-c", "--configuration", default="3d_fullres",
+                   help="with --preprocessed: the configuration (default 3d_fullres)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans",
+                   help="with --preprocessed: the plans name (default nnUNetPlans)")
     p.set_defaults(func=run)
 
 
-def resolve_dataset_folder(spec: str) -> str:
-    """The raw dataset folder that ``-d`` names: an ID or a DatasetXXX_Name in $nnUNet_raw, or a folder path."""
+def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
+    """The dataset folder that ``-d`` names: an ID or a DatasetXXX_Name in ``$root_var`` (the raw datasets by
+    default), or a folder path."""
     spec = spec.strip()
-    raw = os.environ.get("nnUNet_raw")
+    raw = os.environ.get(root_var)
     is_id = spec.isdigit()
     is_name = bool(re.fullmatch(r"Dataset\d{3}_[^/\\]+", spec))
     if not is_id and os.path.isdir(spec):
         return os.path.abspath(spec)
     if not (is_id or is_name):
         raise CLIError(f"{spec} is not a folder (and not a dataset ID such as 4 or a name such as "
-                       f"Dataset004_Hippocampus). Pass the path of the raw dataset folder.")
+                       f"Dataset004_Hippocampus). Pass the path of the dataset folder.")
     if not raw:
-        raise CLIError(f"-d {spec} is looked up in $nnUNet_raw, but the environment variable nnUNet_raw is not set. "
-                       f"Set it (export nnUNet_raw=/path/to/nnUNet_raw) or pass the dataset folder path instead.")
+        raise CLIError(f"-d {spec} is looked up in ${root_var}, but the environment variable {root_var} is not set. "
+                       f"Set it (export {root_var}=/path/to/{root_var}) or pass the dataset folder path instead.")
     if not os.path.isdir(raw):
-        raise CLIError(f"$nnUNet_raw is {raw}, which is not a folder. Fix the environment variable or pass the "
+        raise CLIError(f"${root_var} is {raw}, which is not a folder. Fix the environment variable or pass the "
                        f"dataset folder path instead.")
     if is_name:
         path = os.path.join(raw, spec)
         if not os.path.isdir(path):
-            raise CLIError(f"there is no dataset {spec} in $nnUNet_raw ({raw}). Check the name, or pass the folder "
+            raise CLIError(f"there is no dataset {spec} in ${root_var} ({raw}). Check the name, or pass the folder "
                            f"path.")
         return path
     prefix = f"Dataset{int(spec):03d}_"
     hits = sorted(n for n in os.listdir(raw) if n.startswith(prefix) and os.path.isdir(os.path.join(raw, n)))
     if not hits:
-        raise CLIError(f"no dataset with ID {int(spec)} ({prefix}*) in $nnUNet_raw ({raw}). Convert the dataset "
-                       f"first (bsf-nnunet convert ...) or pass the folder path.")
+        raise CLIError(f"no dataset with ID {int(spec)} ({prefix}*) in ${root_var} ({raw}). Convert the dataset "
+                       f"first (bsf-nnunet convert ...; nnUNetv2_plan_and_preprocess for $nnUNet_preprocessed) or "
+                       f"pass the folder path.")
     if len(hits) > 1:
-        raise CLIError(f"dataset ID {int(spec)} is ambiguous in $nnUNet_raw ({raw}): {', '.join(hits)}. Pass the "
+        raise CLIError(f"dataset ID {int(spec)} is ambiguous in ${root_var} ({raw}): {', '.join(hits)}. Pass the "
                        f"full name (-d {hits[0]}) and give the other dataset another ID.")
     return os.path.join(raw, hits[0])
 
@@ -76,10 +87,16 @@ def run(args) -> int:
     try:
         if args.num_processes < 1:
             raise CLIError(f"-np must be at least 1, not {args.num_processes}")
-        folder = resolve_dataset_folder(args.dataset)
+        folder = resolve_dataset_folder(args.dataset, "nnUNet_preprocessed" if args.preprocessed else "nnUNet_raw")
     except CLIError as e:
         print(f"bsf-nnunet check: error: {e}", file=sys.stderr)
         return 2
+    if args.preprocessed:
+        from ..datasets.check import check_preprocessed_dataset
+
+        report = check_preprocessed_dataset(folder, args.configuration, args.plans, num_workers=args.num_processes)
+        print(report.format())
+        return 0 if report.ok else 1
     if args.predict_input:
         from ..datasets.check import check_prediction_input
 

@@ -13,8 +13,9 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
+
+from ..io import atomic_write_json
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_BrainTissueDemo"
@@ -115,10 +116,7 @@ class Demo:
             with open(path) as f:
                 if json.load(f)[:1] == [fold0]:
                     return
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([fold0], f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_json(path, [fold0])
         print(f"\n[splits] fold 0: fine-tune on {n} labelled cases {fold0['train']}, validate on {len(fold0['val'])}")
 
     def trained(self, trainer, fold):
@@ -210,9 +208,7 @@ class Demo:
         summary = {"dice": rows, "times_s": self.times, "workdir": self.workdir, "png": png,
                    "profile": self.p, "device": self.device}
         path = os.path.join(self.workdir, "demo_summary.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, summary)
         print(f"\nWrote {path}" + (f" and {png}" if png else ""))
         return summary
 

@@ -25,8 +25,20 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .convert import (CaseProblem, CaseSpec, ConversionError, DatasetInfo, _log, label_image_like, nifti_stem,
-                      parallel_imap, require_dir, run_conversion, save_nifti_atomic, walk_dirs)
+from .convert import (
+    CaseProblem,
+    CaseSpec,
+    ConversionError,
+    DatasetInfo,
+    _log,
+    label_image_like,
+    nifti_stem,
+    parallel_imap,
+    require_dir,
+    run_conversion,
+    save_nifti_atomic,
+    walk_dirs,
+)
 
 CHANNELS = ["FLAIR", "T1ce", "T1", "T2"]
 MODALITY_SUFFIX = {"FLAIR": "flair", "T1ce": "t1ce", "T1": "t1", "T2": "t2"}

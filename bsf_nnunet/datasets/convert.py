@@ -6,9 +6,9 @@ order, an optional label file and how to turn it into an nnU-Net label) and call
 
 Guarantees:
 
-* every output file is written under a temporary name (``<name>.<pid>.<random>.part``) and renamed into place, so
-  a file that exists is complete; a case is *finished* when all of its output files exist, and a re-run skips
-  finished cases (resumable);
+* every output file is written under a temporary name (``.tmp_<name>.<random>``, :mod:`bsf_nnunet.io`) and
+  renamed into place, so a file that exists is complete; a case is *finished* when all of its output files exist,
+  and a re-run skips finished cases (resumable); a full disk stops the conversion with one message;
 * each case is verified before anything of it is written: all channels present, 3D, the same shape and (within
   ``affine_tol``) the same affine across channels and label, finite values (read with nibabel: SimpleITK turns
   NaN/Inf into 0 without a word), label values in the allowed set. A bad case is reported by name with the reason
@@ -27,13 +27,14 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
+
+from ..io import DiskFullError, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 
 FILE_ENDING = ".nii.gz"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -78,68 +79,26 @@ def safe_case_id(name: str) -> str:
     return out
 
 
-def _tmp_name(path: str) -> str:
-    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written ``path``)."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _silent_remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _silent_remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def place_file(src: str, dst: str, link: Optional[str] = None) -> str:
     """Copy (``link=None``) or link ``src`` to ``dst`` atomically; returns how (``copy``, ``hardlink``,
     ``symlink``, ``gzip`` for an uncompressed .nii source, which cannot be linked under a .nii.gz name)."""
-    tmp = _tmp_name(dst)
-    try:
+    with atomic_path(dst, keep_extension=False) as tmp:
         if src.lower().endswith(".nii") and dst.lower().endswith(".nii.gz"):
             with open(src, "rb") as fi, gzip.GzipFile(tmp, "wb", compresslevel=1, mtime=0) as fo:
                 shutil.copyfileobj(fi, fo, 1 << 20)
-            how = "gzip"
-        elif link is None:
+            return "gzip"
+        if link is None:
             shutil.copyfile(src, tmp)
-            how = "copy"
-        else:
-            how = ""
-            if link in ("auto", "hard"):
-                try:
-                    os.link(src, tmp)
-                    how = "hardlink"
-                except OSError:
-                    if link == "hard":
-                        raise
-            if not how:
-                os.symlink(os.path.abspath(src), tmp)
-                how = "symlink"
-        os.replace(tmp, dst)
-    except BaseException:
-        _silent_remove(tmp)
-        raise
-    return how
+            return "copy"
+        if link in ("auto", "hard"):
+            try:
+                os.link(src, tmp)
+                return "hardlink"
+            except OSError:
+                if link == "hard":
+                    raise
+        os.symlink(os.path.abspath(src), tmp)
+        return "symlink"
 
 
 def save_nifti_atomic(img, path: str) -> None:
@@ -369,7 +328,8 @@ def verify_and_write(spec: CaseSpec, opts: Options) -> dict:
 
 
 def process_case(spec: CaseSpec, opts: Options) -> dict:
-    """Convert one case; never raises for a bad case (returns status 'bad' with reason and hint)."""
+    """Convert one case; never raises for a bad case (returns status 'bad' with reason and hint); a full disk
+    raises :class:`~bsf_nnunet.io.DiskFullError`."""
     res = {"case": spec.case_id, "split": spec.split}
     try:
         if spec.problem:
@@ -379,6 +339,9 @@ def process_case(spec: CaseSpec, opts: Options) -> dict:
     except CaseProblem as e:
         _remove_partial(spec, opts.out_dir)
         res.update(status="bad", reason=e.reason, hint=e.hint)
+    except DiskFullError:  # not the case's fault, and every later case would fail the same way
+        _remove_partial(spec, opts.out_dir)
+        raise
     except Exception as e:  # noqa: BLE001 - one case must not stop the others
         _remove_partial(spec, opts.out_dir)
         res.update(status="bad", reason=f"{type(e).__name__}: {e}",
@@ -475,7 +438,8 @@ def check_existing_dataset_json(out_dir: str, channel_names: Sequence[str], labe
         with open(path) as f:
             old = json.load(f)
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"{path} exists but cannot be read ({e}); remove it (it is rewritten at the end).")
+        raise ConversionError(f"{path} exists but cannot be read ({e}); remove it (it is rewritten at the "
+                              "end).") from None
     want_ch = {str(i): n for i, n in enumerate(channel_names)}
     if old.get("channel_names") != want_ch or _norm_labels(old.get("labels")) != _norm_labels(labels):
         raise ConversionError(f"{out_dir} already holds a different dataset (dataset.json has channel_names "
@@ -637,12 +601,7 @@ def _describe(spec: CaseSpec, opts: Options) -> None:
 
 def _remove_stale_parts(out_dir: str) -> None:
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        d = os.path.join(out_dir, sub)
-        if os.path.isdir(d):
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.name.endswith(".part"):
-                        _silent_remove(e.path)
+        remove_stale_temporaries(os.path.join(out_dir, sub))
 
 
 def _print_summary(report: dict, dry_run: bool) -> None:
@@ -667,19 +626,34 @@ def _print_summary(report: dict, dry_run: bool) -> None:
 
 
 def walk_dirs(root: str) -> Iterator[tuple]:
-    """Depth-first, sorted per folder, lazily: yields (dirpath, [sub dir names], [file names])."""
+    """Depth-first, sorted per folder, lazily: yields (dirpath, [sub dir names], [file names]).
+
+    Symlinked folders are followed (subject folders on another disk are common on clusters), but each real folder
+    is visited once, so a symlink cycle ends instead of recursing forever."""
     stack = [root]
+    seen = set()
     while stack:
         d = stack.pop()
         try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError:
             continue
-        dirs = [e.name for e in entries if e.is_dir()]
-        files = [e.name for e in entries if not e.is_dir()]
+        dirs = [e.name for e in entries if _is_dir(e)]
+        files = [e.name for e in entries if not _is_dir(e)]
         yield d, dirs, files
         stack.extend(os.path.join(d, n) for n in reversed(dirs) if not n.startswith("."))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a dangling or unreadable link
+        return False
 
 
 def require_dir(path: str, what: str = "source folder") -> str:

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -40,6 +39,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
+
+from ..io import atomic_write_bytes
 
 __all__ = [
     "LABELS",
@@ -187,7 +188,7 @@ def _crop_resample(image, probs, brain, aff, spacing, margin_mm) -> DemoSource:
     origin = (w_lo + w_hi) / 2 - (np.array(shape) - 1) / 2 * spacing
     # restrict smoothing to the (padded) bounding box to save time
     pad = int(np.ceil(margin_mm / src_sp.min())) + 4
-    sl = tuple(slice(max(0, l - pad), h + pad + 1) for l, h in zip(lo, hi))
+    sl = tuple(slice(max(0, a - pad), b + pad + 1) for a, b in zip(lo, hi))
     sub_aff = aff.copy()
     sub_aff[:3, 3] = aff[:3, :3] @ np.array([s.start for s in sl]) + aff[:3, 3]
     arrays = _resample_to_grid([image[sl]] + [p[sl] for p in probs], sub_aff, origin, shape, spacing)
@@ -211,7 +212,7 @@ def synthetic_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource
     n = (np.ceil(2 * (semi + 4) / fine)).astype(int) + 1
     ax = [(np.arange(n[a]) - (n[a] - 1) / 2) * fine for a in range(3)]
     x, y, z = np.meshgrid(*ax, indexing="ij", sparse=True)
-    x = x.astype(np.float32); y = y.astype(np.float32); z = z.astype(np.float32)
+    x, y, z = (v.astype(np.float32) for v in (x, y, z))
     r = np.sqrt((x / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
     az = np.arctan2(y, x)
     pol = np.arccos(np.clip(z / semi[2] / np.maximum(r, 1e-6), -1, 1))
@@ -391,21 +392,6 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     import nibabel as nib
 
@@ -419,8 +405,8 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
 def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_path: Path,
                label_path: Path) -> None:
     """Write one image/label pair atomically (image first, so a present label implies a present image)."""
-    _atomic_write_bytes(Path(image_path), _nifti_bytes(image.astype(np.float32), affine))
-    _atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
+    atomic_write_bytes(Path(image_path), _nifti_bytes(image.astype(np.float32), affine))
+    atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
 
 
 def _dataset_json(name: str, num_train: int, num_test: int, source: str) -> dict:
@@ -496,7 +482,7 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
                                     f"(--overwrite) to rebuild it, delete it, or pick another dataset_id.")
             log(f"removing {folder} (built with other settings)")
             shutil.rmtree(folder)
-    _atomic_write_bytes(record, (json.dumps(params, indent=2) + "\n").encode())
+    atomic_write_bytes(record, (json.dumps(params, indent=2) + "\n").encode())
 
     cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
     cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
@@ -515,6 +501,6 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
             img, lab, aff = make_case(src, np.random.default_rng([int(seed), split, i]), **(case_kwargs or {}))
             write_case(img, lab, aff, ip, lp)
             log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    _atomic_write_bytes(folder / "dataset.json",
+    atomic_write_bytes(folder / "dataset.json",
                         (json.dumps(_dataset_json(name, num_train, num_test, src_key), indent=2) + "\n").encode())
     return folder

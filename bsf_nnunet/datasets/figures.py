@@ -8,6 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..io import atomic_write_bytes
+
 __all__ = ["save_triplanar_png", "DEFAULT_LABEL_NAMES"]
 
 DEFAULT_LABEL_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
@@ -178,8 +180,6 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor=fig.get_facecolor())
-    from .demo_data import _atomic_write_bytes
-
     path = Path(path)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -5,18 +5,18 @@ second label 2 marks a bright core inside each blob, for region-based training).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..io import atomic_path, atomic_write_json
+
 
 def _write_atomic(img: sitk.Image, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
-    sitk.WriteImage(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the temporary ends in .nii.gz: SimpleITK picks the format by it
+        sitk.WriteImage(img, tmp)
 
 
 def make_case(rng: np.random.Generator, shape: Sequence[int], num_channels: int = 1, with_core: bool = False):
@@ -71,8 +71,5 @@ def build_synthetic_dataset(raw_dir: str, dataset_id: int = 999, name: str = "Sy
         extra = {}
     ds = {"channel_names": {str(i): n for i, n in enumerate(names)}, "labels": labels, "numTraining": num_train,
           "file_ending": ".nii.gz", **extra}
-    tmp = os.path.join(folder, ".tmp_dataset.json")
-    with open(tmp, "w") as f:
-        json.dump(ds, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "dataset.json"))
+    atomic_write_json(os.path.join(folder, "dataset.json"), ds)
     return folder

@@ -22,8 +22,16 @@ import os
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-from .convert import CaseSpec, ConversionError, DatasetInfo, nifti_stem, require_dir, run_conversion, safe_case_id, \
-    walk_dirs
+from .convert import (
+    CaseSpec,
+    ConversionError,
+    DatasetInfo,
+    nifti_stem,
+    require_dir,
+    run_conversion,
+    safe_case_id,
+    walk_dirs,
+)
 
 BRAIN_LABELS = {"background": 0, "brain": 1}
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the low-data study: dataset and folder resolution, the layout file, atomic writes.
+"""Shared pieces of the low-data study: dataset and folder resolution, the layout file.
 
 The layout of a study lives next to nnU-Net's ``splits_final.json`` in ``lowdata.json``; the training runs are plain
 ``nnUNetv2_train`` calls, so nothing here imports ``bsf_nnunet.training``.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import List, Optional
 
 LAYOUT_FILE = "lowdata.json"
@@ -52,27 +51,6 @@ def results_dir(dataset_name: str) -> str:
 def fold_dir(dataset_name: str, trainer: str, plans: str, configuration: str, fold: int) -> str:
     """nnU-Net's output folder of one training: <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<F>."""
     return os.path.join(results_dir(dataset_name), f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path`` (readers never see half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: str, what: str):

@@ -16,9 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..io import atomic_write_bytes, atomic_write_text
 from .common import (
-    atomic_write_bytes,
-    atomic_write_text,
     finetune_folds,
     fmt_fraction,
     fold_dir,

@@ -20,10 +20,10 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..io import atomic_write_text
 from .common import (
     LAYOUT_FILE,
     SPLITS_FILE,
-    atomic_write_text,
     env_folder,
     fmt_fraction,
     preprocessed_dir,

@@ -20,7 +20,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from .common import atomic_write_text, read_json, results_dir
+from ..io import atomic_write_text
+from .common import read_json, results_dir
 
 PER_FOLD, SHARED, NONE = "per-fold", "shared", "none"
 DEFAULT_MODE = PER_FOLD

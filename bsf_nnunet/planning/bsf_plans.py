@@ -9,25 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
+from ..io import atomic_write_json
 from .presets import bsf_plans_defaults
 from .swin_config import ConfigurationError, check_user_patch, derive_swin_configuration
-
-
-def atomic_write_json(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Sequence[int], batch_size: int,
@@ -61,13 +47,17 @@ def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Opt
     """Fingerprint (if needed), plan and preprocess ``dataset_id``; return the path of the written plans file."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset, plan_experiment_dataset, preprocess_dataset)
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+        preprocess_dataset,
+    )
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     for var, env in ((nnUNet_raw, "nnUNet_raw"), (nnUNet_preprocessed, "nnUNet_preprocessed")):
         if not var.is_set():
-            raise ConfigurationError(f"Environment variable {env} is not set: set it as for nnUNetv2_plan_and_preprocess.")
+            raise ConfigurationError(f"Environment variable {env} is not set: set it as for "
+                                     "nnUNetv2_plan_and_preprocess.")
     defaults = bsf_plans_defaults()
     variant = variant or defaults["variant"]
     patch_size = list(patch_size or defaults["patch_size"])
@@ -90,7 +80,7 @@ def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Opt
     with open(plans_file) as f:
         plans = json.load(f)
     new, notes = make_bsf_plans(plans, plans_name, variant, patch_size, batch_size)
-    atomic_write_json(plans_file, new)
+    atomic_write_json(plans_file, new, indent=4)
     if verbose:
         c = new["configurations"]["3d_fullres"]
         print(f"Wrote {plans_file}: 3d_fullres spacing {c['spacing']}, patch {c['patch_size']}, batch "

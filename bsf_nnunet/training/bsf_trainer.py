@@ -23,13 +23,16 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from ..planning.presets import get_variant
+from ..io import DiskFullError, atomic_path, remove_stale_temporaries
+from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
 from .lr import WarmupCosineLR
 
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
 STOP_AFTER_EPOCH_ENV = "BSF_STOP_AFTER_EPOCH"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
+# what nnUNetv2_train --c may continue from, newest first (checkpoint_final.pth ends a training)
+RESUMABLE_CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 class TrainingHealthError(RuntimeError):
@@ -138,11 +141,20 @@ class BSFTrainer(nnUNetTrainer):
     bsf_extra_arch_kwargs = None  # e.g. {"use_checkpoint": True}
     bsf_warmup_fraction = 0.05  # of num_epochs
     bsf_use_pretraining = True  # False: never load pretrained weights (the scratch baseline)
-    bsf_pretrain_trainer = "BSFPretrainTrainer"  # stage chaining: its fold F results initialise fold F
+    # stage chaining: this trainer's fold F results initialise fold F. Subclasses that set bsf_variant get their
+    # variant's pretraining trainer from the registry (plans/variants.json) unless they name one themselves.
+    bsf_pretrain_trainer = "BSFPretrainTrainer"
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
     bsf_seed = 12345  # each epoch reseeds python/numpy/torch from (seed, fold, epoch): --c repeats the same stream
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 50, "save_every": 5}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "bsf_variant" in cls.__dict__ and "bsf_pretrain_trainer" not in cls.__dict__:
+            pretrainer = variant_trainers()[cls.bsf_variant][1]
+            if pretrainer != cls.__name__:
+                cls.bsf_pretrain_trainer = pretrainer
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -215,6 +227,9 @@ class BSFTrainer(nnUNetTrainer):
         if self.bsf_seed is not None and not self.was_initialized:
             self._seed_epoch(-1)  # reproducible initial weights (per fold, so that the folds of an ensemble differ)
         super().initialize()
+        from .data import checked_dataset_class
+
+        self.dataset_class = checked_dataset_class(self.dataset_class)  # names a truncated/corrupt case
         # lets our -pretrained_weights handler find the trainer that owns this network
         _unwrap(self.network).__dict__["_bsf_owner"] = weakref.ref(self)
 
@@ -224,38 +239,46 @@ class BSFTrainer(nnUNetTrainer):
         return [str(cn[k]) for k in sorted(cn, key=int)]
 
     def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
-        """Initialise from any supported checkpoint (ours, nnU-Net's, official MONAI SSL/fine-tuned, raw)."""
+        """Initialise from any supported checkpoint (ours, nnU-Net's, official MONAI SSL/fine-tuned, raw), given as
+        a path or as a published / Hugging Face name (``bsf:NAME``, ``hf://OWNER/REPO/FILE``; downloaded once)."""
         if not self.bsf_use_pretraining:
             raise ConfigurationError(
                 f"{self.__class__.__name__} trains from scratch by definition and never loads pretrained weights; "
                 f"drop -pretrained_weights or use BSFTrainer.")
-        from ..weights import load_checkpoint, transfer_weights
+        from ..weights import transfer_weights
+        from ..weights.hub import resolve_checkpoint
 
         if not self.was_initialized:
             self.initialize()
-        ckpt = load_checkpoint(path, allow_unsafe_pickle=_unsafe_pickle_allowed())
-        src = self._named_source_channels(ckpt.metadata.get("channel_names"))
+        resolved = resolve_checkpoint(path, allow_unsafe_pickle=_unsafe_pickle_allowed())
+        ckpt = resolved.load(allow_unsafe_pickle=_unsafe_pickle_allowed())
+        src = self._named_source_channels(ckpt.metadata.get("channel_names"), resolved.entry)
         report = transfer_weights(_unwrap(self.network), ckpt, source_channels=src,
                                   target_channels=self.target_channel_names(), verbose=False,
                                   encoder_only=self._pretrained_encoder_only())
         axis = ckpt.metadata.get("axis_order", "zyx")
         if axis != getattr(_unwrap(self.network), "axis_order", axis):
             self._set_axis_order(axis, "the checkpoint was trained on " + axis + " arrays")
-        self.bsf_pretrained_from = os.path.abspath(path)
-        self.print_to_log_file(f"Initialised from {path} ({how}):\n{report.summary()}")
+        self.bsf_pretrained_from = resolved.source
+        table = (f"; channels, merging and axis order of {resolved.entry.spec} from the published-weights table"
+                 if resolved.entry is not None else "")
+        self.print_to_log_file(f"Initialised from {resolved.describe()} ({how}{table}):\n{report.summary()}")
 
-    def _named_source_channels(self, recorded):
-        """``BSF_PRETRAINED_CHANNELS`` names the channels of checkpoints that record none (official files); a
-        checkpoint that records its channels (ours, nnU-Net's) keeps them, so the variable can stay exported
-        through a whole stage 1 -> stage 2 -> fine-tuning chain."""
+    def _named_source_channels(self, recorded, entry=None):
+        """``BSF_PRETRAINED_CHANNELS`` names the channels of checkpoints that record none (official files given as
+        a path); a checkpoint that records its channels (ours, nnU-Net's) or a published file (``entry``, whose
+        channels the table gives) keeps them, so the variable can stay exported through a whole stage 1 -> stage
+        2 -> fine-tuning chain."""
         from ..weights import parse_channel_list
 
         given = os.environ.get(PRETRAINED_CHANNELS_ENV)
         given = parse_channel_list(given) if given else None
         if given is not None and recorded:
             if [str(c) for c in recorded] != given:
-                self.print_to_log_file(f"  {PRETRAINED_CHANNELS_ENV}={','.join(given)} not used: the checkpoint "
-                                       f"records its channels ({', '.join(map(str, recorded))})")
+                who = f"the published-weights table names the channels of {entry.spec}" if entry is not None else \
+                    "the checkpoint records its channels"
+                self.print_to_log_file(f"  {PRETRAINED_CHANNELS_ENV}={','.join(given)} not used: {who} "
+                                       f"({', '.join(map(str, recorded))})")
             return None
         return given
 
@@ -284,16 +307,65 @@ class BSFTrainer(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading for --c, --val and --val_best, read without unpickling code, into the architecture
-        (axis order) that the checkpoint was trained with."""
-        from ..weights import read_checkpoint_file
-
+        (axis order) that the checkpoint was trained with. A truncated or corrupt file: see _read_checkpoint."""
         checkpoint, where = filename_or_checkpoint, "the checkpoint"
         if isinstance(checkpoint, str):
-            checkpoint, where = read_checkpoint_file(checkpoint, _unsafe_pickle_allowed()), checkpoint
+            checkpoint, where = self._read_checkpoint(checkpoint)
+            if checkpoint is None:
+                return  # --c, but no checkpoint loads: training starts from scratch (logged)
         if not self.was_initialized:
             self.initialize()
         self._restore_architecture(saved_arch_kwargs(checkpoint, self.configuration_name), where)
         self._apply_checkpoint(checkpoint)
+
+    def _read_checkpoint(self, path: str):
+        """(checkpoint, the file it came from). When nnUNetv2_train --c continues a training (nothing trained yet in
+        this process) from checkpoint_latest.pth or checkpoint_best.pth, a truncated or corrupt file is renamed to
+        <name>.corrupt (kept, never picked again) and the next of latest -> best in the fold folder is read; when
+        none loads: (None, None) and training starts from scratch, saying so in the log. checkpoint_final.pth,
+        --val and --val_best never fall back (validating another checkpoint than the one asked for would be
+        silently wrong): a corrupt file there is an error that names it."""
+        from ..weights import CheckpointError, read_checkpoint_file
+        from ..weights.loader import CorruptCheckpointError
+
+        name, folder = os.path.basename(path), os.path.dirname(path)
+        if not (getattr(self.logger, "resume", False) and self.current_epoch == 0 and name in RESUMABLE_CHECKPOINTS):
+            try:
+                return read_checkpoint_file(path, _unsafe_pickle_allowed()), path
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(
+                    f"{path} is truncated or corrupt ({e.detail}). It is not replaced by another checkpoint here: "
+                    f"move it away (e.g. to {name}.corrupt) and continue the training with nnUNetv2_train ... --c, "
+                    "which resumes from checkpoint_latest.pth / checkpoint_best.pth, or train the fold again.",
+                    e.detail) from None
+        for candidate in RESUMABLE_CHECKPOINTS[RESUMABLE_CHECKPOINTS.index(name):]:
+            file = os.path.join(folder, candidate)
+            try:
+                checkpoint = read_checkpoint_file(file, _unsafe_pickle_allowed())
+            except CorruptCheckpointError as e:
+                self._set_aside_corrupt(file, e.detail)
+                continue
+            except CheckpointError:
+                if os.path.exists(file):
+                    raise
+                continue  # not there (or set aside by another DDP rank)
+            if candidate != name:
+                self.print_to_log_file(f"Continuing from {candidate} (epoch {checkpoint.get('current_epoch')}).")
+            return checkpoint, file
+        self.print_to_log_file(f"No checkpoint in {folder} loads ({', '.join(RESUMABLE_CHECKPOINTS)} are missing or "
+                               "corrupt): this training starts from scratch (epoch 0).")
+        return None, None
+
+    def _set_aside_corrupt(self, path: str, detail: str) -> None:
+        """Rename a corrupt checkpoint to <name>.corrupt (or .corrupt1, ...: nothing is overwritten) and say so."""
+        target, n = path + ".corrupt", 1
+        while os.path.lexists(target):
+            target, n = f"{path}.corrupt{n}", n + 1
+        if self.local_rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, target)
+        self.print_to_log_file(f"{os.path.basename(path)} in {os.path.dirname(path)} is truncated or corrupt "
+                               f"({detail}): renamed to {os.path.basename(target)} (kept, not used again).")
 
     def _apply_checkpoint(self, checkpoint: dict) -> None:
         """What nnU-Net's load_checkpoint does with a loaded checkpoint (nnU-Net 2.8 itself only accepts a path)."""
@@ -339,6 +411,9 @@ class BSFTrainer(nnUNetTrainer):
                                    " or pass -pretrained_weights.")
 
     def on_train_start(self):
+        from .guards import before_training
+
+        before_training(self)  # one run per fold (a lock), finite raw images
         if not self.was_initialized:
             self.initialize()
         self._maybe_chain_pretraining()
@@ -358,7 +433,7 @@ class BSFTrainer(nnUNetTrainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    def _stop_now(self, reason: str, mid_epoch: bool) -> None:
+    def _stop_now(self, reason: str) -> None:
         # checkpoints store current_epoch + 1 as the epoch to run next: after an epoch (counter already advanced)
         # that is the next epoch; in the middle of one it is the unfinished epoch, redone after --c
         self.current_epoch -= 1
@@ -371,11 +446,11 @@ class BSFTrainer(nnUNetTrainer):
     def _check_stop(self, end_of_epoch: bool) -> None:
         sig = getattr(self, "_bsf_stop_signal", None)
         if sig:
-            self._stop_now(f"Received {sig}", mid_epoch=not end_of_epoch)
+            self._stop_now(f"Received {sig}")
         env = os.environ.get(STOP_AFTER_EPOCH_ENV)
         if end_of_epoch and env not in (None, "") and self.current_epoch - 1 >= int(env) \
                 and self.current_epoch < self.num_epochs:
-            self._stop_now(f"{STOP_AFTER_EPOCH_ENV}={env} reached", mid_epoch=False)
+            self._stop_now(f"{STOP_AFTER_EPOCH_ENV}={env} reached")
 
     def on_epoch_end(self):
         super().on_epoch_end()
@@ -383,8 +458,6 @@ class BSFTrainer(nnUNetTrainer):
 
     def on_train_end(self):
         super().on_train_end()
-        from .checkpointing import remove_stale_temporaries
-
         if self.local_rank == 0:
             remove_stale_temporaries(self.output_folder, "checkpoint_")
 
@@ -414,11 +487,24 @@ class BSFTrainer(nnUNetTrainer):
         super().on_train_epoch_start()
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written)."""
-        tmp = os.path.join(os.path.dirname(filename), ".tmp_" + os.path.basename(filename))
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
+        """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written); a full disk stops the
+        run with a message, the previous checkpoint intact."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing (says so when checkpointing is disabled)
+            return
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(filename)), os.path.basename(filename))
+        with self._stop_if_disk_full(), atomic_path(filename, keep_extension=False) as tmp:
+            super().save_checkpoint(tmp)
+
+    @contextlib.contextmanager
+    def _stop_if_disk_full(self):
+        """A checkpoint write that finds the disk full (or the quota exceeded) ends the run with the message alone
+        (exit code 1, no traceback) and in the training log."""
+        try:
+            yield
+        except DiskFullError as e:
+            self.print_to_log_file(str(e), also_print_to_console=False)
+            raise SystemExit(f"{self.__class__.__name__} stopped: {e}") from None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -494,21 +580,18 @@ class BSFTrainer_Tiny(BSFTrainer):
     """Depths 2-2-2-2, 62.2 M parameters."""
 
     bsf_variant = "tiny"
-    bsf_pretrain_trainer = "BSFPretrainTrainer_Tiny"  # stage chaining within the variant
 
 
 class BSFTrainer_Big(BSFTrainer):
     """Depths 2-2-18-2, 69.7 M parameters."""
 
     bsf_variant = "big"
-    bsf_pretrain_trainer = "BSFPretrainTrainer_Big"  # stage chaining within the variant
 
 
 class BSFTrainer_Large(BSFTrainer):
     """Feature size 96, depths 2-2-18-2, heads 4-8-16-32, ~277 M parameters."""
 
     bsf_variant = "large"
-    bsf_pretrain_trainer = "BSFPretrainTrainer_Large"  # stage chaining within the variant
 
 
 class BSFTrainer_Tiny_scratch(BSFTrainer_Tiny):
@@ -538,7 +621,6 @@ class BSFTrainer_Toy(BSFTrainer):
 
     bsf_variant = "toy"
     bsf_patch_cap = 64
-    bsf_pretrain_trainer = "BSFPretrainTrainer_Toy"
     bsf_warmup_fraction = 0.2
     bsf_recipe = dict(BSFTrainer.bsf_recipe, num_epochs=5, num_iterations_per_epoch=25,
                       num_val_iterations_per_epoch=5, initial_lr=1e-3, save_every=1)
@@ -577,10 +659,13 @@ def _install_pretrained_weights_handler() -> None:
     original = getattr(rt.load_pretrained_weights, "_bsf_original", rt.load_pretrained_weights)
 
     def load_pretrained_weights(network, fname, verbose=False):
+        # nnU-Net passes the -pretrained_weights string through unchanged: bsf:NAME / hf:// names arrive as they are
         ref = _unwrap(network).__dict__.get("_bsf_owner")
         trainer = ref() if ref is not None else None
         if trainer is None:
-            return original(network, fname, verbose)
+            from ..weights.hub import is_hub_spec, resolve_checkpoint
+
+            return original(network, resolve_checkpoint(fname).path if is_hub_spec(fname) else fname, verbose)
         trainer.load_bsf_pretrained(fname)
 
     load_pretrained_weights._bsf_original = original

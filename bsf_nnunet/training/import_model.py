@@ -17,15 +17,12 @@ overlap becomes nnU-Net's ``-step_size 0.4``, which nnUNetv2_predict takes from 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
-
-from ..planning.bsf_plans import atomic_write_json
+from ..io import atomic_folder, atomic_torch_save, atomic_write_json
 from ..planning.presets import get_variant
 from ..planning.swin_config import NETWORK_CLASS_NAME, check_user_patch
-from .checkpointing import atomic_torch_save
 
 IMPORTED_TRAINER = "BSFTrainer_imported"
 IMPORTED_PLANS = "BSFImportedPlans"
@@ -106,28 +103,68 @@ def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: di
     }
 
 
-def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regions: Optional[str] = None,
-                 labels: Optional[Sequence[str]] = None, dataset_name: Optional[str] = None,
-                 patch: Sequence[int] = (128, 128, 128), spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 merging: str = "legacy", axis_order: str = "xyz", results: Optional[str] = None,
+def _settings(checkpoint: str, entry, channels: Optional[Sequence[str]], regions: Optional[str],
+              merging: Optional[str], axis_order: Optional[str]):
+    """(channels, regions, merging, axis order) of an import: the explicit values, else those of the published-
+    weights table for its files (``entry``), else the conventions of MONAI-trained files (legacy merging, xyz).
+    Channels and regions given for a published file must agree with the table."""
+    from ..weights import normalise_channel_name
+
+    channels = [c.strip() for c in channels or () if c.strip()]
+    if entry is None:
+        if not channels:
+            raise ValueError(f"{checkpoint}: give the checkpoint's input channels in order with --channels, e.g. "
+                             "FLAIR,T1ce,T1,T2 (only the published files, bsf-nnunet weights list, need none).")
+        return channels, regions, merging or "legacy", axis_order or "xyz"
+    if channels and [normalise_channel_name(c) for c in channels] != \
+            [normalise_channel_name(c) for c in entry.channels]:
+        raise ValueError(f"--channels {','.join(channels)} contradicts {entry.spec}, whose inputs are "
+                         f"{','.join(entry.channels)} in this order (published-weights table): drop --channels.")
+    if regions and regions != entry.regions:
+        raise ValueError(f"--regions {regions} contradicts {entry.spec}, whose outputs are "
+                         f"{', '.join(entry.outputs or ())} (published-weights table): drop --regions.")
+    return channels or list(entry.channels), entry.regions, merging or entry.merging, axis_order or entry.axis_order
+
+
+def _write_model_folder(out: str, plans: dict, dataset_json: dict, checkpoint: dict, imported_from: dict) -> None:
+    """Assemble the results folder in a temporary folder beside it, then rename it into place: a failure (a full
+    disk) leaves no half-made folder that nnUNetv2_predict would take for a model, and an existing folder
+    (``overwrite``) is replaced as a whole, only once the new one is complete."""
+    with atomic_folder(out) as tmp:
+        atomic_write_json(os.path.join(tmp, "plans.json"), plans, indent=4)
+        atomic_write_json(os.path.join(tmp, "dataset.json"), dataset_json, indent=4)
+        atomic_write_json(os.path.join(tmp, "IMPORTED_FROM.json"), imported_from)
+        atomic_torch_save(checkpoint, os.path.join(tmp, "fold_all", "checkpoint_final.pth"))
+
+
+def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[str]] = None,
+                 regions: Optional[str] = None, labels: Optional[Sequence[str]] = None,
+                 dataset_name: Optional[str] = None, patch: Sequence[int] = (128, 128, 128),
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), merging: Optional[str] = None,
+                 axis_order: Optional[str] = None, results: Optional[str] = None,
                  allow_unsafe_pickle: bool = False, overwrite: bool = False, tta: bool = False) -> str:
     """Write ``<results>/<dataset>/BSFTrainer_imported__BSFImportedPlans__3d_fullres``; return its path.
 
+    ``checkpoint``: a path, or a published / Hugging Face name (``bsf:NAME``, ``hf://OWNER/REPO/FILE``; downloaded
+    once), whose channels, regions, merging and axis order then come from the published-weights table.
     ``tta=False`` (the original's inference): no mirroring axes in the checkpoint, so nnUNetv2_predict never
     mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes."""
     from ..network import BSFSwinUNETR
-    from ..weights import guess_variant, load_checkpoint
+    from ..weights import guess_variant
+    from ..weights.hub import resolve_checkpoint
+    from ..weights.loader import check_finite
 
     if results is None:
         results = os.environ.get("nnUNet_results")
         if not results:
             raise ValueError("nnUNet_results is not set: set it (as for nnUNetv2_predict) or pass --results.")
-    channels = [c.strip() for c in channels if c.strip()]
-    if not channels:
-        raise ValueError("--channels is empty: give the checkpoint's input channels in order, e.g. FLAIR,T1ce,T1,T2")
     patch, note = check_user_patch(patch, allow_round=False)
-    ck = load_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    resolved = resolve_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    channels, regions, merging, axis_order = _settings(checkpoint, resolved.entry, channels, regions, merging,
+                                                       axis_order)
+    ck = resolved.load(allow_unsafe_pickle=allow_unsafe_pickle)
     sd = ck.state_dict
+    check_finite(sd, checkpoint)
     if "out.conv.conv.weight" not in sd:
         raise ValueError(f"{checkpoint} has no segmentation output (out.conv.conv.weight): it looks like a "
                          "self-supervised checkpoint. Fine-tune it with -pretrained_weights instead of importing it.")
@@ -175,21 +212,17 @@ def import_model(checkpoint: str, dataset_id: int, channels: Sequence[str], regi
     dataset_json = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": label_dict,
                     "numTraining": 0, "file_ending": ".nii.gz", **extra}
     inference = inference_settings(tta)
-    os.makedirs(os.path.join(out, "fold_all"), exist_ok=True)
-    atomic_write_json(os.path.join(out, "plans.json"), plans)
-    atomic_write_json(os.path.join(out, "dataset.json"), dataset_json)
-    atomic_torch_save({
+    _write_model_folder(out, plans, dataset_json, {
         "network_weights": net.state_dict(),
         "trainer_name": IMPORTED_TRAINER,
         "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all", "dataset_json": dataset_json},
         "inference_allowed_mirroring_axes": TTA_MIRROR_AXES if tta else None,
         "current_epoch": 0,
-        "bsf_metadata": {"format": "imported", "source": os.path.abspath(checkpoint), "variant": variant,
+        "bsf_metadata": {"format": "imported", "source": resolved.source, "variant": variant,
                          "channel_names": channels, "merging": merging, "axis_order": axis_order,
                          "inference": inference},
-    }, final)
-    with open(os.path.join(out, "IMPORTED_FROM.json"), "w") as f:
-        json.dump({"checkpoint": os.path.abspath(checkpoint), "variant": variant, "regions": regions,
-                   "channels": channels, "patch": patch, "spacing": list(spacing), "inference": inference,
-                   "predict": predict_command(dataset_id)}, f, indent=2)
+    }, {
+        "checkpoint": resolved.source, "published": resolved.entry.spec if resolved.entry else None,
+        "variant": variant, "regions": regions, "channels": channels, "merging": merging, "axis_order": axis_order,
+        "patch": patch, "spacing": list(spacing), "inference": inference, "predict": predict_command(dataset_id)})
     return out

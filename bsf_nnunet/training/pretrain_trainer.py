@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..io import atomic_torch_save, remove_stale_temporaries
 from ..planning.swin_config import ConfigurationError
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
-from .checkpointing import atomic_torch_save, safe_torch_load
 from .lr import WarmupCosineLR
 from .ssl_data import SSLCropLoader
 
@@ -127,13 +127,15 @@ class BSFPretrainTrainer(BSFTrainer):
         self.loss = self._build_loss()
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        from .data import checked_dataset_class
+
+        self.dataset_class = checked_dataset_class(infer_dataset_class(self.preprocessed_dataset_folder))
         self.was_initialized = True
 
     def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
         """Stage 2: start from a stage-1 (or official SSL) checkpoint, encoder and heads, with the stage-2 recipe."""
         super().load_bsf_pretrained(path, how)
-        self._enter_stage2(os.path.abspath(path))
+        self._enter_stage2(self.bsf_pretrained_from)
 
     def _enter_stage2(self, parent: str) -> None:
         """Stage 2 trains with its own recipe (a fresh optimiser and schedule; --c then loads their state)."""
@@ -200,6 +202,9 @@ class BSFPretrainTrainer(BSFTrainer):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self):
+        from .guards import before_training
+
+        before_training(self)  # one run per fold (a lock), finite raw images
         if not self.was_initialized:
             self.initialize()
         self.dataloader_train, self.dataloader_val = self.get_dataloaders()
@@ -376,17 +381,19 @@ class BSFPretrainTrainer(BSFTrainer):
             "bsf_metadata": self.bsf_metadata(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
-        atomic_torch_save(checkpoint, filename)
+        with self._stop_if_disk_full():
+            atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """--c (and stage chaining) for pretraining; a truncated or corrupt file as in BSFTrainer._read_checkpoint."""
+        ckpt, where = filename_or_checkpoint, "the checkpoint"
+        if isinstance(ckpt, str):
+            ckpt, where = self._read_checkpoint(ckpt)
+            if ckpt is None:
+                return  # --c, but no checkpoint loads: pretraining starts from scratch (logged)
         if not self.was_initialized:
             self.initialize()
-        if isinstance(filename_or_checkpoint, str):
-            ckpt = safe_torch_load(filename_or_checkpoint)
-        else:
-            ckpt = filename_or_checkpoint
         meta = ckpt.get("bsf_metadata", {})
-        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         self._restore_architecture(saved_arch_kwargs(ckpt, self.configuration_name), where)
         if int(meta.get("stage", 1)) >= 2 and self.bsf_stage < 2:
             self._enter_stage2(meta.get("parent"))
@@ -401,6 +408,8 @@ class BSFPretrainTrainer(BSFTrainer):
         self.bsf_parent = meta.get("parent", self.bsf_parent)
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"].get("python"):
+                random.setstate((3, tuple(int(x) for x in ckpt["rng"]["python"]), None))
 
     def on_train_end(self):
         self.current_epoch -= 1
@@ -410,8 +419,6 @@ class BSFPretrainTrainer(BSFTrainer):
         if self.local_rank == 0 and os.path.isfile(latest):
             os.remove(latest)
         if self.local_rank == 0:
-            from .checkpointing import remove_stale_temporaries
-
             remove_stale_temporaries(self.output_folder, "checkpoint_")
         self.print_to_log_file("Pretraining done.")
 

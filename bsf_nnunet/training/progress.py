@@ -2,7 +2,7 @@
 (train and validation), and the lr."""
 from __future__ import annotations
 
-import os
+from ..io import atomic_path
 
 
 def plot_ssl_progress(log: dict, path: str) -> None:
@@ -37,10 +37,9 @@ def plot_ssl_progress(log: dict, path: str) -> None:
     ax.set_xlabel("epoch")
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), ".tmp_progress.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:  # the temporary ends in .png: matplotlib picks the format by it
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _plot_accuracies(ax, log: dict, ep: list, n: int) -> None:

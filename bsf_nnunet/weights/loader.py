@@ -31,6 +31,8 @@ from .channels import adapt_channel_tensor, adapt_input_weight, mapping_table, r
 
 UNSAFE_PICKLE_OPTION = "--allow-unsafe-pickle"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
+# a .safetensors file holds tensors only; its metadata (channels, merging, axis order) is this JSON beside it
+SAFETENSORS_METADATA_FILE = "bsf_model.json"
 FORMATS = ("bsf_pretrain", "bsf_nnunet", "monai_ssl", "monai_finetuned", "raw")
 MERGING_MODES = ("legacy", "fixed")
 STATE_DICT_KEYS = ("network_weights", "state_dict", "model_state_dict", "model", "net")
@@ -45,18 +47,20 @@ SEGMENTATION_ROOTS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10
 # top-level modules of MONAI's SwinTransformer (plus the research code's final norm) in legacy SSL files
 SWIN_ROOTS = ("patch_embed", "pos_drop", "layers1", "layers2", "layers3", "layers4", "layers1c", "layers2c",
               "layers3c", "layers4c", "norm")
-# which trainers build each variant (mirrors bsf_nnunet/training)
-VARIANT_TRAINERS = {
-    "toy": ("BSFTrainer_Toy", "BSFPretrainTrainer_Toy"),
-    "tiny": ("BSFTrainer_Tiny", "BSFPretrainTrainer_Tiny"),
-    "small": ("BSFTrainer", "BSFPretrainTrainer"),
-    "big": ("BSFTrainer_Big", "BSFPretrainTrainer_Big"),
-    "large": ("BSFTrainer_Large", "BSFPretrainTrainer_Large"),
-}
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (missing, corrupt, or needing full unpickling); says what to do."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is truncated or corrupt (``detail``: what the reader said)."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+class NonFiniteWeightsError(CheckpointError, ValueError):
+    """A checkpoint whose tensors hold NaN or Inf values."""
 
 
 class WeightsMismatchError(RuntimeError):
@@ -104,10 +108,10 @@ def _allowed_names() -> set:
 
 
 def _corrupt(path: str, detail: str) -> CheckpointError:
-    return CheckpointError(
+    return CorruptCheckpointError(
         f"Checkpoint {path} is corrupt or incomplete ({detail}). Re-download it (compare its size/checksum with "
         "the source), or use the previous checkpoint (checkpoint_best.pth / checkpoint_latest.pth, or the previous "
-        "stage's checkpoint_final.pth).")
+        "stage's checkpoint_final.pth).", detail)
 
 
 def _unsafe_message(path: str, globals_needed: Sequence[str]) -> CheckpointError:
@@ -316,7 +320,35 @@ def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
 def load_checkpoint(path, allow_unsafe_pickle: bool = False) -> Checkpoint:
     """Read any supported checkpoint file: state dict normalised, metadata collected and inferred."""
     path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return load_safetensors_checkpoint(path)
     return checkpoint_from_object(read_checkpoint_file(path, allow_unsafe_pickle), path=path)
+
+
+def load_safetensors_checkpoint(path: str) -> Checkpoint:
+    """A ``.safetensors`` state dict (e.g. ``bsf-nnunet export --to hub``), metadata from the
+    ``bsf_model.json`` beside it if there is one (else classified by its tensor names like a bare state dict).
+    safetensors files hold tensors only: nothing to unpickle."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        read_checkpoint_file(path)  # raises the missing / directory / empty-file error
+    try:
+        obj = {"state_dict": load_file(path, device="cpu")}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(path, _first_line(e)) from None
+    meta_path = os.path.join(os.path.dirname(path), SAFETENSORS_METADATA_FILE)
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                obj["bsf_metadata"] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{meta_path} (the metadata of {path}) cannot be read ({_first_line(e)}): "
+                                  "download it again, or move it away to load the tensors without it.") from None
+    return checkpoint_from_object(obj, path=path)
 
 
 # ---------------------------------------------------------------------------------------------------- variants
@@ -379,8 +411,11 @@ def model_merging(model: torch.nn.Module) -> Optional[str]:
 
 
 def _trainer_hint(variant: Optional[str], arch: Optional[dict]) -> str:
-    if variant in VARIANT_TRAINERS:
-        ft, pt = VARIANT_TRAINERS[variant]
+    from ..planning.presets import variant_trainers
+
+    trainers = variant_trainers()
+    if variant in trainers:
+        ft, pt = trainers[variant]
         return (f"Use the trainer of variant {variant!r}: -tr {ft} for fine-tuning (-tr {pt} for continued "
                 "pretraining)")
     if arch:
@@ -476,6 +511,19 @@ def _raise_architecture(where: str, src: Mapping, tgt: Mapping, differences: Lis
         "(strict_encoder=False loads only the tensors that fit; not recommended.)")
 
 
+def check_finite(state_dict: Mapping, where: str) -> None:
+    """Refuse weights that hold NaN or Inf (a diverged training or a damaged file) before they reach a model."""
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(
+            f"Checkpoint {where} holds NaN/Inf values in {len(bad)} tensor(s): {shown}. Weights like these come from "
+            "a training that diverged or from a damaged file, and would make every output NaN; nothing was loaded. "
+            "Use an earlier checkpoint of that run (checkpoint_best.pth, or the previous stage's "
+            "checkpoint_final.pth) or download the file again.")
+
+
 def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Optional[Sequence[str]] = None,
                      target_channels: Optional[Sequence[str]] = None, encoder_only: bool = False,
                      strict_encoder: bool = True, verbose: bool = True, allow_merging_mismatch: bool = False,
@@ -489,10 +537,12 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
     (unless ``strict_encoder=False``), another patch-merging flavour (unless ``allow_merging_mismatch``;
     ``checkpoint_merging`` states the checkpoint's flavour when its metadata is absent or only assumed) and when
     no encoder tensor would load; :class:`~bsf_nnunet.weights.channels.ChannelMappingError` when the input
-    channels cannot be matched."""
+    channels cannot be matched; :class:`NonFiniteWeightsError` (before anything is copied) when the checkpoint holds
+    NaN/Inf."""
     ckpt = _as_checkpoint(checkpoint)
     meta, src = ckpt.metadata, ckpt.state_dict
     where = ckpt.path or "<in-memory checkpoint>"
+    check_finite(src, where)
     tgt = model.state_dict()
     report = TransferReport(source=ckpt.path, source_format=meta.get("format"),
                             source_variant=meta.get("variant_guess") or meta.get("variant"))
