@@ -1,0 +1,530 @@
+"""Export a trained BrainSegFounder model out of nnU-Net: a MONAI state dict, an ONNX file or a Hub-ready folder.
+
+    bsf-nnunet export -d 4 -tr BSFTrainer -c 3d_fullres -f 0 --to monai -o exported/
+
+The results folder is found as nnUNetv2_predict finds it (dataset, trainer, plans, configuration, fold). The network
+is rebuilt from that folder's plans.json with the trainer's own ``build_network_architecture``, with the merging and
+axis order that the checkpoint records, and the weights are read with the project's one checkpoint reader (weights
+only, no code unpickled). Every file is written to a temporary name in OUT and renamed. ``bsf_model.json`` beside
+the weights says what the model expects: channels, spacing, normalisation, patch, labels, MONAI constructor
+arguments, merging, axis order and where it came from (:func:`model_description`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..network import count_parameters
+from ..planning.swin_config import NETWORK_CLASS_NAME
+from ..weights.loader import SAFETENSORS_METADATA_FILE, load_checkpoint
+
+TARGETS = ("monai", "onnx", "hub")
+METADATA_FILE = SAFETENSORS_METADATA_FILE  # bsf_model.json: the loader reads it beside a .safetensors file
+ONNX_OPSET = 18
+ONNX_RELATIVE_TOLERANCE = 1e-3  # max |onnxruntime - torch| / max |torch|
+DESCRIPTION_VERSION = 1
+CITATION = """@article{cox2024brainsegfounder,
+  title   = {BrainSegFounder: Towards 3D Foundation Models for Neuroimage Segmentation},
+  author  = {Cox, Joseph and Liu, Peng and Stolte, Skylar E. and Yang, Yunchao and Liu, Kang and See, Kyle B. and
+             Ju, Huiwen and Fang, Ruogu},
+  journal = {Medical Image Analysis},
+  year    = {2024},
+  note    = {arXiv:2406.10395}
+}"""
+MERGING_CAVEAT = (
+    "MONAI 1.5 changed 3D patch merging. 'legacy' is the PatchMerging of MONAI 0.9-1.4, which BrainSegFounder's "
+    "published weights were trained with: it concatenates the 2x2x2 sub-grids (0,0,0) (1,0,0) (0,1,0) (0,0,1) "
+    "(1,0,1) (0,1,0) (0,0,1) (1,1,1), two of them twice and (1,1,0), (0,1,1) never. 'fixed' is the PatchMerging "
+    "of MONAI >= 1.5, SwinUNETR(downsample=\"merging\") (the default), which uses all eight. MONAI >= 1.5 has no "
+    "constructor argument that reproduces 'legacy': pass downsample=bsf_nnunet.network.LegacyPatchMerging (a "
+    "PatchMergingV2 subclass with the old concatenation; same parameters), or use MONAI <= 1.4 with "
+    "downsample=\"merging\". downsample=\"mergingv2\" (PatchMergingV2) is neither: it orders the sub-grids "
+    "differently and computes another function with these weights.")
+MONAI_DOWNSAMPLE = {"fixed": "merging", "legacy": "bsf_nnunet.network.LegacyPatchMerging"}
+
+
+class ExportError(ValueError):
+    """Bad export input (folder, fold, checkpoint, output folder) or a failed check; the message says what to do."""
+
+
+@dataclass
+class ExportSource:
+    """A trained BSF model read from its nnU-Net results folder, with everything the exports describe."""
+
+    fold_folder: str
+    checkpoint: str
+    dataset_name: str
+    trainer: str
+    plans_name: str
+    configuration_name: str
+    fold: str
+    plans: dict
+    dataset_json: dict
+    configuration: dict  # inheritance resolved
+    arch_kwargs: dict  # as trained (merging, axis order from the checkpoint)
+    variant: Optional[str]
+    epoch: Optional[int]
+    network: torch.nn.Module  # fp32, eval mode, MONAI's explicit attention (what ONNX traces)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def results_fold_folder(dataset: str, trainer: str, plans: str, configuration: str, fold: str) -> str:
+    """``$nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONF/fold_F`` (as nnUNetv2_predict), checked to exist."""
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if not nnUNet_results.is_set():
+        raise ExportError("nnUNet_results is not set: set it to the folder nnUNetv2_train wrote to.")
+    if fold != "all" and not str(fold).isdigit():
+        raise ExportError(f"fold must be a number or 'all' (as for nnUNetv2_predict -f), got {fold!r}.")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(f"Dataset {dataset!r}: {str(e).splitlines()[0]}") from None
+    folder = get_output_folder(name, trainer, plans, configuration)
+    if not os.path.isdir(folder):
+        there = os.path.join(str(nnUNet_results), name)
+        found = sorted(os.listdir(there)) if os.path.isdir(there) else []
+        raise ExportError(f"No results folder {folder}: train it with nnUNetv2_train {dataset} {configuration} "
+                          f"FOLD -tr {trainer} -p {plans}" + (f" (results of {name}: {', '.join(found)})" if found
+                                                              else f" ({there} does not exist)") + ".")
+    fold_folder = get_output_folder(name, trainer, plans, configuration, fold)
+    if not os.path.isdir(fold_folder):
+        folds = sorted(f[5:] for f in os.listdir(folder) if f.startswith("fold_"))
+        raise ExportError(f"No fold {fold} in {folder} (folds there: {', '.join(folds) or 'none'}): train it with "
+                          f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}, or pick another "
+                          "with -f.")
+    return fold_folder
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ExportError(f"{path} is missing: {what}. Is this a complete nnU-Net results folder?") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} cannot be read ({e}); nnU-Net rewrites it when training starts.") from None
+
+
+def _bsf_configuration(plans: dict, configuration: str, folder: str, trainer: str) -> dict:
+    """The resolved configuration; refuses plans whose network is not BrainSegFounder's Swin-UNETR."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if configuration not in plans.get("configurations", {}):
+        raise ExportError(f"{folder}/plans.json has no configuration {configuration!r} "
+                          f"(it has {', '.join(plans.get('configurations', {}))}).")
+    conf = PlansManager(plans).get_configuration(configuration).configuration
+    net = (conf.get("architecture") or {}).get("network_class_name")
+    if net != NETWORK_CLASS_NAME:
+        raise ExportError(f"{folder} was trained by {trainer} with the network {net!r}, not BrainSegFounder's "
+                          "Swin-UNETR: bsf-nnunet export takes the results of the BSF trainers (-tr BSFTrainer...). "
+                          "For nnU-Net's own networks use nnUNetv2_export_model_to_zip.")
+    return copy.deepcopy(conf)
+
+
+def _trained_arch(conf_arch: dict, meta: dict, where: str) -> dict:
+    """The plans' architecture with the axis order and merging the checkpoint was trained with (as the trainer's
+    ``_restore_architecture``: axis order may have been switched by pretrained weights; the rest must agree)."""
+    arch = dict(conf_arch)
+    saved = meta.get("arch_kwargs") or {}
+    for key in ("feature_size", "depths", "num_heads"):
+        if key in saved and key in arch and json.dumps(saved[key]) != json.dumps(arch[key]):
+            raise ExportError(f"{where} was trained with {key}={saved[key]} but plans.json says {arch[key]}: the "
+                              "results folder is inconsistent; export the checkpoint its plans.json belongs to.")
+    for key in ("merging", "axis_order"):
+        if meta.get(key):
+            arch[key] = meta[key]
+    arch.setdefault("merging", "legacy")
+    arch.setdefault("axis_order", "zyx")
+    return arch
+
+
+def _build_network(plans: dict, conf: dict, arch: dict, dataset_json: dict) -> torch.nn.Module:
+    """The trainer's network for these plans (MONAI attention, no gradient checkpointing: same weights, same maths)."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+    from .bsf_trainer import BSFTrainer
+
+    conf = copy.deepcopy(conf)
+    conf["architecture"]["arch_kwargs"] = dict(arch, attention="monai", use_checkpoint=False)
+    pm, cm = PlansManager(plans), ConfigurationManager(conf)
+    nin = determine_num_input_channels(pm, cm, dataset_json)
+    nout = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return BSFTrainer.build_network_architecture(pm, cm, nin, nout, enable_deep_supervision=False)
+
+
+def load_export_source(dataset: str, trainer: str, plans: str, configuration: str, fold: str,
+                       checkpoint: str = "checkpoint_final.pth") -> ExportSource:
+    """Read a trained BSF model (results folder, plans, dataset.json, checkpoint) into an :class:`ExportSource`."""
+    fold = str(fold)
+    fold_folder = results_fold_folder(dataset, trainer, plans, configuration, fold)
+    folder = os.path.dirname(fold_folder)
+    plans_dict = _read_json(os.path.join(folder, "plans.json"), "nnU-Net saves the plans there")
+    dataset_json = _read_json(os.path.join(folder, "dataset.json"), "nnU-Net saves the dataset.json there")
+    conf = _bsf_configuration(plans_dict, configuration, folder, trainer)
+    path = os.path.join(fold_folder, checkpoint)
+    if not os.path.isfile(path):
+        found = sorted(f for f in os.listdir(fold_folder) if f.endswith(".pth"))
+        raise ExportError(f"No checkpoint {path} (checkpoints there: {', '.join(found) or 'none'}). Finish the "
+                          f"training (nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans} --c) "
+                          "or choose one with --checkpoint, e.g. checkpoint_best.pth.")
+    ckpt = load_checkpoint(path)
+    if "out.conv.conv.weight" not in ckpt.state_dict or ckpt.metadata.get("format") == "bsf_pretrain":
+        raise ExportError(f"{path} is a self-supervised pretraining checkpoint (no segmentation head): fine-tune it "
+                          "(nnUNetv2_train ... -tr BSFTrainer...) and export the fine-tuned model.")
+    arch = _trained_arch(conf["architecture"]["arch_kwargs"], ckpt.metadata, path)
+    network = _build_network(plans_dict, conf, arch, dataset_json)
+    try:
+        network.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{path} does not fit the network of {folder}/plans.json: {str(e).splitlines()[0]}. "
+                          "Export the checkpoint that this results folder trained.") from None
+    epoch = ckpt.metadata.get("epoch")
+    variant = (conf.get("bsf") or {}).get("variant") or ckpt.metadata.get("variant_guess")
+    return ExportSource(
+        fold_folder=fold_folder, checkpoint=path, dataset_name=plans_dict.get("dataset_name", ""), trainer=trainer,
+        plans_name=plans, configuration_name=configuration, fold=fold, plans=plans_dict, dataset_json=dataset_json,
+        configuration=conf, arch_kwargs=arch, variant=variant, epoch=None if epoch is None else int(epoch),
+        network=network.float().eval())
+
+
+# ---------------------------------------------------------------------------------------------------- description
+def axis_names(src: ExportSource) -> dict:
+    """Which image axis each array axis is: nnU-Net's (the reader's (z, y, x) after ``transpose_forward``) and
+    the one the Swin-UNETR inside saw (reversed for ``axis_order="xyz"``)."""
+    tf = src.plans.get("transpose_forward", [0, 1, 2])
+    nnunet = [("z", "y", "x")[i] for i in tf]
+    inner = nnunet[::-1] if src.arch_kwargs["axis_order"] == "xyz" else nnunet
+    return {"nnunet": nnunet, "monai": inner}
+
+
+def is_region_based(dataset_json: dict) -> bool:
+    """nnU-Net's rule (LabelManager): some label is a list of several values."""
+    return any(isinstance(v, (list, tuple)) and len(v) > 1 for v in dataset_json["labels"].values())
+
+
+def output_names(dataset_json: dict) -> List[str]:
+    """Name of each output channel: the labels by value (softmax), or the regions in dataset.json order (sigmoid)."""
+    labels = {k: v for k, v in dataset_json["labels"].items() if k != "ignore"}
+    if is_region_based(dataset_json):
+        return [k for k, v in labels.items() if set(np.atleast_1d(v).tolist()) != {0}]
+    return [k for k, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
+
+
+def monai_kwargs(src: ExportSource) -> dict:
+    """Arguments of ``monai.networks.nets.SwinUNETR`` that rebuild the network (``downsample``: see the caveat)."""
+    a, net = src.arch_kwargs, src.network
+    return {"in_channels": net.swinViT.patch_embed.proj.in_channels, "out_channels": net.out.conv.conv.out_channels,
+            "feature_size": int(a["feature_size"]),
+            "depths": [int(d) for d in a["depths"]], "num_heads": [int(h) for h in a["num_heads"]],
+            "window_size": int(a.get("window_size", 7)), "patch_size": int(a.get("patch_size", 2)),
+            "norm_name": a.get("norm_name", "instance"), "normalize": bool(a.get("normalize", True)),
+            "spatial_dims": 3, "use_v2": False, "downsample": MONAI_DOWNSAMPLE[a["merging"]]}
+
+
+def _preprocessing(src: ExportSource, channels: List[str]) -> dict:
+    conf, props = src.configuration, src.plans.get("foreground_intensity_properties_per_channel", {})
+    return {"normalization": list(conf.get("normalization_schemes", [])),
+            "use_mask_for_norm": [bool(b) for b in conf.get("use_mask_for_norm", [])],
+            "intensity_properties": {c: props.get(str(i)) for i, c in enumerate(channels)},
+            "spacing": [float(s) for s in conf["spacing"]],
+            "transpose_forward": src.plans.get("transpose_forward"),
+            "transpose_backward": src.plans.get("transpose_backward")}
+
+
+def model_description(src: ExportSource) -> dict:
+    """Everything ``bsf_model.json`` holds. Its top-level keys follow the loader's metadata (``format``,
+    ``channel_names``, ``merging``, ``axis_order``, ``arch_kwargs``, ...), so ``load_checkpoint`` takes them as is."""
+    cn = src.dataset_json["channel_names"]
+    channels = [str(cn[k]) for k in sorted(cn, key=int)]
+    outputs = output_names(src.dataset_json)
+    axes, merging, axis = axis_names(src), src.arch_kwargs["merging"], src.arch_kwargs["axis_order"]
+    regions = is_region_based(src.dataset_json)
+    return {
+        "bsf_model_version": DESCRIPTION_VERSION, "format": "bsf_nnunet", "variant": src.variant,
+        "num_parameters": count_parameters(src.network), "channel_names": channels,
+        "patch_size": [int(p) for p in src.configuration["patch_size"]], **_preprocessing(src, channels),
+        "labels": src.dataset_json["labels"], "region_based": regions,
+        "regions_class_order": src.dataset_json.get("regions_class_order"),
+        "outputs": outputs, "output_activation": "sigmoid" if regions else "softmax",
+        "arch_kwargs": {k: v for k, v in src.arch_kwargs.items() if k not in ("attention", "use_checkpoint")},
+        "merging": merging, "axis_order": axis,
+        "axes": {"nnunet_array": axes["nnunet"], "monai_network_input": axes["monai"]},
+        "monai": {"class": "monai.networks.nets.SwinUNETR",
+                  "kwargs": monai_kwargs(src), "merging_caveat": MERGING_CAVEAT,
+                  "axis_note": _axis_note(axis, axes)},
+        "source": {"dataset": src.dataset_name, "trainer": src.trainer, "plans": src.plans_name,
+                   "configuration": src.configuration_name, "fold": src.fold, "epoch": src.epoch,
+                   "checkpoint": os.path.basename(src.checkpoint), "numTraining": src.dataset_json.get("numTraining")},
+    }
+
+
+def _axis_note(axis: str, axes: dict) -> str:
+    nn_axes, inner = ", ".join(axes["nnunet"]), ", ".join(axes["monai"])
+    text = (f"nnU-Net feeds its network ({nn_axes}) arrays (its readers return (z, y, x); plans transpose_forward "
+            f"then applies). The MONAI state dict expects ({inner}) arrays (batch and channel first); the ONNX file "
+            f"is the nnU-Net network and takes ({nn_axes}).")
+    if axis == "xyz":
+        return text + (" axis_order 'xyz': the network was trained on arrays in MONAI's order (LoadImage/nibabel "
+                       "give (x, y, z)); nnU-Net's network transposes its input and output around it.")
+    return text + (" axis_order 'zyx': the network was trained on nnU-Net's arrays; in a MONAI pipeline "
+                   "(LoadImage/nibabel give (x, y, z)) reverse the spatial axes, x.permute(0, 1, 4, 3, 2), "
+                   "before the network and its output back after it.")
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def prepare_output_folder(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise ExportError(f"-o {out} is a file; give a folder.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        present = sorted(os.listdir(out))
+        raise ExportError(f"{out} exists and holds files ({', '.join(present[:5])}"
+                          f"{', ...' if len(present) > 5 else ''}): pass --overwrite to replace the exported "
+                          "files, or choose another -o.")
+    os.makedirs(out, exist_ok=True)
+
+
+def _state_dict(src: ExportSource) -> dict:
+    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+            for k, v in src.network.state_dict().items()}
+
+
+def _save_safetensors(sd: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path, keep_extension=False) as tmp:
+        save_file(sd, tmp, metadata={"format": "pt"})
+
+
+def export_monai(src: ExportSource, out: str) -> List[str]:
+    """``model.pt`` (a plain dict of tensors), ``model.safetensors`` and ``bsf_model.json``."""
+    sd = _state_dict(src)
+    atomic_torch_save(dict(sd), os.path.join(out, "model.pt"))
+    _save_safetensors(sd, os.path.join(out, "model.safetensors"))
+    desc = model_description(src)
+    desc["files"] = {"model.pt": "MONAI SwinUNETR state dict (torch.load(weights_only=True))",
+                     "model.safetensors": "the same tensors"}
+    atomic_write_json(os.path.join(out, METADATA_FILE), desc)
+    return ["model.pt", "model.safetensors", METADATA_FILE]
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX
+def onnx_outputs(path: str, x: np.ndarray) -> np.ndarray:
+    """The ONNX model's output for ``x``, computed by onnxruntime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("--to onnx needs onnxruntime (and onnx): pip install 'bsf-nnunet[export]'.") from None
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _trace_onnx(network: torch.nn.Module, x: torch.Tensor, path: str) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks in Python
+        torch.onnx.export(network, (x,), path, dynamo=False, opset_version=ONNX_OPSET, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def export_onnx(src: ExportSource, out: str) -> List[str]:
+    """``model.onnx`` (fp32, the plans' patch, dynamic batch), kept only if onnxruntime agrees with PyTorch on a
+    random input within ``ONNX_RELATIVE_TOLERANCE`` of the output's largest magnitude; then ``bsf_model.json``."""
+    nin = src.network.swinViT.patch_embed.proj.in_channels
+    x = torch.randn((1, nin, *src.configuration["patch_size"]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = src.network(x).numpy()
+    path, check = os.path.join(out, "model.onnx"), {}
+    with atomic_path(path, keep_extension=False) as tmp:  # removed, and model.onnx untouched, if the check fails
+        _trace_onnx(src.network, x, tmp)
+        diff = float(np.abs(onnx_outputs(tmp, x.numpy()) - ref).max())
+        scale = float(np.abs(ref).max()) or 1.0
+        check.update(max_abs_diff=diff, relative_diff=diff / scale, tolerance=ONNX_RELATIVE_TOLERANCE)
+        if not diff <= ONNX_RELATIVE_TOLERANCE * scale:  # NaN fails too
+            raise ExportError(f"onnxruntime and PyTorch disagree on {path}: max abs diff {diff:.3g} for outputs up "
+                              f"to {scale:.3g} (relative {diff / scale:.3g} > {ONNX_RELATIVE_TOLERANCE}). No ONNX "
+                              "file was written; export --to monai instead or report the torch/onnxruntime versions.")
+    desc = model_description(src)
+    desc["onnx"] = {"file": "model.onnx", "opset": ONNX_OPSET, "input": "input", "output": "logits",
+                    "input_shape": ["batch", nin, *desc["patch_size"]], "axes": desc["axes"]["nnunet_array"],
+                    "dtype": "float32", "check": check}
+    atomic_write_json(os.path.join(out, METADATA_FILE), desc)
+    print(f"ONNX check (onnxruntime vs PyTorch, random input {list(x.shape)}): max abs diff {check['max_abs_diff']:.3g}"
+          f" (relative {check['relative_diff']:.3g}, tolerance {ONNX_RELATIVE_TOLERANCE})")
+    return ["model.onnx", METADATA_FILE]
+
+
+# ---------------------------------------------------------------------------------------------------- Hub
+def validation_metrics(src: ExportSource) -> Optional[dict]:
+    """Mean Dice per output and over the foreground from the fold's ``validation/summary.json`` (None if absent)."""
+    path = os.path.join(src.fold_folder, "validation", "summary.json")
+    if not os.path.isfile(path):
+        return None
+    summary = _read_json(path, "nnU-Net writes it after training")
+    keys = {(str(tuple(v)) if isinstance(v, (list, tuple)) else str(int(v))): name
+            for name, v in src.dataset_json["labels"].items()}
+    per = {keys.get(k, k): m.get("Dice") for k, m in (summary.get("mean") or {}).items()}
+    return {"foreground_mean_dice": (summary.get("foreground_mean") or {}).get("Dice"), "mean_dice": per,
+            "cases": len(summary.get("metric_per_case") or [])}
+
+
+def _yaml_header(license_id: str) -> List[str]:
+    lines = ["---", f"license: {license_id}"]
+    if license_id == "other":
+        lines += ["license_name: unspecified", "license_link: LICENSE"]
+    lines += ["library_name: bsf-nnunet", "pipeline_tag: image-segmentation", "tags:"]
+    lines += [f"- {t}" for t in ("medical-imaging", "brain-mri", "nnu-net", "swin-unetr", "3d-segmentation",
+                                 "brainsegfounder")]
+    return lines + ["---", ""]
+
+
+def _dice(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _metrics_lines(metrics: Optional[dict]) -> List[str]:
+    if metrics is None:
+        return ["No validation/summary.json in the fold folder (nnUNetv2_train writes it at the end of training, "
+                "or run it with --val): no metrics reported.", ""]
+    lines = [f"nnU-Net's validation of this fold ({metrics['cases']} held-out cases, `validation/summary.json`):",
+             "", "| output | mean Dice |", "|---|---|"]
+    lines += [f"| {name} | {_dice(d)} |" for name, d in metrics["mean_dice"].items()]
+    return lines + [f"| **foreground mean** | {_dice(metrics['foreground_mean_dice'])} |", ""]
+
+
+def _axes(names) -> str:
+    return "(" + ", ".join(map(str, names)) + ")"
+
+
+def _normalisation_text(desc: dict) -> str:
+    schemes, masks = desc["normalization"], desc["use_mask_for_norm"]
+    per = [f"{s} ({'non-zero' if m else 'all'} voxels)" if s == "ZScoreNormalization" else s
+           for s, m in zip(schemes, masks, strict=True)]
+    if len(set(per)) == 1:
+        return f"{per[0]}, every channel"
+    return "; ".join(f"{c}: {p}" for c, p in zip(desc["channel_names"], per, strict=True))
+
+
+def _card_description(desc: dict) -> List[str]:
+    s, kw = desc["source"], desc["monai"]["kwargs"]
+    fold = ("all training cases" if s["fold"] == "all" else
+            "nnU-Net's 5-fold cross-validation: about 80% of the training cases, the rest validated it")
+    return [
+        "## Model description", "",
+        f"A MONAI Swin-UNETR (variant `{desc['variant']}`: feature size {kw['feature_size']}, depths "
+        f"{'-'.join(map(str, kw['depths']))}, heads {'-'.join(map(str, kw['num_heads']))}; "
+        f"{desc['num_parameters'] / 1e6:.2f} M parameters) in the BrainSegFounder recipe (Cox et al. 2024), trained "
+        "with nnU-Net v2 through bsf-nnunet.", "",
+        f"- input channels, in order: {', '.join(desc['channel_names'])}",
+        f"- outputs ({desc['output_activation']}): {', '.join(desc['outputs'])}",
+        f"- patch {_axes(desc['patch_size'])}, spacing {_axes(desc['spacing'])} mm, axes "
+        f"{_axes(desc['axes']['nnunet_array'])}",
+        f"- normalisation: {_normalisation_text(desc)}",
+        f"- patch merging `{desc['merging']}`, axis order `{desc['axis_order']}` (below)", "",
+        "`bsf_model.json` holds all of it, with the intensity statistics and the label map.", "",
+        "## Training data", "",
+        f"nnU-Net dataset `{s['dataset']}` ({s['numTraining']} training cases in its dataset.json), fold "
+        f"`{s['fold']}` ({fold}); trainer `{s['trainer']}`, plans `{s['plans']}`, configuration "
+        f"`{s['configuration']}`, checkpoint `{s['checkpoint']}` (epoch {s['epoch']}).", ""]
+
+
+def _card_use(desc: dict) -> List[str]:
+    from ..planning.presets import variant_trainers
+
+    trainer = variant_trainers().get(desc["variant"], ("BSFTrainer...",))[0]
+    if desc["region_based"]:
+        nnunet = ["`bsf-nnunet import-model` takes softmax models and the published BraTS output order, not this "
+                  "region-based model: use it in MONAI (below) or from its nnU-Net results folder.", ""]
+    else:
+        zscore = _normalisation_text(desc) == "ZScoreNormalization (non-zero voxels), every channel"
+        nnunet = ["In nnU-Net, with bsf-nnunet: `import-model` writes a results folder and prints the "
+                  "`nnUNetv2_predict` command.", "", "```bash",
+                  f"bsf-nnunet import-model model.safetensors -d ID --channels {','.join(desc['channel_names'])} "
+                  f"--labels {','.join(desc['outputs'])} --merging {desc['merging']} --axis-order "
+                  f"{desc['axis_order']} --patch {' '.join(map(str, desc['patch_size']))} --spacing "
+                  f"{' '.join(map(str, desc['spacing']))}", "```", ""]
+        if not zscore:
+            nnunet += [f"import-model normalises every channel with a z-score over its non-zero voxels; this model "
+                       f"was trained with {_normalisation_text(desc)}, so its predictions there may differ.", ""]
+    return ["## How to use", ""] + nnunet + [
+        f"As initialisation for fine-tuning (channels are matched by name): `nnUNetv2_train D 3d_fullres 0 -tr "
+        f"{trainer} -pretrained_weights model.safetensors`.", "",
+        "In MONAI:", "", "```python", "import json", "", "from monai.networks.nets import SwinUNETR",
+        "from safetensors.torch import load_file", "", 'meta = json.load(open("bsf_model.json"))',
+        'kwargs = dict(meta["monai"]["kwargs"])', 'if meta["merging"] == "legacy":  # no MONAI >= 1.5 option for it',
+        "    from bsf_nnunet.network import LegacyPatchMerging", "", '    kwargs["downsample"] = LegacyPatchMerging',
+        "net = SwinUNETR(**kwargs).eval()", 'net.load_state_dict(load_file("model.safetensors"))',
+        f"# input: (batch, {len(desc['channel_names'])}, {', '.join(desc['axes']['monai_network_input'])}), "
+        "normalised as in bsf_model.json", "```", ""]
+
+
+def model_card(desc: dict, metrics: Optional[dict], license_id: str) -> str:
+    """The Hub folder's README.md: YAML metadata, description, data, metrics, use, limitations, citation."""
+    s = desc["source"]
+    lic = (["**Licence not set** (`license: other`): the exporter was not given `--license`. Choose it before "
+            "publishing; weights fine-tuned from BrainSegFounder's published files or trained on restricted data "
+            "(e.g. UK Biobank) inherit their terms.", ""] if license_id == "other" else [])
+    lines = _yaml_header(license_id) + [
+        f"# BrainSegFounder Swin-UNETR: {s['dataset']} ({s['trainer']}, fold {s['fold']})", ""] + lic
+    lines += _card_description(desc) + ["## Metrics", ""] + _metrics_lines(metrics) + [
+        "## Intended use and limitations", "",
+        "Research use: segmentation of brain MRI that resembles the training data (the same channels in the same "
+        "order, preprocessed the same way: resampled to the spacing above and normalised as listed). Not a medical "
+        "device; not validated for clinical decisions. Accuracy on other scanners, protocols, populations or "
+        "pathologies is unknown. The network computes logits for one patch: whole images need nnU-Net's "
+        "preprocessing and sliding window (or an equivalent).", "",
+        "**Patch merging.** " + desc["monai"]["merging_caveat"], "",
+        "**Axis order.** " + desc["monai"]["axis_note"], ""]
+    lines += _card_use(desc) + ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def export_hub(src: ExportSource, out: str, license_id: str = "other") -> List[str]:
+    """A folder for ``huggingface_hub.upload_folder``: ``model.safetensors`` (the BSF network's state dict, which
+    ``load_checkpoint`` reads back with the metadata beside it), ``bsf_model.json`` and a model card README.md."""
+    check_license(license_id)
+    _save_safetensors(_state_dict(src), os.path.join(out, "model.safetensors"))
+    desc = model_description(src)
+    desc["files"] = {"model.safetensors": "state dict of bsf_nnunet.network.BSFSwinUNETR = MONAI SwinUNETR keys",
+                     "README.md": "model card"}
+    metrics = validation_metrics(src)
+    desc["validation"] = metrics
+    atomic_write_json(os.path.join(out, METADATA_FILE), desc)
+    text = model_card(desc, metrics, license_id)
+    atomic_write_text(os.path.join(out, "README.md"), text)
+    return ["model.safetensors", METADATA_FILE, "README.md"]
+
+
+def check_license(license_id: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+\-]*", license_id or ""):
+        raise ExportError(f"--license {license_id!r} is not a licence identifier (e.g. apache-2.0, cc-by-nc-4.0, "
+                          "other).")
+
+
+def export_model(src: ExportSource, to: str, out: str, overwrite: bool = False, license_id: str = "other") -> dict:
+    """Write the export ``to`` (monai, onnx, hub) of ``src`` into ``out``; returns ``{"files", "other_files"}``
+    (``other_files``: what was already in ``out`` and is left as it was)."""
+    if to not in TARGETS:
+        raise ExportError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}.")
+    if to == "hub":
+        check_license(license_id)
+    prepare_output_folder(out, overwrite)
+    before = set(os.listdir(out))
+    if to == "monai":
+        files = export_monai(src, out)
+    elif to == "onnx":
+        files = export_onnx(src, out)
+    else:
+        files = export_hub(src, out, license_id)
+    return {"files": [os.path.join(out, f) for f in files], "other_files": sorted(before - set(files))}
