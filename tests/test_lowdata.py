@@ -109,7 +109,7 @@ def test_split_invariants(env):
         assert len(s["train"]) == max(1, math.floor(fd["fraction"] * 24 + 0.5)) == fd["n_train"] >= 1
         by[(fd["fraction"], fd["repeat"])] = set(s["train"])
     for r in range(5):  # nested within a repeat
-        for small, big in zip(FRACTIONS, FRACTIONS[1:]):
+        for small, big in zip(FRACTIONS, FRACTIONS[1:], strict=False):
             assert by[(small, r)] <= by[(big, r)]
         assert by[(1.0, r)] == pool
     assert len({frozenset(by[(0.2, r)]) for r in range(5)}) > 1  # repeats are different draws
@@ -129,7 +129,9 @@ def test_splits_deterministic_and_seeded():
     assert c["test"] != a["test"]
     # more repeats / fractions leave the earlier draws unchanged
     d = make_layout(cases, FRACTIONS + [0.3], 5, 0.25, seed=7)
-    key = lambda lay: {(f["fraction"], f["repeat"]): f["train"] for f in lay["folds"]}
+    def key(lay):
+        return {(f["fraction"], f["repeat"]): f["train"] for f in lay["folds"]}
+
     assert all(key(d)[k] == v for k, v in key(a).items())
 
 
@@ -330,7 +332,7 @@ def test_run_skips_fold_locked_by_another_process(env):
     create_splits(42, [1.0], repeats=1, out=quiet)
     job = ld_runner.plan_jobs(42, ["T"], pretrain_trainer="P")[0]
     assert (job.trainer, job.kind) == ("P", "pretrain")
-    lock = ld_runner._FoldLock(job.log[:-4] + ".lock")
+    lock = ld_runner.FoldLock(job.lock)
     assert lock.acquire()
     try:
         calls, lines = [], []
@@ -492,7 +494,7 @@ def test_report_values_missing_folds_and_plot(env, capsys):
     base = [0.50, 0.55, 0.55]
     m, sd, n = res["summary"][("BSFTrainer", 0.5)]["mean"]
     assert (m, n) == (pytest.approx(0.70), 3) and sd == pytest.approx(0.10)
-    d = [a - b for a, b in zip(pre, base)]  # 0.20, 0.05, 0.25
+    d = [a - b for a, b in zip(pre, base, strict=True)]  # 0.20, 0.05, 0.25
     c = res["comparison"][0.5]
     assert c["n"] == 3 and c["mean"] == pytest.approx(np.mean(d)) and c["sd"] == pytest.approx(np.std(d, ddof=1))
     assert c["p"] == pytest.approx(stats.ttest_rel(pre, base).pvalue)
@@ -514,7 +516,7 @@ def test_report_values_missing_folds_and_plot(env, capsys):
 
     png = (out_dir / "lowdata_dice.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
-    assert not [f for f in os.listdir(out_dir) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp_")]
     assert res["warnings"] == [] and "## Warnings" not in md
 
     # Wilcoxon instead, explicit trainers and output folder through the CLI
@@ -563,7 +565,8 @@ def test_report_names_stage2_mode(env):
 
 
 def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_path):
-    """splits -> run (real nnUNetv2_train: the fold's own stage 2, then pretrained and scratch) -> report."""
+    """splits -> run as local jobs, two at a time (real nnUNetv2_train: the fold's own stage 2 and the scratch
+    baseline together, then the fine-tuning from that stage 2) -> status at each step -> report."""
     import glob
     import io
     from pathlib import Path
@@ -574,8 +577,22 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_pat
          "--test-fraction", "0.34", "--seed", "0"], env)  # fold 5: 2 of the 4 non-test cases; fold 6: for shared
     trainers = ["BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
     pre = "BSFPretrainTrainer_CIfast"
-    run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu",
-         "--pretrain-trainer", pre], env)
+    status = ["bsf-nnunet", "lowdata", "status", "-d", dataset_id, "--trainers", *trainers, "--pretrain-trainer", pre]
+    rows = json.loads(run(status + ["--json"], env))
+    assert [(r["trainer"], r["status"]) for r in rows] == [(pre, "not started"), (trainers[0], "not started"),
+                                                          (trainers[1], "not started")]
+    out = run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu",
+               "--pretrain-trainer", pre, "--executor", "local", "--max-parallel", "2"], env)
+    events = [line.split("] ", 1)[1] for line in out.splitlines() if ": started (local job" in line
+              or ": finished (" in line]
+    events = [e.split(": ")[0] + (" +" if "started" in e else " -") for e in events]
+    assert events[:2] == [f"fold 5 (50%, repeat 0) {pre} (stage-2 pretraining) +",
+                          f"fold 5 (50%, repeat 0) {trainers[1]} +"]  # two at a time
+    assert events.index(f"fold 5 (50%, repeat 0) {trainers[0]} +") > \
+        events.index(f"fold 5 (50%, repeat 0) {pre} (stage-2 pretraining) -")  # after its stage 2
+    assert "3 trainings: 0 already done, ran 3" in out
+    rows = json.loads(run(status + ["--json"], env))
+    assert [r["status"] for r in rows] == ["done"] * 3 and all(r["job"].startswith("local ") for r in rows)
     results = os.path.join(env["nnUNet_results"], full)
     stage2 = os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_5", "checkpoint_final.pth")
     assert os.path.isfile(stage2) and not os.path.isdir(os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres",

@@ -1,8 +1,10 @@
 """``bsf-nnunet lowdata``: the low-data fine-tuning study (BrainSegFounder's Figure 5), see docs/lowdata.md."""
 from __future__ import annotations
 
+import os
 import sys
 
+from ..cluster.options import add_executor_arguments
 from ..lowdata.stage2 import MODES as STAGE2_MODES
 
 DEFAULT_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -61,9 +63,27 @@ def register(sub) -> None:
                    help="-pretrained_weights of new trainings, never of *scratch* ones: with --stage2 per-fold the "
                         "stage-1 checkpoint, given to each stage-2 pretraining; shared: the stage-2 checkpoint of the "
                         "pretraining fold, given to the fine-tunings; none: the stage-1 checkpoint, given to the "
-                        "fine-tunings")
+                        "fine-tunings. A file, or bsf:NAME / hf://OWNER/REPO/FILE (downloaded once)")
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    add_executor_arguments(q)
     q.set_defaults(func=_guard(_run))
+
+    q = sp.add_parser("status", help="per fold and trainer: done / running / queued / failed / not started",
+                      description="The state of every low-data training, from the results folders and the jobs "
+                                  "recorded in $nnUNet_results/DatasetXXX/jobs.json (SLURM: asked from sacct). Failed "
+                                  "jobs are listed with the end of their log. Trainers and stage 2 default to those "
+                                  "of the study (recorded by `run`).")
+    q.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    q.add_argument("--trainers", nargs="+", default=None,
+                   help="trainers (default: those with jobs or results, else BSFTrainer BSFTrainer_scratch)")
+    q.add_argument("-c", "--configuration", default="3d_fullres")
+    q.add_argument("-p", "--plans", default="nnUNetPlans")
+    q.add_argument("--folds", type=int, nargs="+", default=None, help="only these low-data folds")
+    q.add_argument("--stage2", choices=list(STAGE2_MODES), default=None, help="as for run (default: the recorded one)")
+    q.add_argument("--pretrain-trainer", default=None, metavar="TRAINER", help="as for run")
+    q.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
+    q.add_argument("--tail", type=int, default=10, metavar="N", help="log lines shown per failed job (default 10)")
+    q.set_defaults(func=_guard(_status))
 
     q = sp.add_parser("report", help="CSV, markdown and plot of the test-set Dice",
                       description="Collect fold_F/validation/summary.json of every low-data fold and trainer; write "
@@ -116,11 +136,77 @@ def _splits(args) -> int:
 
 def _run(args) -> int:
     from ..lowdata.runner import run_lowdata
+    from ..weights.hub import is_hub_spec, resolve_checkpoint
+    from ..weights.loader import UNSAFE_PICKLE_ENV
 
+    executor = _executor(args)  # checked before anything is downloaded or run
+    weights = args.pretrained_weights
+    if weights and is_hub_spec(weights) and not args.dry_run:
+        # bsf:NAME / hf://: downloaded once here; the trainers recognise a published file by its place in the cache
+        unsafe = os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true")
+        weights = resolve_checkpoint(weights, allow_unsafe_pickle=unsafe).path
     run_lowdata(args.dataset, args.trainers, args.configuration, args.plans, folds=args.folds, device=args.device,
-                dry_run=args.dry_run, pretrained_weights=args.pretrained_weights, stage2=args.stage2,
-                pretrain_trainer=args.pretrain_trainer)
+                dry_run=args.dry_run, pretrained_weights=weights, stage2=args.stage2,
+                pretrain_trainer=args.pretrain_trainer, executor=executor)
     return 0
+
+
+def _executor(args):
+    """None (sequential), or the submitit launcher of --executor local/slurm (submitit and the data checked)."""
+    import functools
+
+    from ..cluster.cv import check_preprocessed
+    from ..cluster.launch import launch
+    from ..cluster.options import import_submitit, options_from_args
+    from ..lowdata.common import resolve_dataset
+
+    opts = options_from_args(args)
+    if opts.executor == "sequential":
+        return None
+    import_submitit()
+    name = resolve_dataset(args.dataset)
+    check_preprocessed(name, args.plans, args.configuration)
+    return functools.partial(launch, opts=opts, dataset_name=name, device=args.device)
+
+
+def _status(args) -> int:
+    from ..cluster.status import collect, show
+    from ..lowdata.common import resolve_dataset
+    from ..lowdata.runner import plan_jobs
+
+    name = resolve_dataset(args.dataset)
+    trainers, stage2, pretrain_trainer, weights = _study_of(name, args)
+    jobs = plan_jobs(args.dataset, trainers, args.configuration, args.plans, args.folds, "cuda", weights,
+                     stage2=stage2, pretrain_trainer=pretrain_trainer)
+    show(collect(jobs, name), args.json, tail=args.tail)
+    return 0
+
+
+def _study_of(name: str, args):
+    """Trainers, stage-2 mode, stage-2 trainer and weights for `status`: the flags, else what `run` recorded."""
+    from ..cluster.registry import Registry
+    from ..lowdata.common import finetune_folds, load_layout
+    from ..lowdata.report import discover_trainers
+    from ..lowdata.runner import is_scratch
+    from ..lowdata.stage2 import DEFAULT_MODE, read_modes
+
+    suffix = f"__{args.plans}__{args.configuration}"
+    recorded = read_modes(name)
+    trainers = args.trainers
+    if not trainers:
+        folds = [f["fold"] for f in finetune_folds(load_layout(name))]
+        jobs = [e for k, e in Registry(name).load().items() if k.split("/")[0].endswith(suffix)]
+        stage2_trainers = {e.get("trainer") for e in jobs if e.get("kind") == "pretrain"}
+        stage2_trainers |= {e.get("pretrain_trainer") for e in recorded.values()}
+        found = discover_trainers(name, args.plans, args.configuration, folds) + [e.get("trainer") for e in jobs]
+        found = {t for t in found if t and t not in stage2_trainers}
+        # each trainer before its baseline
+        trainers = sorted(found, key=lambda t: (t.replace("_scratch", ""), is_scratch(t)))
+        trainers = trainers or ["BSFTrainer", "BSFTrainer_scratch"]
+    entry = next((recorded[t + suffix] for t in trainers if not is_scratch(t) and t + suffix in recorded), {})
+    stage2 = args.stage2 or entry.get("mode") or DEFAULT_MODE
+    pretrain_trainer = args.pretrain_trainer or (entry.get("pretrain_trainer") if stage2 == "per-fold" else None)
+    return trainers, stage2, pretrain_trainer, entry.get("pretrained_weights")
 
 
 def _report(args) -> int:

@@ -5,8 +5,11 @@ import argparse
 import importlib
 import sys
 
+from ..io import DiskFullError
+
 # sub-command modules, each with register(subparsers)
-COMMANDS = ["plan", "convert", "evaluate", "lowdata", "import-model", "demo", "info", "check"]
+COMMANDS = ["plan", "convert", "evaluate", "lowdata", "import-model", "export", "demo", "info", "check", "weights",
+            "cv", "pretrain-job"]
 
 
 class CLIError(Exception):
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (CLIError, ValueError, FileNotFoundError, PermissionError, DiskFullError) as e:
         print(f"bsf-nnunet {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -13,6 +13,7 @@ pretraining fails loudly instead of falling back to random initialisation). A pr
 """
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import shutil
@@ -21,13 +22,22 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from .common import (finetune_folds, fmt_fraction, fold_dir, load_layout, resolve_dataset, results_dir,
-                     select_folds)
-from .stage2 import (DEFAULT_MODE, PER_FOLD, check_mode, check_modes, entry, pretrain_trainer_of, record_modes,
-                     weights_role)
+from .common import finetune_folds, fmt_fraction, fold_dir, load_layout, resolve_dataset, results_dir, select_folds
+from .stage2 import (
+    DEFAULT_MODE,
+    PER_FOLD,
+    check_mode,
+    check_modes,
+    entry,
+    pretrain_trainer_of,
+    record_modes,
+    weights_role,
+)
 
 # a runner gets (command, log file, environment) and returns the exit code
 Runner = Callable[[List[str], str, dict], int]
+# an executor gets the planned jobs and whether it is a dry run, and submits or runs them
+Executor = Callable[[List["Job"], bool], object]
 
 
 class TrainingFailed(RuntimeError):
@@ -38,18 +48,24 @@ class TrainingFailed(RuntimeError):
 class Job:
     fold: int
     trainer: str
-    fraction: float
-    repeat: int
+    fraction: Optional[float]  # None outside the low-data study (cross-validation folds)
+    repeat: Optional[int]
     status: str  # done | validate | resume | new
     cmd: List[str] = field(default_factory=list)
     output_folder: str = ""
     log: str = ""
-    kind: str = "finetune"  # finetune | pretrain (the fold's own stage 2, --stage2 per-fold)
+    kind: str = "finetune"  # finetune | pretrain (the fold's own stage 2, --stage2 per-fold) | cv (with --npz)
     needs: str = ""  # checkpoint that must exist before this job may start (its stage 2)
+    fresh_cmd: List[str] = field(default_factory=list)  # the command of a new run (cmd derives from it)
 
     @property
     def command_line(self) -> str:
         return shlex.join(self.cmd)
+
+    @property
+    def lock(self) -> str:
+        """The flock file held while this training runs (in any process or job)."""
+        return os.path.splitext(self.log)[0] + ".lock"
 
 
 @dataclass(frozen=True)
@@ -87,9 +103,30 @@ def fold_status(folder: str) -> str:
 
 
 def job_status(folder: str, kind: str) -> str:
-    """fold_status; a pretraining is done with its checkpoint_final.pth (it has no segmentation validation)."""
+    """fold_status; a pretraining is done with its checkpoint_final.pth (it has no segmentation validation); a
+    cross-validation fold (kind cv, trained with --npz for ensembling) also needs the .npz files of its validation."""
     st = fold_status(folder)
-    return "done" if kind == "pretrain" and st == "validate" else st
+    if kind == "pretrain" and st == "validate":
+        return "done"
+    if kind == "cv" and st == "done" and not glob.glob(os.path.join(glob.escape(folder), "validation", "*.npz")):
+        return "validate"
+    return st
+
+
+def command_for(fresh: List[str], status: str) -> List[str]:
+    """The nnUNetv2_train command for a training in ``status``, from the command of a new run: ``--c`` to continue
+    (nnU-Net refuses it together with -pretrained_weights, and needs neither), ``--val`` to only validate."""
+    if status in ("new", "done"):
+        return list(fresh)
+    flag = {"resume": "--c", "validate": "--val"}[status]
+    cmd = list(fresh)
+    if "-pretrained_weights" in cmd:
+        i = cmd.index("-pretrained_weights")
+        cmd[i:i + 2] = [flag]
+    else:
+        i = cmd.index("-device") + 2
+        cmd[i:i] = [flag]
+    return cmd
 
 
 def _check_trainers_and_device(trainers: Sequence[str], device: str) -> None:
@@ -140,30 +177,28 @@ def _fold_jobs(study: _Study, fd: dict, trainers: Sequence[str], pretrainers: di
 def _job(study: _Study, fd: dict, trainer: str, kind: str, weights: Optional[str], needs: str = "") -> Job:
     out = study.folder(trainer, fd["fold"])
     st = job_status(out, kind)
-    cmd = ["nnUNetv2_train", study.dataset, study.configuration, str(fd["fold"]), "-tr", trainer, "-p", study.plans,
-           "-device", study.device]
-    if st == "resume":
-        cmd.append("--c")  # nnU-Net refuses --c together with -pretrained_weights (and needs neither)
-    elif st == "validate":
-        cmd.append("--val")
-    elif weights:
-        cmd += ["-pretrained_weights", weights]
-    cmd += list(study.extra_args)
-    return Job(fd["fold"], trainer, fd["fraction"], fd["repeat"], st, cmd, out, study.log(trainer, fd["fold"]),
-               kind, needs if st == "new" else "")
+    fresh = ["nnUNetv2_train", study.dataset, study.configuration, str(fd["fold"]), "-tr", trainer, "-p",
+             study.plans, "-device", study.device] + (["-pretrained_weights", weights] if weights else [])
+    fresh += list(study.extra_args)
+    return Job(fd["fold"], trainer, fd["fraction"], fd["repeat"], st, command_for(fresh, st), out,
+               study.log(trainer, fd["fold"]), kind, needs if st == "new" else "", fresh)
 
 
-def _executable(cmd: List[str]) -> List[str]:
-    """nnUNetv2_train of this Python environment, else on PATH, else ``python -m nnunetv2.run.run_training``."""
-    if cmd[0] != "nnUNetv2_train":
+def executable(cmd: List[str]) -> List[str]:
+    """An nnUNetv2_* command of this Python environment, else on PATH (nnUNetv2_train: else ``python -m
+    nnunetv2.run.run_training``)."""
+    name = cmd[0]
+    if not name.startswith("nnUNetv2_"):
         return cmd
-    here = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
+    here = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.isfile(here) and os.access(here, os.X_OK):
         return [here] + cmd[1:]
-    found = shutil.which("nnUNetv2_train")
+    found = shutil.which(name)
     if found:
         return [found] + cmd[1:]
-    return [sys.executable, "-m", "nnunetv2.run.run_training"] + cmd[1:]
+    if name == "nnUNetv2_train":
+        return [sys.executable, "-m", "nnunetv2.run.run_training"] + cmd[1:]
+    return cmd
 
 
 def subprocess_runner(cmd: List[str], log: str, env: dict) -> int:
@@ -172,7 +207,7 @@ def subprocess_runner(cmd: List[str], log: str, env: dict) -> int:
     with open(log, "a", encoding="utf-8", errors="replace") as lf:
         lf.write(f"\n$ {shlex.join(cmd)}\n")
         lf.flush()
-        p = subprocess.Popen(_executable(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        p = subprocess.Popen(executable(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace", bufsize=1)
         try:
             for line in p.stdout:
@@ -189,7 +224,7 @@ def subprocess_runner(cmd: List[str], log: str, env: dict) -> int:
             raise
 
 
-class _FoldLock:
+class FoldLock:
     """Exclusive, non-blocking flock per (trainer, fold); released by the OS if the process dies."""
 
     def __init__(self, path: str):
@@ -221,11 +256,12 @@ def run_lowdata(dataset, trainers: Sequence[str], configuration: str = "3d_fullr
                 pretrained_weights: Optional[str] = None, extra_args: Sequence[str] = (),
                 runner: Optional[Runner] = None, out: Callable[[str], None] = print,
                 env: Optional[dict] = None, stage2: Optional[str] = None,
-                pretrain_trainer: Optional[str] = None) -> List[Job]:
+                pretrain_trainer: Optional[str] = None, executor: Optional[Executor] = None) -> List[Job]:
     """Train (or with ``dry_run`` list) all low-data folds; returns the jobs. Raises TrainingFailed on a failure.
 
     ``stage2`` None means the default (per-fold) chosen implicitly: folds started before the mode was recorded are
-    then refused rather than silently continued with another stage 2.
+    then refused rather than silently continued with another stage 2. ``executor`` (e.g. a submitit executor of
+    ``bsf_nnunet.cluster``) gets the planned jobs instead of running them one after the other here.
     """
     mode = check_mode(stage2 or DEFAULT_MODE, pretrained_weights, pretrain_trainer)
     if pretrained_weights and not dry_run and not os.path.isfile(pretrained_weights):
@@ -236,21 +272,34 @@ def run_lowdata(dataset, trainers: Sequence[str], configuration: str = "3d_fullr
     _check_and_record_mode(resolve_dataset(dataset), trainers, configuration, plans, mode, stage2 is not None,
                            pretrain_trainers(trainers, mode, pretrain_trainer), pretrained_weights, not dry_run)
     _note_weights(mode, pretrained_weights, trainers, out)
+    if executor is not None:
+        executor(jobs, dry_run)
+    else:
+        run_sequential(jobs, dry_run, runner, env, out)
+    return jobs
+
+
+def run_sequential(jobs: Sequence[Job], dry_run: bool = False, runner: Optional[Runner] = None,
+                   env: Optional[dict] = None, out: Callable[[str], None] = print) -> dict:
+    """Run (or list) the jobs one after the other in this process; returns the counts done / run / busy."""
     runner = runner or subprocess_runner
     env = dict(os.environ if env is None else env)
     counts = {"done": 0, "run": 0, "busy": 0}
     for i, job in enumerate(jobs, 1):
-        counts[_do_job(job, f"[{i}/{len(jobs)}] {_describe(job)}", dry_run, runner, env, out)] += 1
+        counts[_do_job(job, f"[{i}/{len(jobs)}] {describe(job)}", dry_run, runner, env, out)] += 1
     n_pre = sum(j.kind == "pretrain" for j in jobs)
     verb = "would run" if dry_run else "ran"
     out(f"{len(jobs)} trainings{f' ({n_pre} of them stage-2 pretrainings)' if n_pre else ''}: {counts['done']} "
         f"already done, {verb} {counts['run']}"
         + (f", {counts['busy']} busy in another process" if counts["busy"] else ""))
-    return jobs
+    return counts
 
 
-def _describe(job: Job) -> str:
+def describe(job: Job) -> str:
+    """'fold 5 (50%, repeat 0) BSFTrainer' (low-data) or 'fold 0 BSFTrainer' (cross-validation)."""
     what = " (stage-2 pretraining)" if job.kind == "pretrain" else ""
+    if job.fraction is None:
+        return f"fold {job.fold} {job.trainer}{what}"
     return f"fold {job.fold} ({fmt_fraction(job.fraction)}, repeat {job.repeat}) {job.trainer}{what}"
 
 
@@ -295,9 +344,9 @@ def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: 
         out(f"{head}: its stage-2 pretraining is not finished ({job.needs} missing: another `lowdata run` is "
             f"training it, or it was interrupted), skipped; run `lowdata run` again to continue")
         return "busy"
-    lock = _FoldLock(job.log[:-4] + ".lock")
+    lock = FoldLock(job.lock)
     if not lock.acquire():
-        out(f"{head}: another `lowdata run` is training it, skipped")
+        out(f"{head}: another process (a `run` or a cluster job) is training it, skipped")
         return "busy"
     try:
         if job_status(job.output_folder, job.kind) == "done":  # another process may have finished it meanwhile
@@ -308,10 +357,10 @@ def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: 
     finally:
         lock.release()
     if rc != 0:
+        where = f" ({fmt_fraction(job.fraction)}, repeat {job.repeat})" if job.fraction is not None else ""
         raise TrainingFailed(
-            f"{'Stage-2 pretraining' if job.kind == 'pretrain' else 'Training'} of fold {job.fold} "
-            f"({fmt_fraction(job.fraction)}, repeat {job.repeat}) with {job.trainer} failed (exit code {rc}). Log: "
-            f"{job.log}; nnU-Net's own log: {job.output_folder}/training_log_*.txt. Fix the cause and run the same "
-            f"`bsf-nnunet lowdata run` again: finished steps are skipped and this one continues from its last "
-            f"checkpoint.")
+            f"{'Stage-2 pretraining' if job.kind == 'pretrain' else 'Training'} of fold {job.fold}{where} with "
+            f"{job.trainer} failed (exit code {rc}). Log: {job.log}; nnU-Net's own log: "
+            f"{job.output_folder}/training_log_*.txt. Fix the cause and run the same command again: finished "
+            f"steps are skipped and this one continues from its last checkpoint.")
     return "run"
