@@ -1,4 +1,4 @@
-"""Atomic file writes, used by every layer of bsf-nnunet (a leaf: it imports nothing else of the package).
+"""Atomic file writes, used by every layer of bsf-nnunet (a leaf: it imports only ``bsf_nnunet.errors``).
 
 A file that exists is complete. Each writer writes a temporary file in the target's folder, named
 ``.tmp_<name>.<random>`` (hidden, recognisable; writers that pick the format from the extension, such as
@@ -16,18 +16,21 @@ import os
 import shutil
 import uuid
 
+from .errors import BSFError
+
 TEMP_PREFIX = ".tmp_"
 _DOUBLE_EXTENSIONS = (".nii.gz", ".tar.gz")
 DISK_FULL_ERRNOS = tuple(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
-class DiskFullError(OSError):
+class DiskFullError(BSFError, OSError):
     """No space left on the device, or the disk quota exceeded, while writing a file (the previous file is
     unchanged). An ``OSError`` (errno ENOSPC or EDQUOT), so existing handlers still catch it; ``str()`` is the
     message for the user."""
 
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
+    @property
+    def message(self) -> str:
+        return self.strerror or super().message
 
 
 def disk_full_error(err: int, path: str) -> DiskFullError:

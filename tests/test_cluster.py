@@ -13,6 +13,7 @@ import pytest
 from bsf_nnunet.cli import cv as cli_cv
 from bsf_nnunet.cli import lowdata as cli_lowdata
 from bsf_nnunet.cli import pretrain_job as cli_pretrain_job
+from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.cluster import options as cl_options
 from bsf_nnunet.cluster.command import TrainCommand
 from bsf_nnunet.cluster.launch import launch
@@ -57,7 +58,7 @@ def cli(module, *argv):
     sub = p.add_subparsers(dest="command")
     module.register(sub)
     args = p.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return run_command(args)  # with bsf-nnunet's error handling
 
 
 @pytest.fixture
@@ -194,6 +195,9 @@ FAKE_TRAIN = textwrap.dedent('''\
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "calls.txt"), "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\\n")
+    if "--needs" in sys.argv and not os.path.exists(sys.argv[sys.argv.index("--needs") + 1]):
+        print("started before its stage-2 checkpoint exists", flush=True)
+        sys.exit(4)
     stop = []
     signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
     if "--c" not in sys.argv and os.environ.get("FAKE_SLOW"):  # 'trains' until told to stop, then saves
@@ -325,7 +329,8 @@ def _fake_jobs(env, script):
     create_splits(42, [1.0], repeats=2, out=lambda *_: None)
     jobs = ld_runner.plan_jobs(42, ["T", "T_scratch"], device="cpu", pretrain_trainer="P")
     for j in jobs:
-        j.fresh_cmd = [sys.executable, str(script), "-device", "cpu", "--out", j.output_folder]
+        j.fresh_cmd = [sys.executable, str(script), "-device", "cpu", "--out", j.output_folder] + \
+            (["--needs", j.needs] if j.needs else [])
         j.cmd = list(j.fresh_cmd)
     return jobs
 
@@ -348,7 +353,9 @@ def test_local_executor_runs_n_at_a_time_in_order_and_reports_failures(env, tmp_
     running = [sum(e for e, _ in events[:i + 1]) for i in range(len(events))]
     assert max(running) == 2 and len(events) == 10  # 5 jobs, two at a time
     order = [f"{'+' if e > 0 else '-'}{what.split('] ')[1]}" for e, what in events]
-    assert order.index("+fold 5 (100%, repeat 0) T") > order.index("-fold 5 (100%, repeat 0) P (stage-2 pretraining)")
+    # the fine-tuning starts once its stage-2 checkpoint exists (the fake training exits 4 otherwise), which may be
+    # noticed before the pretraining process itself has ended
+    assert order.index("+fold 5 (100%, repeat 0) T") > order.index("+fold 5 (100%, repeat 0) P (stage-2 pretraining)")
     rows = {(r["fold"], r["trainer"]): r["status"]
             for r in collect(ld_runner.plan_jobs(42, ["T", "T_scratch"], device="cpu", pretrain_trainer="P"), DS)}
     assert rows == {(5, "P"): "done", (5, "T"): "done", (5, "T_scratch"): "done", (6, "P"): "failed",

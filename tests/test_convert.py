@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bsf_nnunet.cli import convert as cli_convert
+from bsf_nnunet.cli.main import run_command
 
 SHAPE = (10, 11, 12)
 AFF = np.array([[1.0, 0, 0, -5], [0, 1.2, 0, 3], [0, 0, 2.0, 7], [0, 0, 0, 1]])
@@ -31,7 +32,7 @@ def cli(*argv):
     sub = p.add_subparsers(dest="command")
     cli_convert.register(sub)
     args = p.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return run_command(args)  # with bsf-nnunet's error handling
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bsf_nnunet.cli import evaluate as cli_evaluate
+from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.evaluation.brats import detect_convention, region_masks
 from bsf_nnunet.evaluation.common import CaseError
 from bsf_nnunet.evaluation.metrics import HD95_PENALTY_MM, components, dice, hd95, lesion_metrics
@@ -26,7 +27,7 @@ def cli(*argv):
     sub = p.add_subparsers(dest="command")
     cli_evaluate.register(sub)
     args = p.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return run_command(args)  # with bsf-nnunet's error handling
 
 
 def cube(lo, size=3, shape=SHAPE):

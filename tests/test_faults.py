@@ -126,7 +126,7 @@ def test_lowdata_splits_on_full_disk(tmp_path, monkeypatch, capsys):
     assert main(["lowdata", "splits", "-d", FAULTS_DS, "--fractions", "0.5", "1.0", "--repeats", "1",
                  "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bsf-nnunet lowdata: error: The disk is full") and str(pre / FAULTS_DS) in err, err
+    assert err.startswith("bsf-nnunet lowdata splits: error: The disk is full") and str(pre / FAULTS_DS) in err, err
     assert {n: (pre / FAULTS_DS / n).read_bytes() for n in files} == files
     assert not _temporaries(pre)
 

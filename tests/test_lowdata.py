@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from bsf_nnunet.cli import lowdata as cli_lowdata
+from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.lowdata import report as ld_report
 from bsf_nnunet.lowdata import runner as ld_runner
 from bsf_nnunet.lowdata import stage2 as ld_stage2
@@ -26,7 +27,7 @@ def cli(*argv):
     sub = p.add_subparsers(dest="command")
     cli_lowdata.register(sub)
     args = p.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return run_command(args)  # with bsf-nnunet's error handling
 
 
 @pytest.fixture
@@ -233,6 +234,21 @@ def test_case_ids_from_raw_labels(env):
     assert sorted(lay["test"] + lay["folds"][0]["train"]) == ["a", "b", "c", "d", "e"]
     assert lay["case_source"].endswith("labelsTr")
     assert (env["nnUNet_preprocessed"] / "Dataset007_Raw" / "splits_final.json").is_file()
+
+
+def test_case_ids_as_nnunet_reads_them(env):
+    """The data folder from the plans (inherits_from resolved by nnU-Net's PlansManager), the cases as nnU-Net's
+    dataset class lists them; a folder nnU-Net cannot read is named with the fix."""
+    pre = env["nnUNet_preprocessed"] / DS
+    make_preprocessed(env, 6)
+    (pre / "nnUNetPlans_3d_fullres").rename(pre / "Mine")
+    (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {
+        "base": {"data_identifier": "Mine", "architecture": {}}, "3d_fullres": {"inherits_from": "base"}}}))
+    lay = create_splits(42, [1.0], repeats=1, out=quiet)
+    assert lay["case_source"].endswith("Mine") and lay["n_cases"] == 6
+    (pre / "Mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"Mine holds files nnU-Net cannot read.*b2nd, txt.*Move the other files"):
+        create_splits(42, [1.0], repeats=1, out=quiet)
 
 
 def test_bad_input_messages(env, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 from .main import CLIError
 
@@ -84,13 +83,9 @@ def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
 def run(args) -> int:
     from ..datasets.check import check_raw_dataset
 
-    try:
-        if args.num_processes < 1:
-            raise CLIError(f"-np must be at least 1, not {args.num_processes}")
-        folder = resolve_dataset_folder(args.dataset, "nnUNet_preprocessed" if args.preprocessed else "nnUNet_raw")
-    except CLIError as e:
-        print(f"bsf-nnunet check: error: {e}", file=sys.stderr)
-        return 2
+    if args.num_processes < 1:
+        raise CLIError(f"-np must be at least 1, not {args.num_processes}")
+    folder = resolve_dataset_folder(args.dataset, "nnUNet_preprocessed" if args.preprocessed else "nnUNet_raw")
     if args.preprocessed:
         from ..datasets.check import check_preprocessed_dataset
 

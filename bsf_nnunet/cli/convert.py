@@ -37,7 +37,7 @@ def register(sub) -> None:
                                        "collection into nnU-Net raw format",
                        description="Convert a public dataset into nnU-Net v2 raw format. " + EPILOG)
     p.set_defaults(func=_no_target, _parser=p)
-    sp = p.add_subparsers(dest="convert_what", metavar="DATASET")
+    sp = p.add_subparsers(dest="step", metavar="DATASET")
 
     q = sp.add_parser("brats2021", help="BraTS 2021 training/validation data",
                       description="SRC/BraTS2021_00000/BraTS2021_00000_{flair,t1,t1ce,t2,seg}.nii.gz -> channels "
@@ -98,13 +98,6 @@ def _no_target(args) -> int:
     return 2
 
 
-def _error(args, e: Exception) -> int:
-    what = getattr(args, "convert_what", None) or ""
-    msg = " ".join(str(e).split())
-    print(f"bsf-nnunet convert {what}: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _conv_kwargs(args) -> dict:
     return dict(link=args.link, num_workers=args.num_workers, dry_run=args.dry_run, affine_tol=args.affine_tol,
                 name=args.name)
@@ -114,44 +107,27 @@ def _rc(report: dict) -> int:
     return 1 if report["counts"]["bad"] else 0
 
 
-def _guard(fn):
-    def run(args) -> int:
-        from ..datasets.convert import ConversionError
-        try:
-            return fn(args)
-        except (ConversionError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            return _error(args, e)
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
-
-
-@_guard
 def run_brats2021(args) -> int:
     from ..datasets.brats import convert_brats2021
     return _rc(convert_brats2021(args.src, args.dataset_id, args.out, split=args.split, **_conv_kwargs(args)))
 
 
-@_guard
 def run_brats2021_back(args) -> int:
     from ..datasets.brats import convert_predictions_back
     res = convert_predictions_back(args.pred, args.out, num_workers=args.num_workers)
     return 1 if res["bad"] else 0
 
 
-@_guard
 def run_atlas2(args) -> int:
     from ..datasets.atlas import convert_atlas2
     return _rc(convert_atlas2(args.src, args.dataset_id, args.out, split=args.split, **_conv_kwargs(args)))
 
 
-@_guard
 def run_ukb(args) -> int:
     from ..datasets.ukb import convert_ukb
     return _rc(convert_ukb(args.src, args.dataset_id, args.out, **_conv_kwargs(args)))
 
 
-@_guard
 def run_unlabeled(args) -> int:
     from ..datasets.unlabeled import convert_unlabeled
     return _rc(convert_unlabeled(args.src, args.dataset_id, args.channels, args.out, pattern=args.pattern,

@@ -12,7 +12,7 @@ def register(sub) -> None:
                                    "with --executor local or slurm), then run nnUNetv2_find_best_configuration, which "
                                    "prints the ensemble and postprocessing it picks (docs/lowdata.md).")
     p.set_defaults(func=_no_step, _parser=p)
-    sp = p.add_subparsers(dest="cv_step", metavar="STEP")
+    sp = p.add_subparsers(dest="step", metavar="STEP")
 
     q = sp.add_parser("run", help="train the folds, then find the best configuration (restartable)",
                       description="Finished folds are skipped, interrupted ones continued with --c, folds trained "
@@ -24,7 +24,7 @@ def register(sub) -> None:
     q.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     add_executor_arguments(q)
-    q.set_defaults(func=_guard(_run))
+    q.set_defaults(func=_run)
 
     q = sp.add_parser("status", help="per fold and trainer: done / running / queued / failed / not started",
                       description="From the results folders and the jobs in $nnUNet_results/DatasetXXX/jobs.json; "
@@ -33,7 +33,7 @@ def register(sub) -> None:
     _common(q)
     q.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
     q.add_argument("--tail", type=int, default=10, metavar="N", help="log lines shown per failed job (default 10)")
-    q.set_defaults(func=_guard(_status))
+    q.set_defaults(func=_status)
 
 
 def _common(q) -> None:
@@ -47,22 +47,6 @@ def _common(q) -> None:
 def _no_step(args) -> int:
     args._parser.print_help(sys.stderr)
     return 2
-
-
-def _guard(fn):
-    def run(args) -> int:
-        from ..lowdata.runner import TrainingFailed
-
-        try:
-            return fn(args)
-        except TrainingFailed as e:
-            print(f"bsf-nnunet cv {args.cv_step}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            print(f"bsf-nnunet cv {args.cv_step}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-    run.__name__ = fn.__name__
-    return run
 
 
 def _run(args) -> int:

@@ -156,50 +156,17 @@ class Demo:
         self.report(preds, time.time() - t0)
 
     def report(self, preds, total):
-        import numpy as np
-        import SimpleITK as sitk
-
+        """Dice per tissue class of each model in ``preds`` ({name: prediction folder}) and of a trivial baseline
+        on the held-out cases, printed with the run times (``total``: seconds before this step); writes
+        demo_summary.json and demo_slices.png and returns the summary."""
         t = time.time()
         lab_dir = os.path.join(self.raw, "labelsTs")
         cases = sorted(f for f in os.listdir(lab_dir) if f.endswith(".nii.gz"))
-        scores = {name: {c: [] for c in CLASSES} for name in preds}
-        for case in cases:
-            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
-            for name, folder in preds.items():
-                seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, case)))
-                for c in CLASSES:
-                    a, b = seg == c, ref == c
-                    scores[name][c].append(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-        # trivial baseline: every brain voxel labelled as the most frequent tissue class
-        base = {c: [] for c in CLASSES}
-        for case in cases:
-            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
-            major = max(CLASSES, key=lambda c: (ref == c).sum())
-            for c in CLASSES:
-                a, b = (ref > 0) & (c == major), ref == c
-                base[c].append(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-        rows = {name: {CLASSES[c]: float(np.mean(v)) for c, v in s.items()} for name, s in scores.items()}
-        rows["trivial (majority class)"] = {CLASSES[c]: float(np.mean(v)) for c, v in base.items()}
-        for r in rows.values():
-            r["mean"] = float(np.mean([r[n] for n in CLASSES.values()]))
+        rows = _dice_rows(lab_dir, cases, preds)
         print(f"\nDice on {len(cases)} held-out cases ({DATASET_NAME}, fine-tuned on {self.p['num_labelled']} "
               "labelled cases):")
-        print(f"  {'model':26s} {'CSF':>6s} {'GM':>6s} {'WM':>6s} {'mean':>6s}")
-        for name, r in rows.items():
-            print(f"  {name:26s} {r['CSF']:6.3f} {r['GM']:6.3f} {r['WM']:6.3f} {r['mean']:6.3f}")
-        png = os.path.join(self.workdir, "demo_slices.png")
-        try:
-            from ..datasets.figures import save_triplanar_png
-
-            case = cases[0]
-            img = sitk.ReadImage(os.path.join(self.raw, "imagesTs", case.replace(".nii.gz", "_0000.nii.gz")))
-            ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(lab_dir, case)))
-            pr = {n: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case))) for n, f in preds.items()}
-            save_triplanar_png(png, sitk.GetArrayFromImage(img), ref, pr, img.GetSpacing()[::-1],
-                               direction=img.GetDirection(), title=f"{case}: reference and predictions")
-        except Exception as e:  # the figure is a bonus: never lose the numbers over it
-            print(f"  (could not write {png}: {e})")
-            png = None
+        print(_dice_table(rows))
+        png = self._save_slices(lab_dir, cases[0], preds)
         self.times["evaluate"] = time.time() - t
         print("\nRun time per step:")
         for k, v in self.times.items():
@@ -211,6 +178,62 @@ class Demo:
         atomic_write_json(path, summary)
         print(f"\nWrote {path}" + (f" and {png}" if png else ""))
         return summary
+
+    def _save_slices(self, lab_dir: str, case: str, preds: dict):
+        """demo_slices.png of ``case`` (image, reference and each prediction); its path, or None if it failed."""
+        png = os.path.join(self.workdir, "demo_slices.png")
+        try:
+            import SimpleITK as sitk
+
+            from ..datasets.figures import save_triplanar_png
+
+            img = sitk.ReadImage(os.path.join(self.raw, "imagesTs", case.replace(".nii.gz", "_0000.nii.gz")))
+            ref = _read_labels(os.path.join(lab_dir, case))
+            pr = {n: _read_labels(os.path.join(f, case)) for n, f in preds.items()}
+            save_triplanar_png(png, sitk.GetArrayFromImage(img), ref, pr, img.GetSpacing()[::-1],
+                               direction=img.GetDirection(), title=f"{case}: reference and predictions")
+        except Exception as e:  # the figure is a bonus: never lose the numbers over it
+            print(f"  (could not write {png}: {e})")
+            return None
+        return png
+
+
+def _read_labels(path: str):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def _dice_rows(lab_dir: str, cases: list, preds: dict) -> dict:
+    """{model: {class name: mean Dice over ``cases``, 'mean': over the classes}} for each prediction folder and for
+    the trivial baseline (every brain voxel labelled as the most frequent tissue class)."""
+    import numpy as np
+
+    from ..dice import dice
+
+    scores = {name: {c: [] for c in CLASSES} for name in preds}
+    base = {c: [] for c in CLASSES}
+    for case in cases:
+        ref = _read_labels(os.path.join(lab_dir, case))
+        for name, folder in preds.items():
+            seg = _read_labels(os.path.join(folder, case))
+            for c in CLASSES:
+                scores[name][c].append(dice(seg == c, ref == c, empty=0.0))
+        major = max(CLASSES, key=lambda c: (ref == c).sum())
+        for c in CLASSES:
+            base[c].append(dice((ref > 0) & (c == major), ref == c, empty=0.0))
+    rows = {name: {CLASSES[c]: float(np.mean(v)) for c, v in s.items()} for name, s in scores.items()}
+    rows["trivial (majority class)"] = {CLASSES[c]: float(np.mean(v)) for c, v in base.items()}
+    for r in rows.values():
+        r["mean"] = float(np.mean([r[n] for n in CLASSES.values()]))
+    return rows
+
+
+def _dice_table(rows: dict) -> str:
+    lines = [f"  {'model':26s} {'CSF':>6s} {'GM':>6s} {'WM':>6s} {'mean':>6s}"]
+    lines += [f"  {name:26s} {r['CSF']:6.3f} {r['GM']:6.3f} {r['WM']:6.3f} {r['mean']:6.3f}"
+              for name, r in rows.items()]
+    return "\n".join(lines)
 
 
 def run(args) -> int:

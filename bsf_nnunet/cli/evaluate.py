@@ -21,7 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="BraTS / ATLAS v2.0 challenge metrics of a prediction folder",
                        description="Challenge metrics of a folder of predictions. " + EPILOG)
     p.set_defaults(func=_no_target, _parser=p)
-    sp = p.add_subparsers(dest="evaluate_what", metavar="TASK")
+    sp = p.add_subparsers(dest="step", metavar="TASK")
     q = sp.add_parser("brats", help="Dice and HD95 of ET, TC, WT",
                       description="Dice and 95% Hausdorff distance (mm) of enhancing tumour, tumour core and whole "
                                   "tumour. Both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13 mm (the "
@@ -50,28 +50,12 @@ def _rc(summary: dict) -> int:
     return 1 if summary["missing_predictions"] or summary["failed"] else 0
 
 
-def _guard(fn):
-    def run(args) -> int:
-        from ..datasets.convert import ConversionError
-        from ..evaluation.common import EvaluationError
-        try:
-            return fn(args)
-        except (EvaluationError, ConversionError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            msg = " ".join(str(e).split())
-            print(f"bsf-nnunet evaluate {getattr(args, 'evaluate_what', '') or ''}: error: {msg}", file=sys.stderr)
-            return 2
-    run.__name__ = fn.__name__
-    return run
-
-
-@_guard
 def run_brats(args) -> int:
     from ..evaluation.brats import evaluate_brats
     return _rc(evaluate_brats(args.pred, args.gt, labels=args.labels, output_dir=args.output_dir,
                               num_workers=args.num_workers))
 
 
-@_guard
 def run_atlas(args) -> int:
     from ..evaluation.atlas import evaluate_atlas
     return _rc(evaluate_atlas(args.pred, args.gt, output_dir=args.output_dir, num_workers=args.num_workers))

@@ -27,17 +27,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..planning.swin_config import ConfigurationError
     from ..training.export import export_model, load_export_source
-    from ..weights import CheckpointError
-    from .main import CLIError
 
-    try:
-        src = load_export_source(args.dataset, args.trainer, args.plans, args.configuration, args.fold,
-                                 checkpoint=args.checkpoint)
-        result = export_model(src, args.to, args.output, overwrite=args.overwrite, license_id=args.license)
-    except (CheckpointError, ConfigurationError) as e:
-        raise CLIError(str(e)) from None
+    src = load_export_source(args.dataset, args.trainer, args.plans, args.configuration, args.fold,
+                             checkpoint=args.checkpoint)
+    result = export_model(src, args.to, args.output, overwrite=args.overwrite, license_id=args.license)
     a = src.arch_kwargs
     print(f"Exported {src.checkpoint} (variant {src.variant}, merging {a['merging']}, axis order {a['axis_order']})"
           f" --to {args.to}:")

@@ -16,7 +16,7 @@ def register(sub) -> None:
                                    "evaluated on one fixed test set; pretrained vs scratch. Steps: splits -> run -> "
                                    "report (docs/lowdata.md).")
     p.set_defaults(func=_no_step, _parser=p)
-    sp = p.add_subparsers(dest="lowdata_step", metavar="STEP")
+    sp = p.add_subparsers(dest="step", metavar="STEP")
 
     q = sp.add_parser("splits", help="append the low-data folds to splits_final.json",
                       description="Write the low-data folds into $nnUNet_preprocessed/DatasetXXX/splits_final.json "
@@ -34,7 +34,7 @@ def register(sub) -> None:
                    help="configuration whose preprocessed cases are used (default 3d_fullres)")
     q.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     q.add_argument("--overwrite", action="store_true", help="replace a different existing low-data layout")
-    q.set_defaults(func=_guard(_splits))
+    q.set_defaults(func=_splits)
 
     q = sp.add_parser("run", help="train all low-data folds (restartable)",
                       description="Run nnUNetv2_train DATASET C FOLD -tr T -p P -device D for every low-data fold and "
@@ -66,7 +66,7 @@ def register(sub) -> None:
                         "fine-tunings. A file, or bsf:NAME / hf://OWNER/REPO/FILE (downloaded once)")
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     add_executor_arguments(q)
-    q.set_defaults(func=_guard(_run))
+    q.set_defaults(func=_run)
 
     q = sp.add_parser("status", help="per fold and trainer: done / running / queued / failed / not started",
                       description="The state of every low-data training, from the results folders and the jobs "
@@ -83,7 +83,7 @@ def register(sub) -> None:
     q.add_argument("--pretrain-trainer", default=None, metavar="TRAINER", help="as for run")
     q.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
     q.add_argument("--tail", type=int, default=10, metavar="N", help="log lines shown per failed job (default 10)")
-    q.set_defaults(func=_guard(_status))
+    q.set_defaults(func=_status)
 
     q = sp.add_parser("report", help="CSV, markdown and plot of the test-set Dice",
                       description="Collect fold_F/validation/summary.json of every low-data fold and trainer; write "
@@ -101,29 +101,12 @@ def register(sub) -> None:
     q.add_argument("--test", choices=["ttest", "wilcoxon"], default="ttest",
                    help="paired test across repeats: paired t-test (default) or Wilcoxon signed-rank")
     q.add_argument("--xscale", choices=["log", "linear"], default="log", help="x axis of the plot (default log)")
-    q.set_defaults(func=_guard(_report))
+    q.set_defaults(func=_report)
 
 
 def _no_step(args) -> int:
     args._parser.print_help(sys.stderr)
     return 2
-
-
-def _guard(fn):
-    def run(args) -> int:
-        from ..lowdata.runner import TrainingFailed
-
-        step = getattr(args, "lowdata_step", "") or ""
-        try:
-            return fn(args)
-        except TrainingFailed as e:
-            print(f"bsf-nnunet lowdata {step}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            print(f"bsf-nnunet lowdata {step}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-    run.__name__ = fn.__name__
-    return run
 
 
 def _splits(args) -> int:

@@ -5,14 +5,17 @@ import argparse
 import importlib
 import sys
 
-from ..io import DiskFullError
+from ..errors import BSFError, format_error
 
-# sub-command modules, each with register(subparsers)
+# sub-command modules, each with register(subparsers); a command with steps stores the step in args.step
 COMMANDS = ["plan", "convert", "evaluate", "lowdata", "import-model", "export", "demo", "info", "check", "weights",
             "cv", "pretrain-job"]
+# errors shown as "bsf-nnunet CMD [STEP]: error: ..." instead of a traceback: ours, and bad input found by the
+# libraries (a DiskFullError is a BSFError)
+USER_ERRORS = (BSFError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-class CLIError(Exception):
+class CLIError(BSFError):
     """An error whose message is meant for the user as is."""
 
 
@@ -31,18 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_error(args, error: Exception) -> int:
+    """Print ``error`` as ``bsf-nnunet CMD [STEP]: error: MESSAGE`` (on one line, then its hint) to stderr; return
+    the exit code (the error's ``exit_code``, 2 for bad input)."""
+    label = " ".join(filter(None, ("bsf-nnunet", args.command, getattr(args, "step", None))))
+    message, hint = (error.message, error.hint) if isinstance(error, BSFError) else (str(error), None)
+    print(f"{label}: error: {format_error(' '.join(message.split()), hint)}", file=sys.stderr)
+    return getattr(error, "exit_code", 2)
+
+
+def run_command(args) -> int:
+    """Run the parsed command ``args.func(args)``; the one place where user errors become a message and exit code."""
+    try:
+        rc = args.func(args)
+    except USER_ERRORS as e:
+        return _report_error(args, e)
+    return int(rc or 0)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        rc = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, PermissionError, DiskFullError) as e:
-        print(f"bsf-nnunet {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

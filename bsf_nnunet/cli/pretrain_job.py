@@ -1,8 +1,6 @@
 """``bsf-nnunet pretrain-job``: self-supervised pretraining on several nodes as one SLURM job (torchrun per node)."""
 from __future__ import annotations
 
-import sys
-
 from ..cluster.options import add_executor_arguments
 
 
@@ -33,12 +31,8 @@ def _run(args) -> int:
 
     if args.executor is None:
         args.executor = "slurm"
-    try:
-        opts = options_from_args(args)
-        import_submitit()
-        pretrain_job(args.dataset, args.configuration, args.fold, args.trainer, args.plans, args.pretrained_weights,
-                     args.nodes, args.gpus_per_node, args.port, opts, args.dry_run)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bsf-nnunet pretrain-job: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    opts = options_from_args(args)
+    import_submitit()
+    pretrain_job(args.dataset, args.configuration, args.fold, args.trainer, args.plans, args.pretrained_weights,
+                 args.nodes, args.gpus_per_node, args.port, opts, args.dry_run)
     return 0

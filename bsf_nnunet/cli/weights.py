@@ -16,7 +16,7 @@ def register(sub) -> None:
                                    "nnUNetv2_train -pretrained_weights, import-model and lowdata run "
                                    "(docs/weights.md).")
     p.set_defaults(func=_no_action, _parser=p)
-    sp = p.add_subparsers(dest="weights_action", metavar="ACTION")
+    sp = p.add_subparsers(dest="step", metavar="ACTION")
 
     q = sp.add_parser("list", help="the published files, their channels and use",
                       description="The table of published files (plans/published_weights.json).")

@@ -8,6 +8,7 @@ import os
 import subprocess
 from typing import Dict, List, Optional, Sequence
 
+from ..errors import BSFError
 from .options import ClusterOptions, import_submitit, time_minutes
 
 ACTIVE = ("queued", "running")
@@ -18,7 +19,7 @@ _SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
-class SubmissionRefused(ValueError):
+class SubmissionRefused(BSFError, ValueError):
     """sbatch (or the local executor) refused a job; the message is sbatch's own."""
 
 

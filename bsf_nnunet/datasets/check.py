@@ -605,59 +605,81 @@ def _check(folder: str, check_values: bool, num_workers: int, report: CheckRepor
         return
     data = _read_dataset_json(folder, report)
     meta = _check_dataset_json(data, report) if data is not None else _Meta()
+    has = _subfolders(folder, report)
+    try:
+        names = [n for sub, present in has.items() if present for n in _list(os.path.join(folder, sub))]
+    except OSError as e:
+        report.errors.append(f"cannot list the dataset folder ({e}); check the permissions.")
+        return
+    ending = _file_ending(meta, names, has, data is not None, report)
+    if ending is None:
+        return
+    train = _scan_images(folder, "imagesTr", ending, report) if has["imagesTr"] else {}
+    label_files = _scan_labels(folder, ending, report) if has["labelsTr"] else {}
+    report.num_training = len(train)
+    tasks = _training_tasks(folder, train, label_files, has, names, ending, meta, check_values, report)
+    if has["imagesTs"]:
+        tasks += _test_tasks(folder, ending, meta, check_values, report)
+    _report_geometry(_run_cases(tasks, num_workers, report), report)
 
+
+def _subfolders(folder: str, report: CheckReport) -> Dict[str, bool]:
+    """Which of imagesTr, labelsTr and imagesTs exist; the first two missing are errors."""
     has = {sub: os.path.isdir(os.path.join(folder, sub)) for sub in ("imagesTr", "labelsTr", "imagesTs")}
     for sub in ("imagesTr", "labelsTr"):
         if not has[sub]:
             report.errors.append(f"{sub}: the folder {os.path.join(folder, sub)} is missing. An nnU-Net raw dataset "
                                  f"keeps the training images in imagesTr/<case>_XXXX<file_ending> and their labels "
                                  f"in labelsTr/<case><file_ending>; create it and put the files there.")
-    try:
-        names = []
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            if has[sub]:
-                names += _list(os.path.join(folder, sub))
-    except OSError as e:
-        report.errors.append(f"cannot list the dataset folder ({e}); check the permissions.")
-        return
-    ending = meta.file_ending
-    if ending is None:
-        ending = _guess_ending(names)
-        if ending is None:
-            if names:
-                report.errors.append("no NIfTI files (.nii.gz/.nii) found and dataset.json gives no usable "
-                                     "file_ending, so no case could be checked. Fix file_ending in dataset.json.")
-            elif has["imagesTr"]:
-                report.errors.append("imagesTr: no image files found. Put the training images there as "
-                                     "<case>_0000.nii.gz, <case>_0001.nii.gz, ... (one file per channel).")
-            return
-        if data is not None:
-            report.warnings.append(f"dataset.json: file_ending unknown, the files were checked as {ending!r}.")
+    return has
 
-    tasks: List[_CaseTask] = []
-    train: Dict[str, Dict[int, str]] = {}
-    if has["imagesTr"]:
-        train = _scan_images(folder, "imagesTr", ending, report)
+
+def _file_ending(meta: _Meta, names: List[str], has: Dict[str, bool], have_json: bool,
+                 report: CheckReport) -> Optional[str]:
+    """dataset.json's file_ending, else the one the files have (a warning); None (an error) when none is usable."""
+    if meta.file_ending is not None:
+        return meta.file_ending
+    ending = _guess_ending(names)
+    if ending is None:
+        if names:
+            report.errors.append("no NIfTI files (.nii.gz/.nii) found and dataset.json gives no usable "
+                                 "file_ending, so no case could be checked. Fix file_ending in dataset.json.")
+        elif has["imagesTr"]:
+            report.errors.append("imagesTr: no image files found. Put the training images there as "
+                                 "<case>_0000.nii.gz, <case>_0001.nii.gz, ... (one file per channel).")
+        return None
+    if have_json:
+        report.warnings.append(f"dataset.json: file_ending unknown, the files were checked as {ending!r}.")
+    return ending
+
+
+def _scan_labels(folder: str, ending: str, report: CheckReport) -> Dict[str, str]:
+    """case -> path of the files in labelsTr; reports the files nnU-Net ignores."""
     label_files: Dict[str, str] = {}
-    if has["labelsTr"]:
-        other = []
-        for name in _list(os.path.join(folder, "labelsTr")):
-            if name.endswith(ending):
-                label_files[name[:-len(ending)]] = os.path.join(folder, "labelsTr", name)
-            else:
-                other.append(name)
-        if other:
-            report.warnings.append(f"labelsTr: {len(other)} file(s) do not end in file_ending {ending!r} and are "
-                                   f"ignored by nnU-Net (e.g. {', '.join(other[:MAX_EXAMPLES])}).")
-    report.num_training = len(train)
+    other = []
+    for name in _list(os.path.join(folder, "labelsTr")):
+        if name.endswith(ending):
+            label_files[name[:-len(ending)]] = os.path.join(folder, "labelsTr", name)
+        else:
+            other.append(name)
+    if other:
+        report.warnings.append(f"labelsTr: {len(other)} file(s) do not end in file_ending {ending!r} and are "
+                               f"ignored by nnU-Net (e.g. {', '.join(other[:MAX_EXAMPLES])}).")
+    return label_files
+
+
+def _training_tasks(folder: str, train: Dict[str, Dict[int, str]], label_files: Dict[str, str],
+                    has: Dict[str, bool], names: List[str], ending: str, meta: _Meta, check_values: bool,
+                    report: CheckReport) -> List[_CaseTask]:
+    """Reports the layout errors of the training cases (channels, labels, numTraining); returns the per-case checks
+    (NIfTI only)."""
     if has["imagesTr"] and not train:
         others = [n for n in names if not n.endswith(ending)]
         hint = (f" (the folders do hold {len(others)} file(s) with another ending, e.g. {others[0]}: is file_ending "
                 f"right?)" if others else "")
         report.errors.append(f"imagesTr: no training cases found (files <case>_XXXX{ending}){hint}. Put the training "
                              f"images there, one file per channel.")
-
-    nifti = ending.lower() in NIFTI_ENDINGS
+    tasks = []
     for case in sorted(train):
         chans = train[case]
         report.errors.extend(_channel_layout_errors("imagesTr", case, chans, meta.num_channels, ending, meta))
@@ -666,7 +688,7 @@ def _check(folder: str, check_values: bool, num_workers: int, report: CheckRepor
             report.errors.append(f"case {case}: the label file labelsTr/{case}{ending} is missing (the case has "
                                  f"images in imagesTr). Every training case needs a label; add it, or move the "
                                  f"case's images to imagesTs (unlabelled/test cases).")
-        if nifti:
+        if ending.lower() in NIFTI_ENDINGS:
             tasks.append(_CaseTask(case, "imagesTr",
                                    [(chans[c], f"imagesTr/{os.path.basename(chans[c])}") for c in sorted(chans)],
                                    (lab, f"labelsTr/{case}{ending}") if lab else None,
@@ -679,19 +701,26 @@ def _check(folder: str, check_values: bool, num_workers: int, report: CheckRepor
         report.warnings.append(f"dataset.json: numTraining is {meta.num_training}, but imagesTr holds {len(train)} "
                                f"training case(s). Set numTraining to {len(train)} (nnUNetv2_plan_and_preprocess "
                                f"--verify_dataset_integrity stops on the difference).")
+    return tasks
 
-    if has["imagesTs"]:
-        test = _scan_images(folder, "imagesTs", ending, report)
-        report.num_test = len(test)
-        for case in sorted(test):
-            chans = test[case]
-            report.errors.extend(_channel_layout_errors("imagesTs", case, chans, meta.num_channels, ending, meta))
-            if nifti:
-                tasks.append(_CaseTask(case, "imagesTs",
-                                       [(chans[c], f"imagesTs/{os.path.basename(chans[c])}") for c in sorted(chans)],
-                                       None, None, check_values))
 
-    results = _run_cases(tasks, num_workers, report)
+def _test_tasks(folder: str, ending: str, meta: _Meta, check_values: bool, report: CheckReport) -> List[_CaseTask]:
+    """Reports the channel layout errors of the imagesTs cases; returns their per-case checks (NIfTI only)."""
+    test = _scan_images(folder, "imagesTs", ending, report)
+    report.num_test = len(test)
+    tasks = []
+    for case in sorted(test):
+        chans = test[case]
+        report.errors.extend(_channel_layout_errors("imagesTs", case, chans, meta.num_channels, ending, meta))
+        if ending.lower() in NIFTI_ENDINGS:
+            tasks.append(_CaseTask(case, "imagesTs",
+                                   [(chans[c], f"imagesTs/{os.path.basename(chans[c])}") for c in sorted(chans)],
+                                   None, None, check_values))
+    return tasks
+
+
+def _report_geometry(results: list, report: CheckReport) -> None:
+    """The per-case errors, and warnings for anisotropic spacing and small images."""
     aniso, small = [], []
     for r in results:
         report.errors.extend(r.errors)

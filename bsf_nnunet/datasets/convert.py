@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import BSFError
 from ..io import DiskFullError, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 
 FILE_ENDING = ".nii.gz"
@@ -42,7 +43,7 @@ REPORT_NAME = "conversion_report.json"
 LINK_MODES = ("auto", "hard", "symlink")
 
 
-class ConversionError(ValueError):
+class ConversionError(BSFError, ValueError):
     """Bad input or setup; the message names the file/case and says what to do."""
 
 
@@ -484,6 +485,109 @@ def _log(msg: str, stream=None) -> None:
     print(msg, file=stream or sys.stdout, flush=True)
 
 
+def _new_report(out_dir: str, source: str, converter: str, link: Optional[str], dry_run: bool) -> dict:
+    return {
+        "dataset": os.path.basename(out_dir), "folder": out_dir, "source": source, "converter": converter,
+        "mode": "dry-run" if dry_run else (f"link ({link})" if link else "copy"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "counts": {"converted": 0, "done_before": 0, "bad": 0, "training": 0, "test": 0},
+        "bad": [], "converted": [], "done_before": [], "warnings": [],
+    }
+
+
+class _Conversion:
+    """One run of :func:`run_conversion`: the report it fills and the case identifiers seen so far."""
+
+    def __init__(self, opts: Options, report: dict, dry_run: bool, progress_every: float):
+        self.opts, self.report, self.dry_run, self.progress_every = opts, report, dry_run, progress_every
+        self.counts = report["counts"]
+        self.seen: set = set()
+        self.t0 = time.time()
+
+    def record(self, res: dict) -> None:
+        """Count one case's result (``status``: converted, done_before or bad) in the report."""
+        st = res["status"]
+        self.counts[st] = self.counts.get(st, 0) + 1
+        if st == "bad":
+            self.report["bad"].append({k: res[k] for k in ("case", "split", "reason", "hint", "source") if k in res})
+            _log(f"BAD case {res['case']}: {res['reason']} -> {res['hint']}", sys.stderr)
+        else:
+            self.report[st].append(res["case"])
+            self.counts["training" if res["split"] == "Tr" else "test"] += 1
+
+    def _settled(self, spec: CaseSpec) -> bool:
+        """Record a case that is not to be converted (a duplicate identifier, one finished by an earlier run, or
+        any case of a dry run); False for a case to convert."""
+        if spec.case_id in self.seen:
+            self.record({"case": spec.case_id, "split": spec.split, "status": "bad", "source": spec.source,
+                         "reason": spec.problem or f"duplicate case identifier {spec.case_id!r} (another source "
+                                                   f"folder/file gives the same name); only the first one is used",
+                         "hint": spec.hint or "rename or remove one of them"})
+            return True
+        self.seen.add(spec.case_id)
+        if case_finished(spec, self.opts.out_dir):
+            self.record({"case": spec.case_id, "split": spec.split, "status": "done_before"})
+            return True
+        if not self.dry_run:
+            return False
+        _describe(spec, self.opts)
+        if spec.problem:
+            self.record({"case": spec.case_id, "split": spec.split, "status": "bad", "reason": spec.problem,
+                         "hint": spec.hint, "source": spec.source})
+        else:
+            self.record({"case": spec.case_id, "split": spec.split, "status": "converted"})
+        return True
+
+    def todo(self, specs: Iterable[CaseSpec]) -> Iterator[CaseSpec]:
+        """The cases to convert, with a progress line every ``progress_every`` seconds."""
+        last = time.time()
+        for spec in specs:
+            if self._settled(spec):
+                continue
+            yield spec
+            if self.progress_every and time.time() - last > self.progress_every:
+                last = time.time()
+                c = self.counts
+                _log(f"... {len(self.seen)} cases listed: {c['converted']} converted, {c['done_before']} done "
+                     f"before, {c['bad']} bad ({time.time() - self.t0:.0f} s)")
+
+    def finish(self, num_channels: int) -> dict:
+        """The report, sorted, with numTraining (the complete training cases in the folder) and the times."""
+        report, out_dir = self.report, self.opts.out_dir
+        for k in ("converted", "done_before"):
+            report[k].sort()
+        report["bad"].sort(key=lambda r: r["case"])
+        complete, incomplete = training_identifiers(out_dir, num_channels)
+        if incomplete:
+            report["warnings"].append(f"{len(incomplete)} incomplete training case(s) in {out_dir}/imagesTr not "
+                                      f"from this source (e.g. {incomplete[:5]}): delete their files or nnU-Net "
+                                      f"will fail")
+        report["numTraining"] = len(complete)
+        report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        report["seconds"] = round(time.time() - self.t0, 1)
+        return report
+
+
+def _nonempty(cases: Iterable[CaseSpec], source: str) -> Iterator[CaseSpec]:
+    it = iter(cases)
+    first = next(it, None)
+    if first is None:
+        raise ConversionError(f"no cases found in {source or 'the source folder'}; check the path and the expected "
+                              f"layout (see docs/datasets.md).")
+    return itertools.chain([first], it)
+
+
+def _write_results(report: dict, info: DatasetInfo, converter: str) -> None:
+    """The conversion report and dataset.json (numTraining: the complete training cases)."""
+    out_dir = report["folder"]
+    atomic_write_json(os.path.join(out_dir, REPORT_NAME), report)
+    extra = dict(info.extra)
+    extra.setdefault("name", info.name)
+    extra["converted_by"] = f"bsf-nnunet convert {converter}".strip()
+    write_dataset_json(out_dir, info.channel_names, info.labels, report["numTraining"], info.regions_class_order,
+                       **extra)
+
+
 def run_conversion(cases: Iterable[CaseSpec], info: DatasetInfo, dataset_id: int, raw_root: Optional[str] = None,
                    *, link: Optional[str] = None, num_workers: int = 1, dry_run: bool = False,
                    affine_tol: float = 1e-3, source: str = "", converter: str = "",
@@ -500,88 +604,20 @@ def run_conversion(cases: Iterable[CaseSpec], info: DatasetInfo, dataset_id: int
     check_existing_dataset_json(out_dir, info.channel_names, info.labels)
     opts = Options(out_dir=out_dir, channel_names=list(info.channel_names), link=link, affine_tol=affine_tol,
                    label_hint=info.label_hint)
-    t0 = time.time()
-    report = {
-        "dataset": os.path.basename(out_dir), "folder": out_dir, "source": source, "converter": converter,
-        "mode": "dry-run" if dry_run else (f"link ({link})" if link else "copy"),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "counts": {"converted": 0, "done_before": 0, "bad": 0, "training": 0, "test": 0},
-        "bad": [], "converted": [], "done_before": [], "warnings": [],
-    }
-    counts = report["counts"]
-    seen = set()
-
-    def record(res: dict) -> None:
-        st = res["status"]
-        counts[st] = counts.get(st, 0) + 1
-        if st == "bad":
-            report["bad"].append({k: res[k] for k in ("case", "split", "reason", "hint", "source") if k in res})
-            _log(f"BAD case {res['case']}: {res['reason']} -> {res['hint']}", sys.stderr)
-        else:
-            report[st].append(res["case"])
-            counts["training" if res["split"] == "Tr" else "test"] += 1
-
-    it = iter(cases)
-    first = next(it, None)
-    if first is None:
-        raise ConversionError(f"no cases found in {source or 'the source folder'}; check the path and the expected "
-                              f"layout (see docs/datasets.md).")
-
-    def todo() -> Iterator[CaseSpec]:
-        last = time.time()
-        for spec in itertools.chain([first], it):
-            if spec.case_id in seen:
-                record({"case": spec.case_id, "split": spec.split, "status": "bad", "source": spec.source,
-                        "reason": spec.problem or f"duplicate case identifier {spec.case_id!r} (another source "
-                                                  f"folder/file gives the same name); only the first one is used",
-                        "hint": spec.hint or "rename or remove one of them"})
-                continue
-            seen.add(spec.case_id)
-            if case_finished(spec, out_dir):
-                record({"case": spec.case_id, "split": spec.split, "status": "done_before"})
-                continue
-            if dry_run:
-                _describe(spec, opts)
-                if spec.problem:
-                    record({"case": spec.case_id, "split": spec.split, "status": "bad", "reason": spec.problem,
-                            "hint": spec.hint, "source": spec.source})
-                else:
-                    record({"case": spec.case_id, "split": spec.split, "status": "converted"})
-                continue
-            yield spec
-            if progress_every and time.time() - last > progress_every:
-                last = time.time()
-                _log(f"... {len(seen)} cases listed: {counts['converted']} converted, {counts['done_before']} done "
-                     f"before, {counts['bad']} bad ({time.time() - t0:.0f} s)")
-
+    run = _Conversion(opts, _new_report(out_dir, source, converter, link, dry_run), dry_run, progress_every)
+    specs = _nonempty(cases, source)
     if dry_run:
-        for _ in todo():
+        for _ in run.todo(specs):
             pass
     else:
-        os.makedirs(os.path.join(out_dir, "imagesTr"), exist_ok=True)
-        os.makedirs(os.path.join(out_dir, "labelsTr"), exist_ok=True)
-        os.makedirs(os.path.join(out_dir, "imagesTs"), exist_ok=True)
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
         _remove_stale_parts(out_dir)
-        for res in parallel_imap(_CaseJob(opts), todo(), num_workers):
-            record(res)
-
-    for k in ("converted", "done_before"):
-        report[k].sort()
-    report["bad"].sort(key=lambda r: r["case"])
-    complete, incomplete = training_identifiers(out_dir, len(info.channel_names))
-    if incomplete:
-        report["warnings"].append(f"{len(incomplete)} incomplete training case(s) in {out_dir}/imagesTr not from "
-                                  f"this source (e.g. {incomplete[:5]}): delete their files or nnU-Net will fail")
-    report["numTraining"] = len(complete)
-    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    report["seconds"] = round(time.time() - t0, 1)
+        for res in parallel_imap(_CaseJob(opts), run.todo(specs), num_workers):
+            run.record(res)
+    report = run.finish(len(info.channel_names))
     if not dry_run:
-        atomic_write_json(os.path.join(out_dir, REPORT_NAME), report)
-        extra = dict(info.extra)
-        extra.setdefault("name", info.name)
-        extra["converted_by"] = f"bsf-nnunet convert {converter}".strip()
-        write_dataset_json(out_dir, info.channel_names, info.labels, len(complete), info.regions_class_order,
-                           **extra)
+        _write_results(report, info, converter)
     _print_summary(report, dry_run)
     return report
 

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from ..errors import BSFError
 from ..io import atomic_write_bytes
 
 __all__ = [
@@ -68,7 +69,7 @@ BUILD_RECORD = "bsf_demo_build.json"
 FORMAT_VERSION = 1
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(BSFError, RuntimeError):
     """Raised with a message that names the offending file and the fix."""
 
 

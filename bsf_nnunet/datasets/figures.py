@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..dice import dice
 from ..io import atomic_write_bytes
 
 __all__ = ["save_triplanar_png", "DEFAULT_LABEL_NAMES"]
@@ -64,12 +65,103 @@ def _dice_text(ref: np.ndarray, pred: np.ndarray) -> str:
     labels = sorted((set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())) - {0})
     if not labels:
         return ""
-    d = []
-    for lab in labels:
-        r, p = ref == lab, pred == lab
-        den = r.sum() + p.sum()
-        d.append(2.0 * np.logical_and(r, p).sum() / den if den else 1.0)
-    return f"mean Dice {np.mean(d):.3f}"
+    return f"mean Dice {np.mean([dice(pred == lab, ref == lab) for lab in labels]):.3f}"
+
+
+def _checked_arrays(image, reference, predictions) -> tuple:
+    """``(image as float32, predictions dict, {name: label array}: reference first)``; shapes must match."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"image must be a 3-D (z, y, x) array, got shape {image.shape}")
+    predictions = dict(predictions or {})
+    arrays = {"reference": reference} if reference is not None else {}
+    arrays.update(predictions)
+    for k, a in arrays.items():
+        if np.shape(a) != image.shape:
+            raise ValueError(f"{k} has shape {np.shape(a)} but image has {image.shape}; they must match")
+    return image, predictions, arrays
+
+
+def _views(img: np.ndarray, labs: Mapping[str, np.ndarray], sp: np.ndarray) -> list:
+    """(name, slicer, row-spacing, col-spacing, left/right marks, up/down marks) of the three planes through the
+    centre of mass of the reference foreground (else of the image foreground, else the centre); each 2-D slice is
+    (rows, cols) with rows drawn bottom-to-top (origin='lower')."""
+    fg = labs["reference"] > 0 if "reference" in labs else img > 0
+    if fg.any():
+        centre = np.rint(np.argwhere(fg).mean(0)).astype(int)
+    else:
+        centre = np.array(img.shape) // 2
+    zc, yc, xc = centre
+    return [
+        ("axial", lambda a: a[zc], sp[1], sp[2], ("R", "L"), ("A", "P")),
+        ("coronal", lambda a: a[:, yc], sp[0], sp[2], ("R", "L"), ("S", "I")),
+        ("sagittal", lambda a: a[:, :, xc], sp[0], sp[1], ("A", "P"), ("S", "I")),
+    ]
+
+
+def _grey_window(img: np.ndarray) -> tuple:
+    """(low, high) grey values: the 0.5 and 99.5 percentiles of the non-zero voxels."""
+    nz = img[img != 0]
+    lo, hi = (np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0))
+    return lo, (hi if hi > lo else lo + 1)
+
+
+def _label_colours(labs: Mapping[str, np.ndarray], alpha: float) -> tuple:
+    """(labels present in any array, RGBA lookup table indexed by label)."""
+    present = sorted({int(v) for a in labs.values() for v in np.unique(a) if v != 0})
+    lut = np.zeros((max(present + [0]) + 1, 4), np.float32)
+    for lab in present:
+        lut[lab, :3] = _color(lab)
+        lut[lab, 3] = alpha
+    return present, lut
+
+
+def _new_figure(shape: Sequence[int], sp: np.ndarray, ncol: int, nrow: int, title: str | None, dpi: int):
+    """A black figure and its grid, panels sized by their extent in mm."""
+    from matplotlib.figure import Figure
+
+    ext = [shape[2] * sp[2], shape[1] * sp[1], shape[0] * sp[0]]  # R, A, S extents in mm
+    panel_w = [ext[0], ext[0], ext[1]]
+    panel_h = [ext[1], ext[2], ext[2]]
+    scale = 2.6 / max(max(panel_w), max(panel_h))
+    fig = Figure(figsize=(ncol * max(panel_w) * scale + 0.2, sum(panel_h) * scale + 1.2), dpi=dpi)
+    fig.patch.set_facecolor("black")
+    gs = fig.add_gridspec(nrow, ncol, height_ratios=panel_h, hspace=0.08, wspace=0.04,
+                          left=0.02, right=0.98, top=0.93 if title else 0.95, bottom=0.09)
+    return fig, gs
+
+
+def _draw_panel(ax, view: tuple, img: np.ndarray, lab: np.ndarray | None, lut: np.ndarray, window: tuple) -> None:
+    """One slice of the image, with ``lab`` overlaid in colour if given."""
+    _name, slicer, rs, cs, _lr, _ud = view
+    base = slicer(img)
+    ax.set_facecolor("black")
+    extent = (0, base.shape[1] * cs, 0, base.shape[0] * rs)
+    ax.imshow(base, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=extent,
+              interpolation="nearest")
+    if lab is not None:
+        ax.imshow(lut[slicer(lab)], origin="lower", extent=extent, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _column_title(name: str, lab: np.ndarray | None, labs: Mapping[str, np.ndarray]) -> str:
+    """The column's name, with the mean Dice against the reference for a prediction."""
+    if lab is not None and name != "reference" and "reference" in labs:
+        dt = _dice_text(labs["reference"], lab)
+        return f"{name}\n{dt}" if dt else name
+    return name
+
+
+def _mark_orientation(ax, view: tuple) -> None:
+    vname, _slicer, _rs, _cs, (right_mark, left_mark), (up_mark, _down) = view
+    ax.text(0.02, 0.02, vname, color="yellow", fontsize=7, transform=ax.transAxes)
+    kw = dict(color="white", fontsize=7, transform=ax.transAxes)
+    ax.text(0.98, 0.5, right_mark, ha="right", va="center", **kw)
+    ax.text(0.02, 0.5, left_mark, ha="left", va="center", **kw)
+    ax.text(0.5, 0.98, up_mark, ha="center", va="top", **kw)
 
 
 def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np.ndarray | None,
@@ -87,90 +179,29 @@ def save_triplanar_png(path: str | os.PathLike, image: np.ndarray, reference: np
     anterior on the right; pass ``direction`` (SimpleITK's 9-tuple) for files not stored in RAS voxel order.
     The file is written to a temporary name and renamed.
     """
-    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"image must be a 3-D (z, y, x) array, got shape {image.shape}")
-    predictions = dict(predictions or {})
-    arrays = {"reference": reference} if reference is not None else {}
-    arrays.update(predictions)
-    for k, a in arrays.items():
-        if np.shape(a) != image.shape:
-            raise ValueError(f"{k} has shape {np.shape(a)} but image has {image.shape}; they must match")
+    image, predictions, arrays = _checked_arrays(image, reference, predictions)
     tf = _display_transform(direction)
     sp = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))[tf[0]]
     img = _apply(image, tf)
     labs = {k: _apply(np.asarray(v).astype(np.int32), tf) for k, v in arrays.items()}
     names = dict(DEFAULT_LABEL_NAMES)
     names.update(label_names or {})
+    views, window = _views(img, labs, sp), _grey_window(img)
+    columns = [("image", None)] + ([("reference", labs["reference"])] if "reference" in labs else []) + \
+        [(k, labs[k]) for k in predictions]
+    present, lut = _label_colours(labs, alpha)
 
-    # slice centre: centre of mass of the reference foreground (else of the image foreground / centre)
-    fg = labs["reference"] > 0 if "reference" in labs else img > 0
-    if fg.any():
-        centre = np.rint(np.argwhere(fg).mean(0)).astype(int)
-    else:
-        centre = np.array(img.shape) // 2
-    nz = img[img != 0]
-    lo, hi = (np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0))
-    hi = hi if hi > lo else lo + 1
-
-    # (name, slicer, row-spacing, col-spacing, left/right marks); each 2-D slice is (rows, cols) with
-    # rows drawn bottom-to-top (origin='lower').
-    zc, yc, xc = centre
-    views = [
-        ("axial", lambda a: a[zc], sp[1], sp[2], ("R", "L"), ("A", "P")),
-        ("coronal", lambda a: a[:, yc], sp[0], sp[2], ("R", "L"), ("S", "I")),
-        ("sagittal", lambda a: a[:, :, xc], sp[0], sp[1], ("A", "P"), ("S", "I")),
-    ]
-    columns = [("image", None)]
-    if "reference" in labs:
-        columns.append(("reference", labs["reference"]))
-    for k in predictions:
-        columns.append((k, labs[k]))
-
-    present = sorted({int(v) for a in labs.values() for v in np.unique(a) if v != 0})
-    lut = np.zeros((max(present + [0]) + 1, 4), np.float32)
-    for lab in present:
-        lut[lab, :3] = _color(lab)
-        lut[lab, 3] = alpha
-
-    ncol, nrow = len(columns), len(views)
-    ext = [img.shape[2] * sp[2], img.shape[1] * sp[1], img.shape[0] * sp[0]]  # R, A, S extents in mm
-    panel_w = [ext[0], ext[0], ext[1]]
-    panel_h = [ext[1], ext[2], ext[2]]
-    scale = 2.6 / max(max(panel_w), max(panel_h))
-    fig = Figure(figsize=(ncol * max(panel_w) * scale + 0.2, sum(panel_h) * scale + 1.2), dpi=dpi)
-    fig.patch.set_facecolor("black")
-    gs = fig.add_gridspec(nrow, ncol, height_ratios=panel_h, hspace=0.08, wspace=0.04,
-                          left=0.02, right=0.98, top=0.93 if title else 0.95, bottom=0.09)
-    for r, (vname, slicer, rs, cs, (right_mark, left_mark), (up_mark, _down)) in enumerate(views):
-        base = slicer(img)
+    fig, gs = _new_figure(img.shape, sp, len(columns), len(views), title, dpi)
+    for r, view in enumerate(views):
         for c, (cname, lab) in enumerate(columns):
             ax = fig.add_subplot(gs[r, c])
-            ax.set_facecolor("black")
-            extent = (0, base.shape[1] * cs, 0, base.shape[0] * rs)
-            ax.imshow(base, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
-                      interpolation="nearest")
-            if lab is not None:
-                ax.imshow(lut[slicer(lab)], origin="lower", extent=extent, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
+            _draw_panel(ax, view, img, lab, lut, window)
             if r == 0:
-                t = cname
-                if lab is not None and cname != "reference" and "reference" in labs:
-                    dt = _dice_text(labs["reference"], lab)
-                    t = f"{cname}\n{dt}" if dt else cname
-                ax.set_title(t, color="white", fontsize=8)
+                ax.set_title(_column_title(cname, lab, labs), color="white", fontsize=8)
             if c == 0:
-                ax.text(0.02, 0.02, vname, color="yellow", fontsize=7, transform=ax.transAxes)
-                kw = dict(color="white", fontsize=7, transform=ax.transAxes)
-                ax.text(0.98, 0.5, right_mark, ha="right", va="center", **kw)
-                ax.text(0.02, 0.5, left_mark, ha="left", va="center", **kw)
-                ax.text(0.5, 0.98, up_mark, ha="center", va="top", **kw)
+                _mark_orientation(ax, view)
     if present:
         handles = [Patch(facecolor=_color(v), label=f"{v}: {names.get(v, str(v))}") for v in present]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,

@@ -12,10 +12,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets.convert import nifti_stem, parallel_imap
+from ..errors import BSFError
 from ..io import atomic_write_json, atomic_write_text
 
 
-class EvaluationError(ValueError):
+class EvaluationError(BSFError, ValueError):
     """Bad input for an evaluation; the message names the file and says what to do."""
 
 

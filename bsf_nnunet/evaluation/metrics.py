@@ -20,17 +20,10 @@ from typing import Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from ..dice import dice  # noqa: F401  (re-exported: the package's one Dice, for brats.py, atlas.py and users)
+
 HD95_PENALTY_MM = 373.13
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
-
-
-def dice(pred: np.ndarray, gt: np.ndarray, empty: float = 1.0) -> float:
-    p = np.asarray(pred, dtype=bool)
-    g = np.asarray(gt, dtype=bool)
-    sp, sg = int(np.count_nonzero(p)), int(np.count_nonzero(g))
-    if sp + sg == 0:
-        return float(empty)
-    return 2.0 * int(np.count_nonzero(p & g)) / (sp + sg)
 
 
 def _crop_to_union(p: np.ndarray, g: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

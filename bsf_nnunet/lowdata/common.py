@@ -50,7 +50,10 @@ def results_dir(dataset_name: str) -> str:
 
 def fold_dir(dataset_name: str, trainer: str, plans: str, configuration: str, fold: int) -> str:
     """nnU-Net's output folder of one training: <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<F>."""
-    return os.path.join(results_dir(dataset_name), f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    env_folder("nnUNet_results")  # our ValueError with the fix when it is not set (nnU-Net raises a RuntimeError)
+    return get_output_folder(dataset_name, trainer, plans, configuration, fold)
 
 
 def read_json(path: str, what: str):

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
+from ..errors import BSFError
 from .common import finetune_folds, fmt_fraction, fold_dir, load_layout, resolve_dataset, results_dir, select_folds
 from .stage2 import (
     DEFAULT_MODE,
@@ -40,8 +41,10 @@ Runner = Callable[[List[str], str, dict], int]
 Executor = Callable[[List["Job"], bool], object]
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(BSFError, RuntimeError):
     """An nnUNetv2_train subprocess failed; the message names the fold, trainer and log."""
+
+    exit_code = 1  # bsf-nnunet lowdata run / cv run: a training failed, the input was fine
 
 
 @dataclass

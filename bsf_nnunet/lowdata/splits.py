@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from ..io import atomic_write_text
+from ..io import atomic_path, atomic_write_text
 from .common import (
     LAYOUT_FILE,
     SPLITS_FILE,
@@ -38,34 +40,45 @@ CV_FOLDS = 5
 
 # ---------------------------------------------------------------------------------------------------- case ids
 def _data_identifier(pre: str, plans: str, configuration: str) -> str:
-    """The preprocessed data folder name of a configuration (from the plans, following inherits_from)."""
+    """The preprocessed data folder name of a configuration, from the plans as nnU-Net reads them
+    (``PlansManager``, inherits_from resolved); ``<plans>_<configuration>`` without a usable plans file."""
     plans_file = os.path.join(pre, plans + ".json")
     if os.path.isfile(plans_file):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
         try:
-            confs = read_json(plans_file, "plans file").get("configurations", {})
-        except (ValueError, AttributeError):
-            confs = {}
-        c, seen = configuration, set()
-        while c in confs and c not in seen:
-            seen.add(c)
-            if "data_identifier" in confs[c]:
-                return confs[c]["data_identifier"]
-            c = confs[c].get("inherits_from")
+            with warnings.catch_warnings():  # about rebuilding an old plan's architecture, which is not needed here
+                warnings.simplefilter("ignore", UserWarning)
+                plans_manager = PlansManager(read_json(plans_file, "plans file"))
+                return plans_manager.get_configuration(configuration).data_identifier
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError):
+            pass  # not planned for this configuration (or the plans are damaged): nnU-Net's default name
     return f"{plans}_{configuration}"
 
 
 def preprocessed_case_ids(folder: str) -> List[str]:
-    """Case ids of a preprocessed data folder (<case>.b2nd, else <case>.npz, else <case>.pkl)."""
-    names = os.listdir(folder)
-    for ending in (".b2nd", ".npz", ".pkl"):
-        ids = [n[:-len(ending)] for n in names if n.endswith(ending) and not n.endswith("_seg" + ending)]
-        if ids:
-            return sorted(set(ids))
-    return []
+    """Case ids of a preprocessed data folder, sorted, as nnU-Net's dataset class lists them ([] without data).
+    Raises ValueError for a folder nnU-Net cannot read (files of another or of several kinds)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    try:
+        dataset_class = infer_dataset_class(folder)
+    except (AssertionError, KeyError):
+        files = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+        kinds = sorted({n.split(".")[-1] for n in files} - {"pkl", "npy"})
+        if not kinds:
+            return []  # no case preprocessed yet
+        raise ValueError(f"{folder} holds files nnU-Net cannot read as preprocessed data (file endings: "
+                         f"{', '.join(kinds)}; it expects only .b2nd or only .npz besides .pkl), so it would not "
+                         f"train from it. Move the other files away, or re-run nnUNetv2_plan_and_preprocess.") from None
+    return sorted(set(dataset_class.get_identifiers(folder)))
 
 
 def raw_case_ids(raw_dataset: str) -> List[str]:
-    """Case ids from ``labelsTr`` of a raw dataset (the file ending from dataset.json)."""
+    """Case ids from ``labelsTr`` of a raw dataset (the file ending from dataset.json).
+
+    The labelled cases, read by hand: nnU-Net's ``get_filenames_of_train_images_and_targets`` lists ``imagesTr``
+    and needs dataset.json's file_ending, so it would find nothing where only the labels are in place."""
     labels = os.path.join(raw_dataset, "labelsTr")
     ending = None
     dj = os.path.join(raw_dataset, "dataset.json")
@@ -204,15 +217,13 @@ def _fold_text(fold: dict) -> str:
     return "\n".join("    " + line for line in json.dumps(fold, indent=4, sort_keys=True).splitlines())
 
 
-def splits_text(base_text: Optional[str], base_folds: List[dict], new_folds: List[dict], path: str) -> str:
-    """The split file: ``base_folds`` exactly as they are in ``base_text`` (their first len(base_folds) elements;
-    serialised afresh if ``base_text`` is None), then ``new_folds``.
+def splits_text(base_text: str, base_folds: List[dict], new_folds: List[dict], path: str) -> str:
+    """The split file: ``base_folds`` exactly as they are in ``base_text`` (their first len(base_folds) elements),
+    then ``new_folds``.
 
     For a file written by nnU-Net (``save_json``: indent 4, sorted keys) the result equals what ``save_json`` would
     write for the whole list.
     """
-    if base_text is None:
-        base_text = json.dumps(list(base_folds), indent=4, sort_keys=True)
     if not base_folds:
         head, sep = "[", "\n"
     else:
@@ -237,6 +248,120 @@ def format_table(layout: dict, dataset_name: str = "") -> str:
     return "\n".join(rows)
 
 
+@dataclass
+class _BaseFolds:
+    """The folds before the low-data ones (nnU-Net's cross-validation): ``text`` is their JSON text, kept byte for
+    byte (None: written afresh), ``existing`` the whole split file as found (None: there was none)."""
+
+    folds: List[dict]
+    text: Optional[str] = None
+    existing: Optional[list] = None
+    note: Optional[str] = None
+
+
+def _read_old_layout(layout_path: str) -> Optional[dict]:
+    old_layout = read_json(layout_path, "low-data layout") if os.path.isfile(layout_path) else None
+    if old_layout is not None and not (isinstance(old_layout, dict) and "first_fold" in old_layout):
+        raise ValueError(f"{layout_path} is not a layout written by `bsf-nnunet lowdata splits`; move it away.")
+    return old_layout
+
+
+def _base_from_split_file(splits_path: str, layout_path: str, old_layout: Optional[dict]) -> _BaseFolds:
+    """The folds of the existing split file before the low-data ones (all of them without a layout)."""
+    with open(splits_path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        existing = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{splits_path} is not valid JSON ({e}). Fix it, or delete it to let nnU-Net's default "
+                         f"5-fold split be re-created.") from e
+    if not isinstance(existing, list):
+        raise ValueError(f"{splits_path} is not a JSON list of folds. Fix or delete it.")
+    base_count = old_layout["first_fold"] if old_layout is not None else len(existing)
+    if len(existing) < base_count:
+        raise ValueError(f"{splits_path} has {len(existing)} folds but {layout_path} says the low-data folds start "
+                         f"at fold {base_count}; the split file was replaced. Restore it, or delete {layout_path} "
+                         f"to add new low-data folds after the {len(existing)} existing ones.")
+    return _BaseFolds(existing[:base_count], text, existing)
+
+
+def _new_base(dataset_name: str, cases: Sequence[str]) -> _BaseFolds:
+    """Without a split file: the raw dataset's ``splits_final.json`` (which nnU-Net's planner copies into the
+    preprocessed folder), else nnU-Net's default 5-fold cross-validation of ``cases``."""
+    raw_root = os.environ.get("nnUNet_raw")
+    raw_splits = os.path.join(raw_root, dataset_name, SPLITS_FILE) if raw_root else None
+    if raw_splits and os.path.isfile(raw_splits):
+        with open(raw_splits, encoding="utf-8") as f:
+            text = f.read()
+        folds = json.loads(text)
+        return _BaseFolds(folds, text, note=f"kept the {len(folds)} folds of {raw_splits} (as nnU-Net would)")
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    folds = [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]}
+             for s in generate_crossval_split(list(cases), seed=CV_SEED, n_splits=CV_FOLDS)]
+    return _BaseFolds(folds, note=f"created nnU-Net's default {CV_FOLDS}-fold cross-validation first (seed {CV_SEED})")
+
+
+def _base_folds(dataset_name: str, cases: Sequence[str], splits_path: str, layout_path: str,
+                old_layout: Optional[dict], overwrite: bool) -> _BaseFolds:
+    if os.path.isfile(splits_path):
+        return _base_from_split_file(splits_path, layout_path, old_layout)
+    base = _new_base(dataset_name, cases)
+    if old_layout is not None and old_layout["first_fold"] != len(base.folds) and not overwrite:
+        raise ValueError(f"{splits_path} is missing but {layout_path} describes folds from "
+                         f"{old_layout['first_fold']}; re-creating would number them from {len(base.folds)}. "
+                         f"Restore the split file, or pass --overwrite.")
+    return base
+
+
+def _refuse_other_layout(old_layout: Optional[dict], layout: dict, base: _BaseFolds, ld_splits: List[dict],
+                         splits_path: str, layout_path: str) -> None:
+    """Without --overwrite: an existing layout must be the same, and its folds in the split file unedited."""
+    base_count = len(base.folds)
+    if old_layout is not None and not _same_layout(old_layout, layout):
+        s = old_layout.get("settings", {})
+        reason = ("the settings differ" if s != layout["settings"] else
+                  "the settings are the same but the cases differ (cases were added or removed)")
+        raise ValueError(
+            f"{layout['dataset']} already has a different low-data layout ({layout_path}: fractions "
+            f"{s.get('fractions')}, repeats {s.get('repeats')}, test fraction {s.get('test_fraction')}, seed "
+            f"{s.get('seed')}); {reason}. Results of trainings on the old folds would no longer match. Re-run with "
+            f"the old settings, or pass --overwrite to replace the low-data folds (folds 0-{base_count - 1} are "
+            f"kept).")
+    if base.existing is not None and old_layout is not None:
+        current = base.existing[base_count:]
+        if [{"train": sorted(s.get("train", [])), "val": sorted(s.get("val", []))} for s in current] != \
+                [{"train": sorted(s["train"]), "val": sorted(s["val"])} for s in ld_splits]:
+            raise ValueError(f"The low-data folds in {splits_path} (from fold {base_count}) differ from "
+                             f"{layout_path}; the split file was edited. Pass --overwrite to re-write them.")
+
+
+def _write_splits(splits_path: str, base: _BaseFolds, ld_splits: List[dict]) -> bool:
+    """Write the split file if its folds change; returns whether it did."""
+    if base.text is None:  # a new file: nnU-Net's own JSON writer
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+
+        with atomic_path(splits_path, keep_extension=False) as tmp:
+            save_json(base.folds + ld_splits, tmp)
+        return True
+    # spliced as text: the existing folds stay byte for byte as the user or nnU-Net wrote them (save_json would
+    # re-format a hand-written file); for a file nnU-Net wrote the result equals save_json's
+    text = splits_text(base.text, base.folds, ld_splits, splits_path)
+    if base.existing is not None and json.loads(text) == base.existing:
+        return False
+    atomic_write_text(splits_path, text)
+    return True
+
+
+def _write_layout(layout_path: str, layout: dict, old_layout: Optional[dict]) -> bool:
+    """Write lowdata.json if the layout changes; returns whether it did."""
+    layout_text = json.dumps(layout, indent=2)
+    if old_layout == json.loads(layout_text):
+        return False
+    atomic_write_text(layout_path, layout_text + "\n")
+    return True
+
+
 def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), repeats: int = 5,
                   test_fraction: float = 0.2, seed: int = 0, configuration: str = "3d_fullres",
                   plans: str = "nnUNetPlans", overwrite: bool = False,
@@ -253,87 +378,20 @@ def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.
     splits_path = os.path.join(pre, SPLITS_FILE)
     layout_path = os.path.join(pre, LAYOUT_FILE)
     cases, source = find_case_ids(name, configuration, plans)
-
-    old_layout = read_json(layout_path, "low-data layout") if os.path.isfile(layout_path) else None
-    if old_layout is not None and not (isinstance(old_layout, dict) and "first_fold" in old_layout):
-        raise ValueError(f"{layout_path} is not a layout written by `bsf-nnunet lowdata splits`; move it away.")
-    base_note = None
-    if os.path.isfile(splits_path):
-        with open(splits_path, encoding="utf-8") as f:
-            base_text = f.read()
-        try:
-            existing = json.loads(base_text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{splits_path} is not valid JSON ({e}). Fix it, or delete it to let nnU-Net's default "
-                             f"5-fold split be re-created.") from e
-        if not isinstance(existing, list):
-            raise ValueError(f"{splits_path} is not a JSON list of folds. Fix or delete it.")
-        base_count = old_layout["first_fold"] if old_layout is not None else len(existing)
-        if len(existing) < base_count:
-            raise ValueError(f"{splits_path} has {len(existing)} folds but {layout_path} says the low-data folds start "
-                             f"at fold {base_count}; the split file was replaced. Restore it, or delete {layout_path} "
-                             f"to add new low-data folds after the {len(existing)} existing ones.")
-        base = existing[:base_count]
-    else:
-        existing = None
-        raw_root = os.environ.get("nnUNet_raw")
-        raw_splits = os.path.join(raw_root, name, SPLITS_FILE) if raw_root else None
-        if raw_splits and os.path.isfile(raw_splits):
-            # nnU-Net's planner copies this file into the preprocessed folder, so it is the dataset's split
-            with open(raw_splits, encoding="utf-8") as f:
-                base_text = f.read()
-            base = json.loads(base_text)
-            base_note = f"kept the {len(base)} folds of {raw_splits} (as nnU-Net would)"
-        else:
-            from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-            base = [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]}
-                    for s in generate_crossval_split(list(cases), seed=CV_SEED, n_splits=CV_FOLDS)]
-            base_text = None
-            base_note = f"created nnU-Net's default {CV_FOLDS}-fold cross-validation first (seed {CV_SEED})"
-        base_count = len(base)
-        if old_layout is not None and old_layout["first_fold"] != base_count:
-            if not overwrite:
-                raise ValueError(f"{splits_path} is missing but {layout_path} describes folds from "
-                                 f"{old_layout['first_fold']}; re-creating would number them from {base_count}. "
-                                 f"Restore the split file, or pass --overwrite.")
+    old_layout = _read_old_layout(layout_path)
+    base = _base_folds(name, cases, splits_path, layout_path, old_layout, overwrite)
+    base_count = len(base.folds)
 
     layout = make_layout(cases, fractions, repeats, test_fraction, seed, first_fold=base_count)
-    layout["dataset"] = name
-    layout["case_source"] = source
-    layout["configuration"] = configuration
-    layout["plans"] = plans
+    layout.update(dataset=name, case_source=source, configuration=configuration, plans=plans)
     ld_splits = [{"train": f["train"], "val": list(layout["test"])} for f in layout["folds"]]
-
     if not overwrite:
-        if old_layout is not None and not _same_layout(old_layout, layout):
-            s = old_layout.get("settings", {})
-            reason = ("the settings differ" if s != layout["settings"] else
-                      "the settings are the same but the cases differ (cases were added or removed)")
-            raise ValueError(
-                f"{name} already has a different low-data layout ({layout_path}: fractions {s.get('fractions')}, "
-                f"repeats {s.get('repeats')}, test fraction {s.get('test_fraction')}, seed {s.get('seed')}); "
-                f"{reason}. Results of trainings on the old folds would no longer match. Re-run with the old "
-                f"settings, or pass --overwrite to replace the low-data folds (folds 0-{base_count - 1} are kept).")
-        if existing is not None and old_layout is not None:
-            current = existing[base_count:]
-            if [{"train": sorted(s.get("train", [])), "val": sorted(s.get("val", []))} for s in current] != \
-                    [{"train": sorted(s["train"]), "val": sorted(s["val"])} for s in ld_splits]:
-                raise ValueError(f"The low-data folds in {splits_path} (from fold {base_count}) differ from "
-                                 f"{layout_path}; the split file was edited. Pass --overwrite to re-write them.")
+        _refuse_other_layout(old_layout, layout, base, ld_splits, splits_path, layout_path)
 
-    if base_note:
-        out(f"note: {base_note}")
-    new_text = splits_text(base_text, base, ld_splits, splits_path)
-    changed = False
-    if existing is None or json.loads(new_text) != existing:
-        atomic_write_text(splits_path, new_text)
-        changed = True
-    layout_text = json.dumps(layout, indent=2)
-    if old_layout != json.loads(layout_text):
-        atomic_write_text(layout_path, layout_text + "\n")
-        changed = True
+    if base.note:
+        out(f"note: {base.note}")
+    changed = [_write_splits(splits_path, base, ld_splits), _write_layout(layout_path, layout, old_layout)]
     out(format_table(layout, name))
-    out(("wrote " if changed else "unchanged (same settings): ") + f"{splits_path} (folds 0-{base_count - 1} kept, "
-        f"{len(ld_splits)} low-data folds {base_count}-{base_count + len(ld_splits) - 1}) and {layout_path}")
+    out(("wrote " if any(changed) else "unchanged (same settings): ") + f"{splits_path} (folds 0-{base_count - 1} "
+        f"kept, {len(ld_splits)} low-data folds {base_count}-{base_count + len(ld_splits) - 1}) and {layout_path}")
     return layout

@@ -13,6 +13,7 @@ import os
 from copy import deepcopy
 from typing import Optional, Sequence
 
+from ..errors import BSFError
 from .presets import get_variant, variant_arch_kwargs
 
 NETWORK_CLASS_NAME = "bsf_nnunet.network.swin_unetr.BSFSwinUNETR"
@@ -23,7 +24,7 @@ BYTES_PER_PARAM_TRAINING = 16
 CUDA_AMP_ACTIVATION_FACTOR = 0.55
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(BSFError, ValueError):
     """A configuration that cannot be turned into a Swin-UNETR one; the message says what to do."""
 
 
@@ -91,6 +92,89 @@ def default_memory_budget_gb(device_type: str = "cpu") -> float:
     return 16.0
 
 
+def _planned_patch(conf: dict) -> list:
+    """The plan's patch size as integers (any length; axes below 1 refused for a 3D one)."""
+    raw_patch = conf.get("patch_size") or []
+    if not isinstance(raw_patch, (list, tuple)):
+        raw_patch = [raw_patch]
+    try:
+        planned = [int(round(float(p))) for p in raw_patch]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"patch_size {raw_patch!r} in the plans is not a list of numbers. Fix it in plans.json (e.g. [128, 128, "
+            "128]) or rerun nnUNetv2_plan_and_preprocess.") from None
+    if len(planned) == 3 and any(p < 1 for p in planned):
+        raise ConfigurationError(
+            f"patch_size {planned} in the plans has an axis below 1. Fix it in plans.json (every axis a multiple of "
+            "32 and at least 64 for Swin-UNETR, e.g. [128, 128, 128]) or rerun nnUNetv2_plan_and_preprocess.")
+    return planned
+
+
+def _planned_batch(conf: dict) -> int:
+    raw_batch = conf.get("batch_size", 2)
+    try:
+        if isinstance(raw_batch, bool) or float(raw_batch) < 1 or float(raw_batch) != int(float(raw_batch)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"batch_size {raw_batch!r} in the plans is not a positive integer. Fix it in plans.json (e.g. 2); the "
+            "trainer lowers it by itself if it does not fit the memory.") from None
+    return int(float(raw_batch))
+
+
+def _check_median(conf: dict) -> None:
+    median = conf.get("median_image_size_in_voxels")
+    if median is not None:
+        try:
+            [float(m) for m in median]
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"median_image_size_in_voxels {median!r} in the plans is not a list of numbers. Rerun "
+                "nnUNetv2_plan_and_preprocess to rewrite the plans.") from None
+
+
+def _swin_patch(planned: list, patch_cap: Optional[int], median, notes: list) -> list:
+    """The planned patch rounded up to Swin-UNETR's axis sizes and capped at ``patch_cap``; explained in ``notes``."""
+    patch = [round_patch_axis(p) for p in planned]
+    if patch != planned:
+        notes.append(f"patch size {planned} (nnU-Net plan) rounded up to {patch} for Swin-UNETR (/32, >= 64)")
+    if patch_cap is not None:
+        cap = round_patch_axis(patch_cap)
+        capped = [min(p, cap) for p in patch]
+        if capped != patch:
+            notes.append(f"patch size capped at {cap} per axis: {patch} -> {capped}")
+            patch = capped
+    if median is not None and any(float(m) < p for m, p in zip(median, patch)):
+        notes.append(f"median image size {[round(float(m)) for m in median]} is smaller than the patch {patch} on "
+                     "some axis: nnU-Net pads images to the patch size (training and inference)")
+    return patch
+
+
+def _fit_memory(variant: str, patch: list, batch: int, budget: float, device_type: str, notes: list) -> tuple:
+    """``(patch, batch)`` within ``budget`` GiB: the batch lowered first, then the longest patch axis, 32 at a time;
+    each patch step explained in ``notes``. Raises when even batch 1 with the smallest patch does not fit."""
+    def fits(b, p):
+        return estimate_training_memory_gb(variant, p, b, device_type) <= budget
+
+    patch = list(patch)
+    while batch > 1 and not fits(batch, patch):
+        batch -= 1
+    while not fits(batch, patch):
+        i = max(range(3), key=lambda a: patch[a])
+        if patch[i] - AXIS_MULTIPLE < MIN_AXIS:
+            need = estimate_training_memory_gb(variant, patch, 1, device_type)
+            raise ConfigurationError(
+                f"Variant {variant!r} does not fit the memory budget of {budget:.1f} GiB even with batch size 1 and "
+                f"patch {patch} (needs ~{need:.1f} GiB). Use a smaller variant (e.g. BSFTrainer_Tiny or "
+                "BSFTrainer_Toy), a GPU with more memory, gradient checkpointing, or raise BSF_MEMORY_GB if the "
+                "estimate is too pessimistic."
+            )
+        old = list(patch)
+        patch[i] -= AXIS_MULTIPLE
+        notes.append(f"memory: patch {old} -> {patch} to fit {budget:.1f} GiB")
+    return patch, batch
+
+
 def derive_swin_configuration(
     configuration: dict,
     variant: str = "small",
@@ -112,35 +196,9 @@ def derive_swin_configuration(
             f"A plans configuration must be a JSON object (dict), got {type(configuration).__name__}. The plans file "
             "is damaged: rerun nnUNetv2_plan_and_preprocess (or bsf-nnunet plan) to rewrite it.")
     conf = deepcopy(configuration)
-    raw_patch = conf.get("patch_size") or []
-    if not isinstance(raw_patch, (list, tuple)):
-        raw_patch = [raw_patch]
-    try:
-        planned = [int(round(float(p))) for p in raw_patch]
-    except (TypeError, ValueError):
-        raise ConfigurationError(
-            f"patch_size {raw_patch!r} in the plans is not a list of numbers. Fix it in plans.json (e.g. [128, 128, "
-            "128]) or rerun nnUNetv2_plan_and_preprocess.") from None
-    if len(planned) == 3 and any(p < 1 for p in planned):
-        raise ConfigurationError(
-            f"patch_size {planned} in the plans has an axis below 1. Fix it in plans.json (every axis a multiple of "
-            "32 and at least 64 for Swin-UNETR, e.g. [128, 128, 128]) or rerun nnUNetv2_plan_and_preprocess.")
-    raw_batch = conf.get("batch_size", 2)
-    try:
-        if isinstance(raw_batch, bool) or float(raw_batch) < 1 or float(raw_batch) != int(float(raw_batch)):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigurationError(
-            f"batch_size {raw_batch!r} in the plans is not a positive integer. Fix it in plans.json (e.g. 2); the "
-            "trainer lowers it by itself if it does not fit the memory.") from None
-    median = conf.get("median_image_size_in_voxels")
-    if median is not None:
-        try:
-            [float(m) for m in median]
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"median_image_size_in_voxels {median!r} in the plans is not a list of numbers. Rerun "
-                "nnUNetv2_plan_and_preprocess to rewrite the plans.") from None
+    planned = _planned_patch(conf)
+    planned_batch = _planned_batch(conf)
+    _check_median(conf)
     if len(planned) != 3:
         raise ConfigurationError(
             f"BrainSegFounder trainers need a 3D configuration (e.g. 3d_fullres); this one has patch size {planned}. "
@@ -148,41 +206,10 @@ def derive_swin_configuration(
         )
     get_variant(variant)  # validates the name
     notes = []
-    patch = [round_patch_axis(p) for p in planned]
-    if patch != planned:
-        notes.append(f"patch size {planned} (nnU-Net plan) rounded up to {patch} for Swin-UNETR (/32, >= 64)")
-    if patch_cap is not None:
-        cap = round_patch_axis(patch_cap)
-        capped = [min(p, cap) for p in patch]
-        if capped != patch:
-            notes.append(f"patch size capped at {cap} per axis: {patch} -> {capped}")
-            patch = capped
-    median = conf.get("median_image_size_in_voxels")
-    if median is not None and any(float(m) < p for m, p in zip(median, patch)):
-        notes.append(f"median image size {[round(float(m)) for m in median]} is smaller than the patch {patch} on "
-                     "some axis: nnU-Net pads images to the patch size (training and inference)")
+    patch = _swin_patch(planned, patch_cap, conf.get("median_image_size_in_voxels"), notes)
     budget = default_memory_budget_gb(device_type) if memory_budget_gb is None else float(memory_budget_gb)
-    planned_batch = int(float(raw_batch))
     batch = max(1, planned_batch if max_batch_size is None else min(planned_batch, int(max_batch_size)))
-
-    def fits(b, p):
-        return estimate_training_memory_gb(variant, p, b, device_type) <= budget
-
-    while batch > 1 and not fits(batch, patch):
-        batch -= 1
-    while not fits(batch, patch):
-        i = max(range(3), key=lambda a: patch[a])
-        if patch[i] - AXIS_MULTIPLE < MIN_AXIS:
-            need = estimate_training_memory_gb(variant, patch, 1, device_type)
-            raise ConfigurationError(
-                f"Variant {variant!r} does not fit the memory budget of {budget:.1f} GiB even with batch size 1 and "
-                f"patch {patch} (needs ~{need:.1f} GiB). Use a smaller variant (e.g. BSFTrainer_Tiny or "
-                "BSFTrainer_Toy), a GPU with more memory, gradient checkpointing, or raise BSF_MEMORY_GB if the "
-                "estimate is too pessimistic."
-            )
-        old = list(patch)
-        patch[i] -= AXIS_MULTIPLE
-        notes.append(f"memory: patch {old} -> {patch} to fit {budget:.1f} GiB")
+    patch, batch = _fit_memory(variant, patch, batch, budget, device_type, notes)
     if batch != planned_batch:
         notes.append(f"batch size {planned_batch} -> {batch} to fit the memory budget of {budget:.1f} GiB")
     arch_kwargs = variant_arch_kwargs(variant)
@@ -191,18 +218,12 @@ def derive_swin_configuration(
         arch_kwargs.update(extra_arch_kwargs)
     conf["patch_size"] = patch
     conf["batch_size"] = batch
-    conf["architecture"] = {
-        "network_class_name": NETWORK_CLASS_NAME,
-        "arch_kwargs": arch_kwargs,
-        "_kw_requires_import": [],
-    }
+    conf["architecture"] = {"network_class_name": NETWORK_CLASS_NAME, "arch_kwargs": arch_kwargs,
+                            "_kw_requires_import": []}
     conf["bsf"] = {
-        "variant": variant,
-        "planned_patch_size": planned,
-        "planned_batch_size": planned_batch,
+        "variant": variant, "planned_patch_size": planned, "planned_batch_size": planned_batch,
         "memory_budget_gb": round(budget, 2),
         "estimated_memory_gb": round(estimate_training_memory_gb(variant, patch, batch, device_type), 2),
-        "device_type": device_type,
-        "notes": notes,
+        "device_type": device_type, "notes": notes,
     }
     return conf, notes

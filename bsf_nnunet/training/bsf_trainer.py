@@ -23,6 +23,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from ..errors import BSFError
 from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
@@ -35,7 +36,7 @@ UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
 RESUMABLE_CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_best.pth")
 
 
-class TrainingHealthError(RuntimeError):
+class TrainingHealthError(BSFError, RuntimeError):
     """Training stopped because the loss or the gradients stopped being finite, or memory ran out."""
 
 
@@ -388,12 +389,12 @@ class BSFTrainer(nnUNetTrainer):
 
     def _chained_checkpoint(self):
         from nnunetv2.paths import nnUNet_results
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
 
         if not nnUNet_results.is_set() or not self.bsf_pretrain_trainer:
             return None
-        folder = os.path.join(str(nnUNet_results), self.plans_manager.dataset_name,
-                              f"{self.bsf_pretrain_trainer}__{self.plans_manager.plans_name}__{self.configuration_name}",
-                              f"fold_{self.fold}")
+        folder = get_output_folder(self.plans_manager.dataset_name, self.bsf_pretrain_trainer,
+                                   self.plans_manager.plans_name, self.configuration_name, self.fold)
         return os.path.join(folder, "checkpoint_final.pth")
 
     def _maybe_chain_pretraining(self) -> None:

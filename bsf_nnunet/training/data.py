@@ -11,9 +11,10 @@ from __future__ import annotations
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
 
 from ..datasets.check import preprocessed_case_error
+from ..errors import BSFError
 
 
-class PreprocessedCaseError(RuntimeError):
+class PreprocessedCaseError(BSFError, RuntimeError):
     """A preprocessed case could not be loaded (the message names the case, its files and the fix)."""
 
 

@@ -22,6 +22,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..errors import BSFError
 from ..io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..network import count_parameters
 from ..planning.swin_config import NETWORK_CLASS_NAME
@@ -52,7 +53,7 @@ MERGING_CAVEAT = (
 MONAI_DOWNSAMPLE = {"fixed": "merging", "legacy": "bsf_nnunet.network.LegacyPatchMerging"}
 
 
-class ExportError(ValueError):
+class ExportError(BSFError, ValueError):
     """Bad export input (folder, fold, checkpoint, output folder) or a failed check; the message says what to do."""
 
 

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..datasets.check import NIFTI_ENDINGS, count_nonfinite_voxels, nonfinite_finding
+from ..errors import BSFError
 from ..io import atomic_write_json
 
 FOLD_LOCK_NAME = ".bsf_train.lock"
@@ -35,11 +36,11 @@ MAX_LISTED = 5
 Log = Callable[[str], None]
 
 
-class FoldBusyError(RuntimeError):
+class FoldBusyError(BSFError, RuntimeError):
     """Another process is training this fold."""
 
 
-class RawDataError(RuntimeError):
+class RawDataError(BSFError, RuntimeError):
     """The raw training images hold NaN/Inf voxels (or cannot be read)."""
 
 

@@ -137,6 +137,75 @@ def _write_model_folder(out: str, plans: dict, dataset_json: dict, checkpoint: d
         atomic_torch_save(checkpoint, os.path.join(tmp, "fold_all", "checkpoint_final.pth"))
 
 
+def _check_importable(sd: dict, checkpoint: str, channels: Sequence[str]) -> str:
+    """The variant of a fine-tuned Swin-UNETR state dict whose inputs are ``channels``; raises otherwise."""
+    from ..weights import guess_variant
+    from ..weights.loader import check_finite
+
+    check_finite(sd, checkpoint)
+    if "out.conv.conv.weight" not in sd:
+        raise ValueError(f"{checkpoint} has no segmentation output (out.conv.conv.weight): it looks like a "
+                         "self-supervised checkpoint. Fine-tune it with -pretrained_weights instead of importing it.")
+    variant, desc = guess_variant(sd)
+    if variant is None:
+        raise ValueError(f"{checkpoint}: the encoder matches no known variant ({desc}).")
+    cin = sd["swinViT.patch_embed.proj.weight"].shape[1]
+    if cin != len(channels):
+        raise ValueError(f"{checkpoint} expects {cin} input channels but --channels names {len(channels)} "
+                         f"({', '.join(channels)}).")
+    return variant
+
+
+def _outputs(sd: dict, checkpoint: str, regions: Optional[str], labels: Optional[Sequence[str]]) -> tuple:
+    """``(state dict, dataset.json labels, extra dataset.json keys)``: BraTS region outputs reordered to nnU-Net's
+    painting order (WT, TC, ET), or the softmax classes named by ``labels``."""
+    sd = dict(sd)
+    nout = sd["out.conv.conv.weight"].shape[0]
+    if regions == "brats":
+        if nout != 3:
+            raise ValueError(f"--regions brats needs a model with 3 outputs (TC, WT, ET); {checkpoint} has {nout}.")
+        order = [BRATS_OUTPUT_ORDER.index(BRATS_REGIONS[k][0]) for k in BRATS_REGIONS]  # -> WT, TC, ET
+        for k in ("out.conv.conv.weight", "out.conv.conv.bias"):
+            sd[k] = sd[k][order].clone()
+        label_dict = {"background": 0, **{k: v[1] for k, v in BRATS_REGIONS.items()}}
+        return sd, label_dict, {"regions_class_order": [v[2] for v in BRATS_REGIONS.values()]}
+    if regions:
+        raise ValueError(f"Unknown --regions {regions!r}; supported: brats (or give --labels for softmax models).")
+    if nout == 1:
+        raise ValueError(f"{checkpoint} has a single output channel (a sigmoid model, e.g. the ATLAS lesion model): "
+                         "import-model takes softmax models (--labels, background first) and --regions brats. Use "
+                         "it as initialisation instead: nnUNetv2_train ... -pretrained_weights FILE.")
+    names = list(labels) if labels else ["background"] + [f"label_{i}" for i in range(1, nout)]
+    if len(names) != nout:
+        raise ValueError(f"--labels names {len(names)} classes but the model has {nout} outputs.")
+    return sd, {n: i for i, n in enumerate(names)}, {}
+
+
+def _network(sd: dict, variant: str, merging: str, axis_order: str) -> tuple:
+    """``(BSFSwinUNETR holding the tensors of sd, its arch_kwargs)``."""
+    from ..network import BSFSwinUNETR
+
+    v = get_variant(variant)
+    arch = {"feature_size": v["feature_size"], "depths": v["depths"], "num_heads": v["num_heads"],
+            "merging": merging, "axis_order": axis_order}
+    net = BSFSwinUNETR(sd["swinViT.patch_embed.proj.weight"].shape[1], sd["out.conv.conv.weight"].shape[0], **arch)
+    net.load_state_dict({k: t for k, t in sd.items() if k in net.state_dict()}, strict=True)
+    return net, arch
+
+
+def _model_folder(results: Optional[str], dataset_name: str, overwrite: bool) -> str:
+    """The imported model's results folder (refused when it holds a model, unless ``overwrite``)."""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    # get_output_folder reads $nnUNet_results; --results may name another folder
+    out = os.path.join(results, dataset_name,
+                       convert_trainer_plans_config_to_identifier(IMPORTED_TRAINER, IMPORTED_PLANS, "3d_fullres"))
+    final = os.path.join(out, "fold_all", "checkpoint_final.pth")
+    if os.path.exists(final) and not overwrite:
+        raise ValueError(f"{final} exists; pass --overwrite to replace it.")
+    return out
+
+
 def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[str]] = None,
                  regions: Optional[str] = None, labels: Optional[Sequence[str]] = None,
                  dataset_name: Optional[str] = None, patch: Sequence[int] = (128, 128, 128),
@@ -149,10 +218,7 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
     once), whose channels, regions, merging and axis order then come from the published-weights table.
     ``tta=False`` (the original's inference): no mirroring axes in the checkpoint, so nnUNetv2_predict never
     mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes."""
-    from ..network import BSFSwinUNETR
-    from ..weights import guess_variant
     from ..weights.hub import resolve_checkpoint
-    from ..weights.loader import check_finite
 
     if results is None:
         results = os.environ.get("nnUNet_results")
@@ -162,53 +228,14 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
     resolved = resolve_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     channels, regions, merging, axis_order = _settings(checkpoint, resolved.entry, channels, regions, merging,
                                                        axis_order)
-    ck = resolved.load(allow_unsafe_pickle=allow_unsafe_pickle)
-    sd = ck.state_dict
-    check_finite(sd, checkpoint)
-    if "out.conv.conv.weight" not in sd:
-        raise ValueError(f"{checkpoint} has no segmentation output (out.conv.conv.weight): it looks like a "
-                         "self-supervised checkpoint. Fine-tune it with -pretrained_weights instead of importing it.")
-    variant, desc = guess_variant(sd)
-    if variant is None:
-        raise ValueError(f"{checkpoint}: the encoder matches no known variant ({desc}).")
-    cin = sd["swinViT.patch_embed.proj.weight"].shape[1]
-    nout = sd["out.conv.conv.weight"].shape[0]
-    if cin != len(channels):
-        raise ValueError(f"{checkpoint} expects {cin} input channels but --channels names {len(channels)} "
-                         f"({', '.join(channels)}).")
-    sd = dict(sd)
-    if regions == "brats":
-        if nout != 3:
-            raise ValueError(f"--regions brats needs a model with 3 outputs (TC, WT, ET); {checkpoint} has {nout}.")
-        order = [BRATS_OUTPUT_ORDER.index(BRATS_REGIONS[k][0]) for k in BRATS_REGIONS]  # -> WT, TC, ET
-        for k in ("out.conv.conv.weight", "out.conv.conv.bias"):
-            sd[k] = sd[k][order].clone()
-        label_dict = {"background": 0, **{k: v[1] for k, v in BRATS_REGIONS.items()}}
-        extra = {"regions_class_order": [v[2] for v in BRATS_REGIONS.values()]}
-    elif regions:
-        raise ValueError(f"Unknown --regions {regions!r}; supported: brats (or give --labels for softmax models).")
-    elif nout == 1:
-        raise ValueError(f"{checkpoint} has a single output channel (a sigmoid model, e.g. the ATLAS lesion model): "
-                         "import-model takes softmax models (--labels, background first) and --regions brats. Use "
-                         "it as initialisation instead: nnUNetv2_train ... -pretrained_weights FILE.")
-    else:
-        names = list(labels) if labels else ["background"] + [f"label_{i}" for i in range(1, nout)]
-        if len(names) != nout:
-            raise ValueError(f"--labels names {len(names)} classes but the model has {nout} outputs.")
-        label_dict = {n: i for i, n in enumerate(names)}
-        extra = {}
-    v = get_variant(variant)
-    arch = {"feature_size": v["feature_size"], "depths": v["depths"], "num_heads": v["num_heads"],
-            "merging": merging, "axis_order": axis_order}
-    net = BSFSwinUNETR(cin, nout, **arch)
-    net.load_state_dict({k: t for k, t in sd.items() if k in net.state_dict()}, strict=True)
+    sd = resolved.load(allow_unsafe_pickle=allow_unsafe_pickle).state_dict
+    variant = _check_importable(sd, checkpoint, channels)
+    sd, label_dict, extra = _outputs(sd, checkpoint, regions, labels)
+    net, arch = _network(sd, variant, merging, axis_order)
 
     dataset_name = dataset_name or f"Dataset{int(dataset_id):03d}_Imported"
-    out = os.path.join(results, dataset_name, f"{IMPORTED_TRAINER}__{IMPORTED_PLANS}__3d_fullres")
-    final = os.path.join(out, "fold_all", "checkpoint_final.pth")
-    if os.path.exists(final) and not overwrite:
-        raise ValueError(f"{final} exists; pass --overwrite to replace it.")
-    plans = _plans(dataset_name, cin, patch, [float(s) for s in spacing], arch)
+    out = _model_folder(results, dataset_name, overwrite)
+    plans = _plans(dataset_name, len(channels), patch, [float(s) for s in spacing], arch)
     dataset_json = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": label_dict,
                     "numTraining": 0, "file_ending": ".nii.gz", **extra}
     inference = inference_settings(tta)

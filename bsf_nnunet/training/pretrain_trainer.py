@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import BSFError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from ..planning.swin_config import ConfigurationError
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
@@ -36,7 +37,7 @@ SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1")
 SSL_LOG_KEYS = tuple(f"{prefix}ssl_{k}" for prefix in ("", "val_") for k in SSL_PARTS)
 
 
-class SSLDivergedError(RuntimeError):
+class SSLDivergedError(BSFError, RuntimeError):
     pass
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence, Tuple
 
+from ..errors import BSFError
+
 PRETRAINED_CHANNELS_OPTION = "--pretrained-channels"
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
 
 
-class ChannelMappingError(ValueError):
+class ChannelMappingError(BSFError, ValueError):
     """The input channels of a checkpoint cannot be mapped onto the model's; the message says what to pass."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ..errors import BSFError
 from ..planning.presets import load_preset
 from .loader import Checkpoint, CheckpointError, load_checkpoint
 
@@ -34,7 +35,7 @@ HF_PREFIX = "hf://"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
-class HubError(ValueError):
+class HubError(BSFError, ValueError):
     """A checkpoint name that cannot be resolved, or a download / upload that failed; the message says what to do."""
 
 

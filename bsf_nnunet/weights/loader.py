@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import BSFError
 from .channels import adapt_channel_tensor, adapt_input_weight, mapping_table, resolve_channel_mapping
 
 UNSAFE_PICKLE_OPTION = "--allow-unsafe-pickle"
@@ -47,7 +48,7 @@ SEGMENTATION_ROOTS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10
 # top-level modules of MONAI's SwinTransformer (plus the research code's final norm) in legacy SSL files
 SWIN_ROOTS = ("patch_embed", "pos_drop", "layers1", "layers2", "layers3", "layers4", "layers1c", "layers2c",
               "layers3c", "layers4c", "norm")
-class CheckpointError(RuntimeError):
+class CheckpointError(BSFError, RuntimeError):
     """A checkpoint file that cannot be read (missing, corrupt, or needing full unpickling); says what to do."""
 
 
@@ -63,7 +64,7 @@ class NonFiniteWeightsError(CheckpointError, ValueError):
     """A checkpoint whose tensors hold NaN or Inf values."""
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(BSFError, RuntimeError):
     """A checkpoint whose encoder does not fit the model (variant, merging flavour, or nothing in common)."""
 
 
@@ -231,89 +232,153 @@ def classify_by_keys(roots: set) -> dict:
     ``swinViT.*`` with segmentation modules: an official fine-tuned Swin-UNETR; ``swinViT.*`` otherwise: an official
     SSL file. Both were trained with MONAI < 1.5 (legacy merging) on (x, y, z) arrays and record no channel names.
     Anything else is ``raw`` (no Swin encoder to load)."""
-    if "swinViT" not in roots:
-        return {"format": "raw", "channel_names": None}
-    fmt = "monai_finetuned" if roots & set(SEGMENTATION_ROOTS) else "monai_ssl"
-    return {"format": fmt, "channel_names": None, "merging": "legacy", "merging_assumed": True,
+    return _recognise(_Found({}, None, set(roots)), _KEY_RECOGNISERS)
+
+
+def _find_state_dict(obj: Mapping, where: str) -> Tuple[Mapping, Optional[str]]:
+    """``(state dict, key it was found under)``: the first of :data:`STATE_DICT_KEYS` holding tensors (or a
+    module), else ``obj`` itself when it is a bare state dict (key None)."""
+    for k in STATE_DICT_KEYS:
+        if k in obj and isinstance(obj[k], torch.nn.Module):
+            return obj[k].state_dict(), k
+        if k in obj and _is_state_dict(obj[k]):
+            return obj[k], k
+    if _is_state_dict(obj):
+        return obj, None
+    keys = ", ".join(map(str, list(obj)[:10]))
+    raise CheckpointError(f"Checkpoint {where} contains no state dict of tensors (top-level keys: {keys}).")
+
+
+@dataclass
+class _Found:
+    """What the format recognisers look at: the loaded object, the key of its state dict and the tensor roots."""
+
+    obj: Mapping
+    container: Optional[str]
+    roots: set
+
+    @property
+    def is_nnunet(self) -> bool:
+        return self.container == "network_weights" and ("init_args" in self.obj or "trainer_name" in self.obj)
+
+    @property
+    def bsf_metadata(self) -> Optional[Mapping]:
+        meta = self.obj.get("bsf_metadata") if self.container is not None else None
+        return meta if isinstance(meta, Mapping) else None
+
+
+def _nnunet_metadata(obj: Mapping) -> dict:
+    """Trainer, configuration, network, channel names and preprocessing recorded by nnU-Net's checkpoint."""
+    init_args = obj.get("init_args") or {}
+    conf, conf_name = _nnunet_configuration(init_args)
+    arch_block = conf.get("architecture") or {}
+    arch = dict(arch_block.get("arch_kwargs") or {})
+    net = arch_block.get("network_class_name")
+    cn = (init_args.get("dataset_json") or {}).get("channel_names")
+    meta = {
+        "format": "bsf_nnunet", "trainer_name": obj.get("trainer_name"), "configuration": conf_name,
+        "network_class": net, "arch_kwargs": arch, "epoch": _plain(obj.get("current_epoch")),
+        "channel_names": [str(cn[k]) for k in sorted(cn, key=int)] if isinstance(cn, Mapping) and cn else None,
+        "patch_size": conf.get("patch_size"), "spacing": conf.get("spacing"),
+        "normalization": conf.get("normalization_schemes"),
+    }
+    if isinstance(conf.get("bsf"), Mapping) and conf["bsf"].get("variant"):
+        meta["variant"] = conf["bsf"]["variant"]
+    if net is None or "BSFSwinUNETR" in str(net):
+        meta["merging"] = arch.get("merging", "legacy")
+        meta["axis_order"] = arch.get("axis_order", "zyx")
+    return meta
+
+
+def _with_bsf_metadata(meta: dict, bsf_meta: Mapping, default_format: str) -> dict:
+    """``meta`` overlaid with our own ``bsf_metadata`` (which wins over what nnU-Net's init_args say); the format
+    is the one it declares if known, else ``default_format``."""
+    declared = bsf_meta.get("format")
+    meta.update({k: v for k, v in bsf_meta.items() if v is not None or k not in meta})
+    arch = meta.get("arch_kwargs") or {}
+    meta["format"] = declared if declared in FORMATS else default_format
+    if declared is not None and declared != meta["format"]:
+        meta["declared_format"] = declared
+    meta.setdefault("merging", arch.get("merging", "legacy"))
+    meta.setdefault("axis_order", arch.get("axis_order", "zyx"))
+    meta.setdefault("channel_names", None)
+    return meta
+
+
+def _official_metadata(found: _Found, fmt: str) -> dict:
+    """An official BrainSegFounder / MONAI file (see :func:`classify_by_keys`), with its training counters."""
+    meta = {"format": fmt, "channel_names": None, "merging": "legacy", "merging_assumed": True,
             "axis_order": "xyz", "axis_order_assumed": True}
+    if not _is_state_dict(found.obj):
+        meta.update({k: _plain(found.obj[k]) for k in ("epoch", "global_step", "best_acc") if k in found.obj})
+    return meta
+
+
+# one recogniser per format, tried in this order (_RECOGNISERS); each returns the file's metadata or None
+def _as_bsf_nnunet(found: _Found) -> Optional[dict]:
+    if not found.is_nnunet:
+        return None
+    meta = _nnunet_metadata(found.obj)
+    return meta if found.bsf_metadata is None else _with_bsf_metadata(meta, found.bsf_metadata, "bsf_nnunet")
+
+
+def _as_bsf_pretrain(found: _Found) -> Optional[dict]:
+    """Our pretraining checkpoints (or any file with our ``bsf_metadata``, in the format it declares)."""
+    return None if found.bsf_metadata is None else _with_bsf_metadata({}, found.bsf_metadata, "bsf_pretrain")
+
+
+def _as_monai_finetuned(found: _Found) -> Optional[dict]:
+    if "swinViT" not in found.roots or not found.roots & set(SEGMENTATION_ROOTS):
+        return None
+    return _official_metadata(found, "monai_finetuned")
+
+
+def _as_monai_ssl(found: _Found) -> Optional[dict]:
+    return _official_metadata(found, "monai_ssl") if "swinViT" in found.roots else None
+
+
+def _as_raw(found: _Found) -> dict:
+    return {"format": "raw", "channel_names": None}
+
+
+_KEY_RECOGNISERS = (_as_monai_finetuned, _as_monai_ssl, _as_raw)  # files without our or nnU-Net's metadata
+_RECOGNISERS = (_as_bsf_nnunet, _as_bsf_pretrain) + _KEY_RECOGNISERS
+
+
+def _recognise(found: _Found, recognisers) -> dict:
+    return next(meta for meta in (recognise(found) for recognise in recognisers) if meta is not None)
+
+
+def _architecture_metadata(state_dict: Mapping) -> dict:
+    """Variant guess and channel counts read off the (normalised) tensors."""
+    name, desc = guess_variant(state_dict)
+    meta = {"variant_guess": name, "variant_description": desc}
+    arch_info = describe_architecture(state_dict)
+    if arch_info:
+        meta.update(in_channels=arch_info["in_channels"], out_channels=arch_info["out_channels"])
+    return meta
 
 
 def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
-    """A :class:`Checkpoint` from an already loaded object (any supported format)."""
+    """A :class:`Checkpoint` from an already loaded object (any supported format; a module gives its state dict).
+
+    The format is the first of :data:`_RECOGNISERS` that recognises the file."""
     where = path or "<in-memory checkpoint>"
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"Checkpoint {where} holds a {type(obj).__name__}, not a dict of tensors or a "
                               "training checkpoint.")
-    container, raw_sd = None, None
-    for k in STATE_DICT_KEYS:
-        if k in obj and isinstance(obj[k], torch.nn.Module):
-            raw_sd, container = obj[k].state_dict(), k
-            break
-        if k in obj and _is_state_dict(obj[k]):
-            raw_sd, container = obj[k], k
-            break
-    if raw_sd is None:
-        if _is_state_dict(obj):
-            raw_sd = obj
-        else:
-            keys = ", ".join(map(str, list(obj)[:10]))
-            raise CheckpointError(f"Checkpoint {where} contains no state dict of tensors (top-level keys: {keys}).")
+    raw_sd, container = _find_state_dict(obj, where)
     sd, info = normalise_state_dict(raw_sd)
     if not sd:
         raise CheckpointError(f"Checkpoint {where} contains no tensors.")
-    roots = _roots(sd)
-    meta: dict = {}
-    is_nnunet = container == "network_weights" and ("init_args" in obj or "trainer_name" in obj)
-    bsf_meta = obj.get("bsf_metadata") if container is not None else None
-    if is_nnunet:
-        meta["format"] = "bsf_nnunet"
-        init_args = obj.get("init_args") or {}
-        conf, conf_name = _nnunet_configuration(init_args)
-        arch_block = conf.get("architecture") or {}
-        arch = dict(arch_block.get("arch_kwargs") or {})
-        net = arch_block.get("network_class_name")
-        cn = (init_args.get("dataset_json") or {}).get("channel_names")
-        meta.update({
-            "trainer_name": obj.get("trainer_name"), "configuration": conf_name, "network_class": net,
-            "arch_kwargs": arch, "epoch": _plain(obj.get("current_epoch")),
-            "channel_names": [str(cn[k]) for k in sorted(cn, key=int)] if isinstance(cn, Mapping) and cn else None,
-            "patch_size": conf.get("patch_size"), "spacing": conf.get("spacing"),
-            "normalization": conf.get("normalization_schemes"),
-        })
-        if isinstance(conf.get("bsf"), Mapping) and conf["bsf"].get("variant"):
-            meta["variant"] = conf["bsf"]["variant"]
-        if net is None or "BSFSwinUNETR" in str(net):
-            meta["merging"] = arch.get("merging", "legacy")
-            meta["axis_order"] = arch.get("axis_order", "zyx")
-    if isinstance(bsf_meta, Mapping):
-        # our own metadata wins over what is inferred from nnU-Net's init_args
-        declared = bsf_meta.get("format")
-        meta.update({k: v for k, v in bsf_meta.items() if v is not None or k not in meta})
-        arch = meta.get("arch_kwargs") or {}
-        meta["format"] = declared if declared in FORMATS else ("bsf_nnunet" if is_nnunet else "bsf_pretrain")
-        if declared is not None and declared != meta["format"]:
-            meta["declared_format"] = declared
-        meta.setdefault("merging", arch.get("merging", "legacy"))
-        meta.setdefault("axis_order", arch.get("axis_order", "zyx"))
-        meta.setdefault("channel_names", None)
-    if not is_nnunet and not isinstance(bsf_meta, Mapping):
-        meta.update(classify_by_keys(roots))
-        if meta["format"] != "raw":
-            for k in ("epoch", "global_step", "best_acc"):
-                if k in obj and not _is_state_dict(obj):
-                    meta[k] = _plain(obj[k])
+    found = _Found(obj, container, _roots(sd))
+    meta = _recognise(found, _RECOGNISERS)
     meta["state_dict_key"] = container
     meta["top_level_keys"] = [str(k) for k in obj][:20] if container else []
     meta.update(info)
-    arch_info = describe_architecture(sd)
-    name, desc = guess_variant(sd)
-    meta["variant_guess"] = name
-    meta["variant_description"] = desc
-    if arch_info:
-        meta["in_channels"] = arch_info["in_channels"]
-        meta["out_channels"] = arch_info["out_channels"]
+    meta.update(_architecture_metadata(sd))
     return Checkpoint(state_dict=sd, metadata=meta, path=path)
 
 
@@ -524,6 +589,164 @@ def check_finite(state_dict: Mapping, where: str) -> None:
             "checkpoint_final.pth) or download the file again.")
 
 
+def _merging_warning(model: torch.nn.Module, meta: Mapping, where: str, checkpoint_merging: Optional[str],
+                     allow_merging_mismatch: bool) -> Optional[str]:
+    """The warning for a checkpoint trained with another patch-merging flavour than ``model`` (None when they
+    agree or either is unknown); raises :class:`WeightsMismatchError` instead unless ``allow_merging_mismatch``."""
+    ck_merging = checkpoint_merging or meta.get("merging")
+    if checkpoint_merging is not None and checkpoint_merging not in MERGING_MODES:
+        raise ValueError(f"checkpoint_merging must be one of {MERGING_MODES}, got {checkpoint_merging!r}")
+    m_merging = model_merging(model)
+    if ck_merging not in MERGING_MODES or not m_merging or ck_merging == m_merging:
+        return None
+    assumed = " (assumed: official BrainSegFounder/MONAI files were trained with MONAI < 1.5)" \
+        if meta.get("merging_assumed") and checkpoint_merging is None else ""
+    text = (f"Patch-merging mismatch: checkpoint {where} was trained with merging={ck_merging!r}{assumed}, the "
+            f"model uses merging={m_merging!r}. 'legacy' is the 3D patch merging of MONAI < 1.5 (0.9-1.4), which "
+            "BrainSegFounder's published weights were trained with (it repeats two of the eight 2x2x2 "
+            "sub-grids); 'fixed' is MONAI >= 1.5's (all eight sub-grids). Weights trained with one compute a "
+            "different function with the other.")
+    if not allow_merging_mismatch:
+        raise WeightsMismatchError(
+            text + f" Build the model with merging={ck_merging!r} (trainer attribute bsf_merging; 'legacy' is "
+            "the default), or pass allow_merging_mismatch=True to fine-tune across flavours anyway (if the "
+            "checkpoint's flavour is known to differ from its metadata, pass checkpoint_merging=...).")
+    return text + " Loaded anyway (allow_merging_mismatch=True)."
+
+
+def _check_architecture(where: str, src: Mapping, tgt: Mapping) -> None:
+    """Raise :class:`WeightsMismatchError` when the Swin encoders' sizes differ (both read off the tensors)."""
+    ck_arch, m_arch = describe_architecture(src), describe_architecture(tgt)
+    if ck_arch and m_arch:
+        keys = ("feature_size", "depths", "num_heads", "window_size")
+        diff = [f"{k} {ck_arch[k]} in the checkpoint, {m_arch[k]} in the model" for k in keys
+                if ck_arch[k] != m_arch[k]]
+        if diff:
+            _raise_architecture(where, src, tgt, diff)
+
+
+@dataclass
+class _ChannelPlan:
+    """How the checkpoint's input channels map onto the model's (``mapping`` None: no input tensor to map)."""
+
+    mapping: Optional[list] = None
+    identity: bool = True
+    n_src: Optional[int] = None
+    n_tgt: Optional[int] = None
+
+
+def _plan_channels(src: Mapping, tgt: Mapping, src_names, tgt_names, report: TransferReport) -> _ChannelPlan:
+    """Match the input channels by name (see :func:`resolve_channel_mapping`); records the table in ``report``."""
+    pe = src.get(INPUT_CHANNEL_KEYS[0])
+    pe = pe if pe is not None else src.get(INPUT_CHANNEL_KEYS[1])
+    tpe = tgt.get(INPUT_CHANNEL_KEYS[0])
+    if pe is None or tpe is None or pe.dim() <= 1 or tpe.dim() <= 1:
+        return _ChannelPlan()
+    n_src, n_tgt = int(pe.shape[1]), int(tpe.shape[1])
+    mapping, warns = resolve_channel_mapping(src_names, tgt_names, n_src, n_tgt)
+    report.warnings += warns
+    report.channel_mapping = mapping
+    report.channel_table = mapping_table(mapping, src_names, tgt_names)
+    identity = n_src == n_tgt and all(s == t for t, s, _ in mapping)
+    return _ChannelPlan(mapping, identity, n_src, n_tgt)
+
+
+# what happens to one checkpoint tensor: (report list: loaded/adapted/skipped, reason, tensor to load or None,
+# architecture difference or None)
+_Placement = Tuple[str, str, Optional[torch.Tensor], Optional[str]]
+_SAME = "same name and shape"
+
+
+def _place_channel_tensor(k: str, v: torch.Tensor, t: torch.Tensor, plan: _ChannelPlan) -> Optional[_Placement]:
+    """Input-channel tensors (and the SSL head's per-channel outputs) mapped by channel name; None for others."""
+    if plan.mapping is None:
+        return None
+    if k in INPUT_CHANNEL_KEYS and v.dim() == t.dim() > 2 and v.shape[0] == t.shape[0] \
+            and v.shape[2:] == t.shape[2:] and v.shape[1] == plan.n_src and t.shape[1] == plan.n_tgt:
+        if plan.identity and v.shape == t.shape:
+            return "loaded", _SAME, v, None
+        how = "reordered" if v.shape[1] == t.shape[1] else f"{v.shape[1]} -> {t.shape[1]}"
+        return ("adapted", f"input channels {how}, matched by name (see the channel table)",
+                adapt_input_weight(v, plan.mapping), None)
+    if k in OUTPUT_CHANNEL_KEYS and v.shape[0] == plan.n_src and t.shape[0] == plan.n_tgt \
+            and v.shape[1:] == t.shape[1:]:
+        if plan.identity:
+            return "loaded", _SAME, v, None
+        how = "reordered" if plan.n_src == plan.n_tgt else f"{plan.n_src} -> {plan.n_tgt}"
+        return ("adapted", f"reconstruction outputs (one per input channel) {how}, matched by name (see the "
+                "channel table)", adapt_channel_tensor(v, plan.mapping, dim=0), None)
+    return None
+
+
+def _place_tensor(k: str, v: torch.Tensor, tgt: Mapping, plan: _ChannelPlan, encoder_only: bool) -> _Placement:
+    """Where checkpoint tensor ``k`` goes (see :data:`_Placement`)."""
+    if k.endswith("relative_position_index"):
+        return "skipped", "derived buffer (relative positions in a window), recomputed by the model", None, None
+    if encoder_only and not k.startswith("swinViT."):
+        return "skipped", "encoder_only: only the Swin encoder (swinViT.*) is transferred", None, None
+    if k not in tgt:
+        if k.startswith(("swinViT.layers", "swinViT.patch_embed")):
+            return ("skipped", "encoder tensor absent from the model (architecture differs)", None,
+                    f"{k} is in the checkpoint but not in the model")
+        return "skipped", _absent_reason(k), None, None
+    t = tgt[k]
+    placed = _place_channel_tensor(k, v, t, plan)
+    if placed is not None:
+        return placed
+    if v.shape == t.shape:
+        return "loaded", _SAME, v, None
+    if k.startswith("out."):
+        return ("skipped", f"output head for {v.shape[0]} outputs, the model has {t.shape[0]}: left randomly "
+                "initialised", None, None)
+    return ("skipped", "shape differs from the model's (architecture differs)", None,
+            f"{k}: checkpoint {tuple(v.shape)}, model {tuple(t.shape)}")
+
+
+def _place_checkpoint(src: Mapping, tgt: Mapping, plan: _ChannelPlan, encoder_only: bool,
+                      report: TransferReport) -> Tuple[dict, List[str]]:
+    """Files every checkpoint tensor in ``report``; returns ``(tensors to load, architecture differences)``."""
+    to_load, differences = {}, []
+    for k, v in src.items():
+        where_to, reason, tensor, difference = _place_tensor(k, v, tgt, plan, encoder_only)
+        getattr(report, where_to).append((k, reason))
+        if tensor is not None:
+            to_load[k] = tensor
+        if difference is not None:
+            differences.append(difference)
+    return to_load, differences
+
+
+def _record_missing(src: Mapping, tgt: Mapping, encoder_only: bool, report: TransferReport) -> List[str]:
+    """Files the model tensors absent from the checkpoint in ``report``; returns the architecture differences
+    (encoder tensors missing from a checkpoint that has a Swin encoder)."""
+    differences = []
+    has_swin = any(k.startswith("swinViT.") for k in src)
+    for k in tgt:
+        if k in src or k.endswith("relative_position_index"):
+            continue
+        if encoder_only and not k.startswith("swinViT."):
+            report.missing.append((k, "not transferred (encoder_only): randomly initialised"))
+            continue
+        if k.startswith("swinViT.") and has_swin:
+            differences.append(f"{k} is in the model but not in the checkpoint")
+        report.missing.append((k, "not in the checkpoint: randomly initialised"))
+    return differences
+
+
+def _require_encoder(report: TransferReport, src: Mapping, meta: Mapping, where: str) -> None:
+    """Raise :class:`WeightsMismatchError` when no encoder tensor would load."""
+    if report.encoder_loaded:
+        return
+    ck_desc = guess_variant(src)[1]
+    first = ", ".join(list(src)[:8])
+    net = f", network {meta['network_class']}" if meta.get("network_class") else ""
+    trainer = f", trainer {meta['trainer_name']}" if meta.get("trainer_name") else ""
+    raise WeightsMismatchError(
+        f"The encoder would load nothing from {where} (format {meta.get('format')}{net}{trainer}): no swinViT.* "
+        f"tensor of the checkpoint fits the model ({ck_desc}). First checkpoint keys: {first}. Is this a "
+        "BrainSegFounder / Swin-UNETR checkpoint?")
+
+
 def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Optional[Sequence[str]] = None,
                      target_channels: Optional[Sequence[str]] = None, encoder_only: bool = False,
                      strict_encoder: bool = True, verbose: bool = True, allow_merging_mismatch: bool = False,
@@ -538,7 +761,7 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
     ``checkpoint_merging`` states the checkpoint's flavour when its metadata is absent or only assumed) and when
     no encoder tensor would load; :class:`~bsf_nnunet.weights.channels.ChannelMappingError` when the input
     channels cannot be matched; :class:`NonFiniteWeightsError` (before anything is copied) when the checkpoint holds
-    NaN/Inf."""
+    NaN/Inf. Returns the :class:`TransferReport` (printed when ``verbose``)."""
     ckpt = _as_checkpoint(checkpoint)
     meta, src = ckpt.metadata, ckpt.state_dict
     where = ckpt.path or "<in-memory checkpoint>"
@@ -546,121 +769,19 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
     tgt = model.state_dict()
     report = TransferReport(source=ckpt.path, source_format=meta.get("format"),
                             source_variant=meta.get("variant_guess") or meta.get("variant"))
-
-    # patch-merging flavour
-    ck_merging = checkpoint_merging or meta.get("merging")
-    if checkpoint_merging is not None and checkpoint_merging not in MERGING_MODES:
-        raise ValueError(f"checkpoint_merging must be one of {MERGING_MODES}, got {checkpoint_merging!r}")
-    m_merging = model_merging(model)
-    if ck_merging in MERGING_MODES and m_merging and ck_merging != m_merging:
-        assumed = " (assumed: official BrainSegFounder/MONAI files were trained with MONAI < 1.5)" \
-            if meta.get("merging_assumed") and checkpoint_merging is None else ""
-        text = (f"Patch-merging mismatch: checkpoint {where} was trained with merging={ck_merging!r}{assumed}, the "
-                f"model uses merging={m_merging!r}. 'legacy' is the 3D patch merging of MONAI < 1.5 (0.9-1.4), which "
-                "BrainSegFounder's published weights were trained with (it repeats two of the eight 2x2x2 "
-                "sub-grids); 'fixed' is MONAI >= 1.5's (all eight sub-grids). Weights trained with one compute a "
-                "different function with the other.")
-        if not allow_merging_mismatch:
-            raise WeightsMismatchError(
-                text + f" Build the model with merging={ck_merging!r} (trainer attribute bsf_merging; 'legacy' is "
-                "the default), or pass allow_merging_mismatch=True to fine-tune across flavours anyway (if the "
-                "checkpoint's flavour is known to differ from its metadata, pass checkpoint_merging=...).")
-        report.warnings.append(text + " Loaded anyway (allow_merging_mismatch=True).")
-
-    # architecture (before the channels: a variant mismatch is the more useful message)
-    ck_arch, m_arch = describe_architecture(src), describe_architecture(tgt)
-    if strict_encoder and ck_arch and m_arch:
-        keys = ("feature_size", "depths", "num_heads", "window_size")
-        diff = [f"{k} {ck_arch[k]} in the checkpoint, {m_arch[k]} in the model" for k in keys
-                if ck_arch[k] != m_arch[k]]
-        if diff:
-            _raise_architecture(where, src, tgt, diff)
-
-    # input channels
-    pe = src.get(INPUT_CHANNEL_KEYS[0])
-    pe = pe if pe is not None else src.get(INPUT_CHANNEL_KEYS[1])
-    tpe = tgt.get(INPUT_CHANNEL_KEYS[0])
-    mapping, identity, n_src, n_tgt = None, True, None, None
-    if pe is not None and tpe is not None and pe.dim() > 1 and tpe.dim() > 1:
-        src_names = list(source_channels) if source_channels is not None else meta.get("channel_names")
-        tgt_names = list(target_channels) if target_channels is not None else None
-        n_src, n_tgt = int(pe.shape[1]), int(tpe.shape[1])
-        mapping, warns = resolve_channel_mapping(src_names, tgt_names, n_src, n_tgt)
-        report.warnings += warns
-        report.channel_mapping = mapping
-        report.channel_table = mapping_table(mapping, src_names, tgt_names)
-        identity = n_src == n_tgt and all(s == t for t, s, _ in mapping)
-
-    arch_errors, to_load = [], {}
-    has_swin = any(k.startswith("swinViT.") for k in src)
-    for k, v in src.items():
-        if k.endswith("relative_position_index"):
-            report.skipped.append((k, "derived buffer (relative positions in a window), recomputed by the model"))
-            continue
-        if encoder_only and not k.startswith("swinViT."):
-            report.skipped.append((k, "encoder_only: only the Swin encoder (swinViT.*) is transferred"))
-            continue
-        if k not in tgt:
-            if k.startswith(("swinViT.layers", "swinViT.patch_embed")):
-                arch_errors.append(f"{k} is in the checkpoint but not in the model")
-                report.skipped.append((k, "encoder tensor absent from the model (architecture differs)"))
-            else:
-                report.skipped.append((k, _absent_reason(k)))
-            continue
-        t = tgt[k]
-        if k in INPUT_CHANNEL_KEYS and mapping is not None and v.dim() == t.dim() > 2 and v.shape[0] == t.shape[0] \
-                and v.shape[2:] == t.shape[2:] and v.shape[1] == n_src and t.shape[1] == n_tgt:
-            if identity and v.shape == t.shape:
-                to_load[k] = v
-                report.loaded.append((k, "same name and shape"))
-            else:
-                to_load[k] = adapt_input_weight(v, mapping)
-                how = "reordered" if v.shape[1] == t.shape[1] else f"{v.shape[1]} -> {t.shape[1]}"
-                report.adapted.append((k, f"input channels {how}, matched by name (see the channel table)"))
-            continue
-        if k in OUTPUT_CHANNEL_KEYS and mapping is not None and v.shape[0] == n_src and t.shape[0] == n_tgt \
-                and v.shape[1:] == t.shape[1:]:
-            if identity:
-                to_load[k] = v
-                report.loaded.append((k, "same name and shape"))
-            else:
-                to_load[k] = adapt_channel_tensor(v, mapping, dim=0)
-                how = "reordered" if n_src == n_tgt else f"{n_src} -> {n_tgt}"
-                report.adapted.append((k, f"reconstruction outputs (one per input channel) {how}, matched by name "
-                                          "(see the channel table)"))
-            continue
-        if v.shape == t.shape:
-            to_load[k] = v
-            report.loaded.append((k, "same name and shape"))
-            continue
-        if k.startswith("out."):
-            report.skipped.append((k, f"output head for {v.shape[0]} outputs, the model has {t.shape[0]}: "
-                                      "left randomly initialised"))
-            continue
-        arch_errors.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(t.shape)}")
-        report.skipped.append((k, "shape differs from the model's (architecture differs)"))
-    for k in tgt:
-        if k in src or k.endswith("relative_position_index"):
-            continue
-        if encoder_only and not k.startswith("swinViT."):
-            report.missing.append((k, "not transferred (encoder_only): randomly initialised"))
-            continue
-        if k.startswith("swinViT.") and has_swin:
-            arch_errors.append(f"{k} is in the model but not in the checkpoint")
-        report.missing.append((k, "not in the checkpoint: randomly initialised"))
-
-    if arch_errors and strict_encoder:
-        _raise_architecture(where, src, tgt, arch_errors)
-    if report.encoder_loaded == 0:
-        ck_desc = guess_variant(src)[1]
-        first = ", ".join(list(src)[:8])
-        net = f", network {meta['network_class']}" if meta.get("network_class") else ""
-        trainer = f", trainer {meta['trainer_name']}" if meta.get("trainer_name") else ""
-        raise WeightsMismatchError(
-            f"The encoder would load nothing from {where} (format {meta.get('format')}{net}{trainer}): no swinViT.* "
-            f"tensor of the checkpoint fits the model ({ck_desc}). First checkpoint keys: {first}. Is this a "
-            "BrainSegFounder / Swin-UNETR checkpoint?")
-
+    warning = _merging_warning(model, meta, where, checkpoint_merging, allow_merging_mismatch)
+    if warning is not None:
+        report.warnings.append(warning)
+    if strict_encoder:  # before the channels: a variant mismatch is the more useful message
+        _check_architecture(where, src, tgt)
+    src_names = list(source_channels) if source_channels is not None else meta.get("channel_names")
+    tgt_names = list(target_channels) if target_channels is not None else None
+    plan = _plan_channels(src, tgt, src_names, tgt_names, report)
+    to_load, differences = _place_checkpoint(src, tgt, plan, encoder_only, report)
+    differences += _record_missing(src, tgt, encoder_only, report)
+    if differences and strict_encoder:
+        _raise_architecture(where, src, tgt, differences)
+    _require_encoder(report, src, meta, where)
     model.load_state_dict(to_load, strict=False)
     if verbose:
         print(report.summary())
