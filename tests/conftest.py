@@ -232,7 +232,8 @@ def prepared(nnunet_env, _prepared_root):
             for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
                 os.makedirs(env[k], exist_ok=True)
             build_synthetic_dataset(env["nnUNet_raw"], dataset_id, name, **kwargs)
-            run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"], env)
+            run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1",
+                     "-npfp", "1"], env)
             _PREPARED[key] = root
         for sub, var in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed")):
             shutil.copytree(root / sub / full, os.path.join(nnunet_env[var], full))

@@ -18,7 +18,7 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     env = nnunet_env
     # 40 x 56 x 48 voxels: smaller than Swin-UNETR's minimum of 64 on every axis -> padded by nnU-Net
     folder = build_synthetic_dataset(env["nnUNet_raw"], 991, "Blobs", num_train=6, num_test=2, shape=(40, 56, 48))
-    run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     out = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu", "--npz"], env)
     assert "BrainSegFounder BSFTrainer_CI: variant toy" in out
     res = os.path.join(env["nnUNet_results"], "Dataset991_Blobs", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
@@ -76,7 +76,7 @@ def test_region_based_training_and_validation(nnunet_env, run):
     env = nnunet_env
     build_synthetic_dataset(env["nnUNet_raw"], 992, "Regions", num_train=5, num_test=0, shape=(64, 64, 64),
                             num_channels=2, regions=True, channel_names=["T1", "FLAIR"])
-    run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "3d_fullres", "-np", "1"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "992", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     run(["nnUNetv2_train", "992", "3d_fullres", "1", "-tr", "BSFTrainer_CIfast", "-device", "cpu"], env)
     res = os.path.join(env["nnUNet_results"], "Dataset992_Regions", "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     summary = json.load(open(os.path.join(res, "fold_1", "validation", "summary.json")))

@@ -103,7 +103,7 @@ class Demo:
         if os.path.isfile(os.path.join(self.pre, "nnUNetPlans.json")) and \
                 os.path.isdir(os.path.join(self.pre, "nnUNetPlans_3d_fullres")):
             return self.skip("plan+preprocess", self.pre)
-        self.cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"],
+        self.cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"],
                  "plan+preprocess")
 
     def splits(self):
