@@ -17,7 +17,14 @@ def register(sub) -> None:
                                    "report (docs/lowdata.md).")
     p.set_defaults(func=_no_step, _parser=p)
     sp = p.add_subparsers(dest="step", metavar="STEP")
+    _add_splits(sp)
+    _add_run(sp)
+    _add_status(sp)
+    _add_report(sp)
 
+
+def _add_splits(sp) -> None:
+    """``lowdata splits``: the low-data folds in splits_final.json."""
     q = sp.add_parser("splits", help="append the low-data folds to splits_final.json",
                       description="Write the low-data folds into $nnUNet_preprocessed/DatasetXXX/splits_final.json "
                                   "after the existing folds (kept as they are; nnU-Net's default 5-fold split is "
@@ -36,6 +43,9 @@ def register(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace a different existing low-data layout")
     q.set_defaults(func=_splits)
 
+
+def _add_run(sp) -> None:
+    """``lowdata run``: train every low-data fold (stage 2 first by default)."""
     q = sp.add_parser("run", help="train all low-data folds (restartable)",
                       description="Run nnUNetv2_train DATASET C FOLD -tr T -p P -device D for every low-data fold and "
                                   "trainer; by default (--stage2 per-fold) each fold is first pretrained "
@@ -68,6 +78,9 @@ def register(sub) -> None:
     add_executor_arguments(q)
     q.set_defaults(func=_run)
 
+
+def _add_status(sp) -> None:
+    """``lowdata status``: the state of every low-data training."""
     q = sp.add_parser("status", help="per fold and trainer: done / running / queued / failed / not started",
                       description="The state of every low-data training, from the results folders and the jobs "
                                   "recorded in $nnUNet_results/DatasetXXX/jobs.json (SLURM: asked from sacct). Failed "
@@ -85,6 +98,9 @@ def register(sub) -> None:
     q.add_argument("--tail", type=int, default=10, metavar="N", help="log lines shown per failed job (default 10)")
     q.set_defaults(func=_status)
 
+
+def _add_report(sp) -> None:
+    """``lowdata report``: CSV, markdown and plot of the test-set Dice."""
     q = sp.add_parser("report", help="CSV, markdown and plot of the test-set Dice",
                       description="Collect fold_F/validation/summary.json of every low-data fold and trainer; write "
                                   "lowdata_results.csv, lowdata_report.md (mean ± sd over repeats, paired pretrained "

@@ -143,67 +143,75 @@ def _read_dataset_json(folder: str, report: CheckReport) -> Optional[dict]:
 
 def _check_dataset_json(data: dict, report: CheckReport) -> _Meta:
     meta = _Meta()
-    where = "dataset.json"
+    data = _check_required_keys(data, report)
+    if "file_ending" in data:
+        meta.file_ending = _check_file_ending(data["file_ending"], report)
+    if data.get("channel_names") is not None:
+        meta.channel_names = _check_channel_names(data["channel_names"], report)
+        meta.num_channels = len(meta.channel_names) or None
+    if data.get("labels") is not None:
+        meta.allowed_labels = _check_labels(data["labels"], data, report)
+    if "numTraining" in data:
+        meta.num_training = _check_num_training(data["numTraining"], report)
+    if "dataset" in data:
+        report.warnings.append("dataset.json: has a 'dataset' entry (explicit file lists); this check only looks at "
+                               "imagesTr/labelsTr/imagesTs and not at those lists.")
+    return meta
+
+
+def _check_required_keys(data: dict, report: CheckReport) -> dict:
+    """Report missing keys; returns ``data`` with nnU-Net v1's 'modality' read as 'channel_names'."""
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if "channel_names" in missing and "modality" in data:
         missing.remove("channel_names")
-        report.errors.append(f"{where}: uses the old key 'modality' (nnU-Net v1); nnU-Net v2 calls it "
-                             f"'channel_names' and its dataset integrity check refuses the old name. Rename the key.")
+        report.errors.append("dataset.json: uses the old key 'modality' (nnU-Net v1); nnU-Net v2 calls it "
+                             "'channel_names' and its dataset integrity check refuses the old name. Rename the key.")
         data = dict(data, channel_names=data["modality"])
     if missing:
-        report.errors.append(f"{where}: the key(s) {', '.join(repr(k) for k in missing)} are missing. nnU-Net v2 "
-                             f"needs channel_names (e.g. {{\"0\": \"T1\"}}), labels (e.g. {{\"background\": 0, "
+        report.errors.append(f"dataset.json: the key(s) {', '.join(repr(k) for k in missing)} are missing. nnU-Net "
+                             f"v2 needs channel_names (e.g. {{\"0\": \"T1\"}}), labels (e.g. {{\"background\": 0, "
                              f"\"lesion\": 1}}), numTraining (the number of training cases) and file_ending (e.g. "
                              f"\".nii.gz\"); add them.")
+    return data
 
-    # file_ending
-    fe = data.get("file_ending")
-    if "file_ending" in data:
-        if not isinstance(fe, str) or not fe.startswith(".") or len(fe) < 2:
-            report.errors.append(f"{where}: file_ending must be a string such as \".nii.gz\", not {fe!r}. Fix it.")
-        else:
-            meta.file_ending = fe
-            if fe.lower() not in NIFTI_ENDINGS:
-                report.warnings.append(f"{where}: file_ending {fe!r} is not NIfTI; this check reads NIfTI only, so "
-                                       f"only the file layout was checked (no shapes, affines or voxel values).")
 
-    # channel_names
-    cn = data.get("channel_names")
-    if cn is not None:
-        if not isinstance(cn, dict) or not cn:
-            report.errors.append(f"{where}: channel_names must be a non-empty object mapping \"0\", \"1\", ... to "
-                                 f"channel names (e.g. {{\"0\": \"FLAIR\", \"1\": \"T1\"}}), not {cn!r}. Fix it.")
-        else:
-            keys = [str(k) for k in cn]
-            expected = [str(i) for i in range(len(cn))]
-            if sorted(keys, key=lambda k: (len(k), k)) != expected:
-                report.errors.append(f"{where}: channel_names keys must be \"0\" .. \"{len(cn) - 1}\" (one per "
-                                     f"channel file _0000, _0001, ...), but they are {keys}. Renumber them.")
-            else:
-                meta.num_channels = len(cn)
-                meta.channel_names = {str(k): str(v) for k, v in cn.items()}
-            bad = [k for k, v in cn.items() if not isinstance(v, str)]
-            if bad:
-                report.warnings.append(f"{where}: channel_names values should be strings (e.g. \"T1\", \"CT\"); "
-                                       f"key(s) {bad} are not.")
+def _check_file_ending(fe, report: CheckReport) -> Optional[str]:
+    """The file ending, or None when it is unusable."""
+    if not isinstance(fe, str) or not fe.startswith(".") or len(fe) < 2:
+        report.errors.append(f"dataset.json: file_ending must be a string such as \".nii.gz\", not {fe!r}. Fix it.")
+        return None
+    if fe.lower() not in NIFTI_ENDINGS:
+        report.warnings.append(f"dataset.json: file_ending {fe!r} is not NIfTI; this check reads NIfTI only, so "
+                               f"only the file layout was checked (no shapes, affines or voxel values).")
+    return fe
 
-    # labels
-    labels = data.get("labels")
-    if labels is not None:
-        meta.allowed_labels = _check_labels(labels, data, report)
 
-    # numTraining
-    nt = data.get("numTraining")
-    if "numTraining" in data:
-        if not _is_int(nt) or nt < 0:
-            report.errors.append(f"{where}: numTraining must be a non-negative integer (the number of training "
-                                 f"cases), not {nt!r}. Fix it.")
-        else:
-            meta.num_training = int(nt)
-    if "dataset" in data:
-        report.warnings.append(f"{where}: has a 'dataset' entry (explicit file lists); this check only looks at "
-                               f"imagesTr/labelsTr/imagesTs and not at those lists.")
-    return meta
+def _check_channel_names(cn, report: CheckReport) -> Dict[str, str]:
+    """The channel names keyed "0" .. "N-1", or {} when they are unusable."""
+    if not isinstance(cn, dict) or not cn:
+        report.errors.append(f"dataset.json: channel_names must be a non-empty object mapping \"0\", \"1\", ... to "
+                             f"channel names (e.g. {{\"0\": \"FLAIR\", \"1\": \"T1\"}}), not {cn!r}. Fix it.")
+        return {}
+    names: Dict[str, str] = {}
+    keys = [str(k) for k in cn]
+    if sorted(keys, key=lambda k: (len(k), k)) != [str(i) for i in range(len(cn))]:
+        report.errors.append(f"dataset.json: channel_names keys must be \"0\" .. \"{len(cn) - 1}\" (one per "
+                             f"channel file _0000, _0001, ...), but they are {keys}. Renumber them.")
+    else:
+        names = {str(k): str(v) for k, v in cn.items()}
+    bad = [k for k, v in cn.items() if not isinstance(v, str)]
+    if bad:
+        report.warnings.append(f"dataset.json: channel_names values should be strings (e.g. \"T1\", \"CT\"); "
+                               f"key(s) {bad} are not.")
+    return names
+
+
+def _check_num_training(nt, report: CheckReport) -> Optional[int]:
+    if not _is_int(nt) or nt < 0:
+        report.errors.append(f"dataset.json: numTraining must be a non-negative integer (the number of training "
+                             f"cases), not {nt!r}. Fix it.")
+        return None
+    return int(nt)
 
 
 def _check_labels(labels, data: dict, report: CheckReport) -> Optional[List[int]]:

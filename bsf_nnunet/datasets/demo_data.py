@@ -328,27 +328,45 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
     scales = rng.uniform(1 - scaling, 1 + scaling, 3)
     trans = rng.uniform(-translation_mm, translation_mm, 3)
     F = _rotation(angles) @ np.diag(scales)
-    F_inv = np.linalg.inv(F)
     brain_src = probs_src.sum(0) > 0
     lo, hi = _bbox(brain_src) if brain_src.any() else (np.zeros(3, int), np.array(brain_src.shape) - 1)
     c = src_aff[:3, :3] @ ((lo + hi) / 2) + src_aff[:3, 3]               # brain centre (world)
-
     if crop:
-        corners = np.array([[a, b, d] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for d in (lo[2], hi[2])])
-        wc = corners @ src_aff[:3, :3].T + src_aff[:3, 3]
-        yc = c + trans + (wc - c) @ F.T
         pad = 3 * elastic_mm + margin_mm + 2 * spacing
-        y_lo, y_hi = yc.min(0) - pad, yc.max(0) + pad
-        shape = tuple(int(v) for v in np.ceil((y_hi - y_lo) / spacing).astype(int) + 1)
-        origin = y_lo
+        shape, origin = _fitted_grid(src_aff, lo, hi, c, trans, F, pad, spacing)
     else:
-        shape = image_src.shape
-        origin = src_aff[:3, 3].copy()
-
+        shape, origin = image_src.shape, src_aff[:3, 3].copy()
     disp = (_smooth_field(rng, shape, spacing, elastic_grid_mm, elastic_mm, 3)
             if elastic_mm > 0 else np.zeros((3,) + tuple(shape), np.float32))
+    coords = _source_coords(src_aff, F, c, trans, origin, spacing, shape, disp)
+    image = np.clip(_warp(image_src, coords), 0, None).astype(np.float32)
+    label = probs_to_label(np.stack([_warp(p, coords) for p in probs_src]))
 
-    # output voxel centres (world) -> template world -> source index
+    # --- intensity (image only) ---
+    if intensity:
+        image = _change_intensity(rng, image, spacing, gamma_range, noise_range, bias_strength, bias_grid_mm)
+    if crop and label.any():
+        image, label, origin = _crop_to_label(image, label, origin, spacing, margin_mm)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = origin
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
+
+
+def _fitted_grid(src_aff: np.ndarray, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, trans: np.ndarray,
+                 F: np.ndarray, pad: float, spacing: float) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and origin (world) of an output grid around the transformed source box lo..hi, plus pad mm."""
+    corners = np.array([[a, b, d] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for d in (lo[2], hi[2])])
+    wc = corners @ src_aff[:3, :3].T + src_aff[:3, 3]
+    yc = c + trans + (wc - c) @ F.T
+    y_lo, y_hi = yc.min(0) - pad, yc.max(0) + pad
+    shape = tuple(int(v) for v in np.ceil((y_hi - y_lo) / spacing).astype(int) + 1)
+    return shape, y_lo
+
+
+def _source_coords(src_aff: np.ndarray, F: np.ndarray, c: np.ndarray, trans: np.ndarray, origin: np.ndarray,
+                   spacing: float, shape, disp: np.ndarray) -> np.ndarray:
+    """(3, *shape) source voxel indices sampled by each output voxel (inverse transform plus elastic field)."""
+    F_inv = np.linalg.inv(F)
     src_inv = np.linalg.inv(src_aff)
     M = src_inv[:3, :3] @ F_inv                                          # world offset -> source index
     b = src_inv[:3, :3] @ (c - F_inv @ (c + trans)) + src_inv[:3, 3]
@@ -359,35 +377,35 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
                      + M[r, 2] * grid[2][None, None, :] + b[r])
         # elastic displacement is defined in subject world mm; map it into source index units
         coords[r] += (src_inv[r, 0] * disp[0] + src_inv[r, 1] * disp[1] + src_inv[r, 2] * disp[2])
+    return coords
 
-    def warp(a):
-        return ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)
 
-    image = np.clip(warp(image_src), 0, None).astype(np.float32)
-    probs = np.stack([warp(p) for p in probs_src])
-    label = probs_to_label(probs)
+def _warp(a: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    return ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)
 
-    # --- intensity (image only) ---
-    if intensity:
-        gamma = float(np.exp(rng.uniform(np.log(gamma_range[0]), np.log(gamma_range[1]))))
-        noise_std = float(rng.uniform(*noise_range))
-        bias = _smooth_field(rng, shape, spacing, bias_grid_mm, bias_strength, 1)[0] if bias_strength > 0 else 0.0
-        fg = image > 0
-        img = np.power(image, gamma, dtype=np.float32) * np.exp(bias, dtype=np.float32)
-        noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_std)
-        image = np.where(fg, np.clip(img + noise, 0, None), 0).astype(np.float32)
 
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = origin
-    if crop and label.any():
-        llo, lhi = _bbox(label > 0)
-        m = int(np.ceil(margin_mm / spacing))
-        llo = np.maximum(llo - m, 0)
-        lhi = np.minimum(lhi + m, np.array(shape) - 1)
-        sl = tuple(slice(int(a), int(b2) + 1) for a, b2 in zip(llo, lhi))
-        image, label = image[sl], label[sl]
-        affine[:3, 3] = origin + spacing * llo
-    return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
+def _change_intensity(rng: np.random.Generator, image: np.ndarray, spacing: float, gamma_range, noise_range,
+                      bias_strength: float, bias_grid_mm: float) -> np.ndarray:
+    """Gamma, smooth bias field and Gaussian noise inside the brain (random numbers drawn in this order)."""
+    gamma = float(np.exp(rng.uniform(np.log(gamma_range[0]), np.log(gamma_range[1]))))
+    noise_std = float(rng.uniform(*noise_range))
+    bias = (_smooth_field(rng, image.shape, spacing, bias_grid_mm, bias_strength, 1)[0]
+            if bias_strength > 0 else 0.0)
+    fg = image > 0
+    img = np.power(image, gamma, dtype=np.float32) * np.exp(bias, dtype=np.float32)
+    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_std)
+    return np.where(fg, np.clip(img + noise, 0, None), 0).astype(np.float32)
+
+
+def _crop_to_label(image: np.ndarray, label: np.ndarray, origin: np.ndarray, spacing: float,
+                   margin_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image and label cut to the label's bounding box plus margin_mm, and the new origin."""
+    llo, lhi = _bbox(label > 0)
+    m = int(np.ceil(margin_mm / spacing))
+    llo = np.maximum(llo - m, 0)
+    lhi = np.minimum(lhi + m, np.array(label.shape) - 1)
+    sl = tuple(slice(int(a), int(b2) + 1) for a, b2 in zip(llo, lhi))
+    return image[sl], label[sl], origin + spacing * llo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,6 +456,39 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
     Re-running with identical arguments skips finished files; if the folder was built with other
     arguments a :class:`DemoDataError` says so (pass ``overwrite=True`` to rebuild it).
     """
+    raw_dir = _check_build_args(raw_dir, dataset_id, name, num_train, num_test)
+    src_key = "synthetic" if str(source).lower() in ("synthetic", "phantom") else "icbm"
+    if src_key == "icbm":
+        find_icbm_files()                                   # fail fast with the install hint
+    log = log or (lambda msg: None)
+
+    raw_dir = Path(raw_dir)
+    folder = raw_dir / f"Dataset{int(dataset_id):03d}_{name}"
+    _check_id_unique(raw_dir, folder, dataset_id)
+    params = {"generator": "bsf_nnunet.datasets.demo_data", "format_version": FORMAT_VERSION,
+              "source": src_key, "spacing": float(spacing), "seed": int(seed), "num_train": int(num_train),
+              "num_test": int(num_test), "case_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
+                                                          for k, v in sorted((case_kwargs or {}).items())}}
+    _clear_other_build(folder, params, overwrite, log)
+    atomic_write_bytes(folder / BUILD_RECORD, (json.dumps(params, indent=2) + "\n").encode())
+
+    todo = _missing_cases(folder, num_train, num_test)
+    if todo:
+        t0 = time.perf_counter()
+        src = get_source(src_key, spacing)
+        log(f"loaded {src_key} source {src.image.shape} at {spacing} mm in {time.perf_counter() - t0:.1f}s")
+        for split, i, ip, lp in todo:
+            t1 = time.perf_counter()
+            img, lab, aff = make_case(src, np.random.default_rng([int(seed), split, i]), **(case_kwargs or {}))
+            write_case(img, lab, aff, ip, lp)
+            log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
+    atomic_write_bytes(folder / "dataset.json",
+                       (json.dumps(_dataset_json(name, num_train, num_test, src_key), indent=2) + "\n").encode())
+    return folder
+
+
+def _check_build_args(raw_dir, dataset_id, name: str, num_train: int, num_test: int) -> str | os.PathLike:
+    """The raw folder (default ``$nnUNet_raw``); clear errors for unusable arguments."""
     if raw_dir is None:
         raw_dir = os.environ.get("nnUNet_raw")
         if not raw_dir:
@@ -449,42 +500,45 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
         raise ValueError(f"dataset name must be letters/digits/_/- (got {name!r})")
     if int(num_train) < 1 or int(num_test) < 0:
         raise ValueError(f"need num_train >= 1 and num_test >= 0 (got {num_train}, {num_test})")
-    src_key = "synthetic" if str(source).lower() in ("synthetic", "phantom") else "icbm"
-    if src_key == "icbm":
-        find_icbm_files()                                   # fail fast with the install hint
-    log = log or (lambda msg: None)
+    return raw_dir
 
-    raw_dir = Path(raw_dir)
-    folder = raw_dir / f"Dataset{int(dataset_id):03d}_{name}"
+
+def _check_id_unique(raw_dir: Path, folder: Path, dataset_id: int) -> None:
     if raw_dir.is_dir():
         clash = [p.name for p in raw_dir.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != folder.name]
         if clash:
             raise DemoDataError(f"{raw_dir} already holds {clash[0]} with dataset id {int(dataset_id)}; nnU-Net "
                                 f"needs unique ids. Fix: choose another dataset_id or remove {raw_dir / clash[0]}.")
 
-    params = {"generator": "bsf_nnunet.datasets.demo_data", "format_version": FORMAT_VERSION,
-              "source": src_key, "spacing": float(spacing), "seed": int(seed), "num_train": int(num_train),
-              "num_test": int(num_test), "case_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
-                                                          for k, v in sorted((case_kwargs or {}).items())}}
-    record = folder / BUILD_RECORD
-    if folder.exists():
-        old = None
-        if record.is_file():
-            try:
-                old = json.loads(record.read_text())
-            except (OSError, ValueError):
-                old = None
-        leftovers_only = old is None and all(p.name.startswith(".") for p in folder.iterdir())
-        if old != params and not leftovers_only:
-            if not overwrite:
-                what = (f"was built with other settings ({record}: {old})" if old is not None
-                        else f"exists but was not made by this demo builder (no readable {BUILD_RECORD})")
-                raise DemoDataError(f"{folder} {what}; requested {params}. Fix: pass overwrite=True "
-                                    f"(--overwrite) to rebuild it, delete it, or pick another dataset_id.")
-            log(f"removing {folder} (built with other settings)")
-            shutil.rmtree(folder)
-    atomic_write_bytes(record, (json.dumps(params, indent=2) + "\n").encode())
 
+def _clear_other_build(folder: Path, params: dict, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Remove a folder built with other settings when ``overwrite``, else refuse with DemoDataError.
+
+    A folder holding only hidden leftovers (temporary files of an interrupted first build) is kept and reused.
+    """
+    if not folder.exists():
+        return
+    record = folder / BUILD_RECORD
+    old = None
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, ValueError):
+            old = None
+    leftovers_only = old is None and all(p.name.startswith(".") for p in folder.iterdir())
+    if old == params or leftovers_only:
+        return
+    if not overwrite:
+        what = (f"was built with other settings ({record}: {old})" if old is not None
+                else f"exists but was not made by this demo builder (no readable {BUILD_RECORD})")
+        raise DemoDataError(f"{folder} {what}; requested {params}. Fix: pass overwrite=True "
+                            f"(--overwrite) to rebuild it, delete it, or pick another dataset_id.")
+    log(f"removing {folder} (built with other settings)")
+    shutil.rmtree(folder)
+
+
+def _missing_cases(folder: Path, num_train: int, num_test: int) -> list[tuple[int, int, Path, Path]]:
+    """(split, index, image path, label path) of the cases whose image or label file is missing."""
     cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
     cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
     todo = []
@@ -493,15 +547,4 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
         ip, lp = folder / img_dir / f"{cid}_0000.nii.gz", folder / lab_dir / f"{cid}.nii.gz"
         if not (ip.is_file() and lp.is_file()):
             todo.append((split, i, ip, lp))
-    if todo:
-        t0 = time.perf_counter()
-        src = get_source(src_key, spacing)
-        log(f"loaded {src_key} source {src.image.shape} at {spacing} mm in {time.perf_counter() - t0:.1f}s")
-        for split, i, ip, lp in todo:
-            t1 = time.perf_counter()
-            img, lab, aff = make_case(src, np.random.default_rng([int(seed), split, i]), **(case_kwargs or {}))
-            write_case(img, lab, aff, ip, lp)
-            log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    atomic_write_bytes(folder / "dataset.json",
-                        (json.dumps(_dataset_json(name, num_train, num_test, src_key), indent=2) + "\n").encode())
-    return folder
+    return todo

@@ -175,6 +175,11 @@ class BSFSwinUNETR(SwinUNETR):
         normalize: bool = True,
         **unused,
     ) -> None:
+        """Check the arguments and build the network.
+
+        Kept as one block on purpose: the order in which the submodules are created fixes the state-dict key
+        order and, under a fixed seed, the initial weights, which tests and published checkpoints depend on.
+        """
         if unused:
             raise ValueError(
                 f"BSFSwinUNETR got unknown architecture arguments {sorted(unused)}; valid ones are feature_size, "

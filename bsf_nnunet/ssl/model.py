@@ -89,6 +89,11 @@ class BSFSSLModel(nn.Module):
         normalize: bool = True,
         **unused,
     ) -> None:
+        """Check the arguments and build the network.
+
+        Kept as one block on purpose: the order in which the submodules are created fixes the state-dict key
+        order and, under a fixed seed, the initial weights, which tests and published checkpoints depend on.
+        """
         super().__init__()
         unknown = sorted(k for k in unused if k not in _DECODER_ONLY_KWARGS)
         if unknown:
