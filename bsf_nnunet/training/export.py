@@ -137,10 +137,12 @@ def _bsf_configuration(plans: dict, configuration: str, folder: str, trainer: st
 def _trained_arch(conf_arch: dict, meta: dict, where: str) -> dict:
     """The plans' architecture with the axis order and merging the checkpoint was trained with (as the trainer's
     ``_restore_architecture``: axis order may have been switched by pretrained weights; the rest must agree)."""
+    from .bsf_trainer import _plain_arch
+
     arch = dict(conf_arch)
     saved = meta.get("arch_kwargs") or {}
     for key in ("feature_size", "depths", "num_heads"):
-        if key in saved and key in arch and json.dumps(saved[key]) != json.dumps(arch[key]):
+        if key in saved and key in arch and _plain_arch(saved[key]) != _plain_arch(arch[key]):
             raise ExportError(f"{where} was trained with {key}={saved[key]} but plans.json says {arch[key]}: the "
                               "results folder is inconsistent; export the checkpoint its plans.json belongs to.")
     for key in ("merging", "axis_order"):
