@@ -6,6 +6,33 @@ import time
 
 import pytest
 
+# The suite runs on 2 pytest-xdist workers (README: `pytest -n 2`): each worker, and every process a test starts,
+# gets its share of the cores, so that two trainings side by side do not oversubscribe them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = str(max(1, (os.cpu_count() or 2) // WORKERS))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = THREADS  # before this worker imports torch
+
+# Tests that take minutes on 2 cores start first, so that both workers finish at about the same time.
+SLOW_FIRST = ("test_e2e_nnunet.py::test_plan_train_predict_find_best_ensemble",
+              "test_pretrain.py::test_stage1_resume_stage2_and_chaining",
+              "test_demo.py::test_demo_smallest_settings",
+              "test_fidelity.py::test_paper_path_stage1_to_predict",
+              "test_reliability.py::test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights",
+              "test_reliability.py::test_sigterm_saves_and_continues_and_nan_loss_stops_with_last_checkpoint_intact",
+              "test_lowdata.py::test_lowdata_end_to_end_with_toy_trainers",
+              "test_cluster.py::test_cv_run_local_two_folds_then_find_best",
+              "test_e2e_nnunet.py::test_region_based_training_and_validation",
+              "test_reliability.py::test_pretrainer_kill_during_checkpoint_write_resumes")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.nodeid.split("/")[-1]
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the other tests keep their order
+
 # A CI-sized variant of BSFTrainer_Toy (and of nnUNetTrainer) in an extra trainer folder. It is found through
 # nnUNet_extTrainer next to the folder that the bsf-nnunet install registers, which checks that the user's own
 # entries are kept.
@@ -167,7 +194,7 @@ def nnunet_env(tmp_path):
         "nnUNet_extTrainer": str(ext),
         "nnUNet_n_proc_DA": "1",
         "nnUNet_def_n_proc": "1",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": THREADS,
         "PYTHONUNBUFFERED": "1",
     })
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
