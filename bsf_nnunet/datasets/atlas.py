@@ -22,7 +22,6 @@ from .convert import (
     nifti_stem,
     require_dir,
     run_conversion,
-    safe_case_id,
     walk_dirs,
 )
 
@@ -37,11 +36,12 @@ _ENT = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
 
 
 def case_id_from_name(prefix: str) -> str:
-    """``sub-r001s001_ses-1_space-MNI...`` -> ``sub-r001s001_ses-1`` (the BIDS subject and session)."""
+    """``sub-r001s001_ses-1_space-MNI...`` -> ``sub-r001s001_ses-1`` (the BIDS subject and session); other names
+    are kept (the conversion makes them safe, :func:`~bsf_nnunet.datasets.convert.safe_case_id`)."""
     ents = _ENT.findall(prefix)
     if ents and ents[0][0] == "sub":
         return "_".join(f"{k}-{v}" for k, v in ents)
-    return safe_case_id(prefix)
+    return prefix
 
 
 def iter_cases(src: str, split: str = "auto") -> Iterator[CaseSpec]:

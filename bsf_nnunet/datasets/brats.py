@@ -91,7 +91,7 @@ def iter_cases(src: str, split: str = "auto") -> Iterator[CaseSpec]:
                 problem = problem or f"several {ch} files: {[os.path.basename(p) for p in paths]}"
                 hint = hint or "keep one file per modality in the case folder"
             images.append(paths[0] if paths else None)
-        missing = [ch for ch, p in zip(CHANNELS, images) if p is None]
+        missing = [ch for ch, p in zip(CHANNELS, images, strict=True) if p is None]
         if missing and not problem:
             problem = (f"missing channel(s) {', '.join(missing)} (no {case}_"
                        f"{MODALITY_SUFFIX[missing[0]]}.nii.gz in {dirpath})")

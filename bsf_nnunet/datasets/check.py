@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .convert import ConversionError, diagnose_unreadable, printable, safe_case_id
+
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 ANISOTROPY_LIMIT = 3.0
@@ -90,7 +92,7 @@ class CheckReport:
         else:
             lines.append(f"\nFAILED: {len(self.errors)} error(s), {len(self.warnings)} warning(s). Fix the errors "
                          f"before {next_step}.")
-        return "\n".join(lines)
+        return printable("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,11 +302,48 @@ def _scan_images(folder: str, sub: str, ending: str, report: CheckReport
                                  f"channel 0); rename it.")
             continue
         cases.setdefault(m.group("case"), {})[int(m.group("ch"))] = os.path.join(folder, sub, name)
+    _report_odd_names(folder, sub, ending, sorted(cases), report)
     if other:
         report.warnings.append(f"{sub}: {len(other)} file(s) do not end in file_ending {ending!r} and are ignored by "
                                f"nnU-Net (e.g. {', '.join(other[:MAX_EXAMPLES])}). Convert or remove them if they "
                                f"are meant to be part of the dataset.")
     return cases
+
+
+def _is_safe_id(case: str) -> bool:
+    try:
+        return safe_case_id(case) == case
+    except ConversionError:
+        return False
+
+
+def _report_odd_names(folder: str, sub: str, ending: str, cases: List[str], report: CheckReport) -> None:
+    """Hidden files that nnU-Net reads as cases (an error), and case identifiers that trip shells and other tools
+    (a warning)."""
+    hidden = sorted(n for n in os.listdir(os.path.join(folder, sub)) if n.startswith(".") and n.endswith(ending))
+    for name in hidden:
+        report.errors.append(f"{sub}/{name}: a hidden file that nnU-Net still reads as a case "
+                             f"({_case_of(name, ending)!r}) and fails on or trains with ('._' files are macOS "
+                             f"metadata left by copying from a Mac). Delete it, or rename it if it is a real case.")
+    odd = [c for c in cases if not _is_safe_id(c)]
+    if odd:
+        report.warnings.append(f"{sub}: {len(odd)} case identifier(s) with spaces, non-ASCII characters, path "
+                               f"separators or a leading '-' ({_examples([repr(c) for c in odd])}). nnU-Net reads "
+                               f"them, but shell commands, other tools and other file systems may not. Rename the "
+                               f"case's files (every channel, and the label), e.g. {odd[0]!r} -> "
+                               f"{_suggest_id(odd[0])!r}; bsf-nnunet convert names cases this way.")
+
+
+def _case_of(name: str, ending: str) -> str:
+    m = _CHANNEL_RE.match(name[:-len(ending)])
+    return m.group("case") if m else name[:-len(ending)]
+
+
+def _suggest_id(case: str) -> str:
+    try:
+        return safe_case_id(case)
+    except ConversionError:
+        return "case001"
 
 
 def _channel_layout_errors(sub: str, case: str, chans: Dict[int, str], n: Optional[int], ending: str,
@@ -326,6 +365,20 @@ def _channel_layout_errors(sub: str, case: str, chans: Dict[int, str], n: Option
                         f"declares only {n} channel(s) (0..{n - 1}). Add the channel to channel_names or remove "
                         f"the file.")
     return errs
+
+
+def parse_channel_file(name: str, ending: str) -> Optional[Tuple[str, int]]:
+    """(case, channel) of a file name ``<case>_XXXX<ending>``; None for other names."""
+    m = _CHANNEL_RE.match(name[:-len(ending)]) if name.endswith(ending) else None
+    return (m.group("case"), int(m.group("ch"))) if m else None
+
+
+def channel_file_errors(sub: str, case: str, chans: Dict[int, str], channel_names: dict, ending: str) -> List[str]:
+    """The missing and surplus channel files of one case (``chans``: channel -> path; ``sub``: the folder name
+    shown) against dataset.json's ``channel_names``: the messages of this check, for nnUNetv2_predict's input."""
+    meta = _Meta(file_ending=ending, num_channels=len(channel_names) or None,
+                 channel_names={str(k): str(v) for k, v in channel_names.items()})
+    return _channel_layout_errors(sub, case, chans, meta.num_channels, ending, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,9 +421,7 @@ def _load(path: str, rel: str, case: str, errors: List[str]):
     try:
         return nib.load(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
-        errors.append(f"case {case}: cannot read {rel} ({_why(e, path, rel)}). The "
-                      f"file is truncated or corrupt (interrupted copy or download?) or not a NIfTI file; copy it "
-                      f"again or rerun the converter.")
+        errors.append(_unreadable(e, path, rel, case, "cannot read"))
         return None
 
 
@@ -378,10 +429,15 @@ def _voxels(img, rel: str, case: str, errors: List[str]) -> Optional[np.ndarray]
     try:
         return np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 - truncated gzip, short file, ...
-        errors.append(f"case {case}: cannot read the voxels of {rel} ({_why(e, img.get_filename() or rel, rel)}). "
-                      f"The file is truncated or corrupt (interrupted copy or download?); copy it again or rerun the "
-                      f"converter.")
+        errors.append(_unreadable(e, img.get_filename() or rel, rel, case, "cannot read the voxels of"))
         return None
+
+
+def _unreadable(e: Exception, path: str, rel: str, case: str, verb: str) -> str:
+    """The error for a file nibabel cannot read: what is wrong with it (an HTML page, cut short, ...) and the fix."""
+    wrong, todo = diagnose_unreadable(path, e)
+    return (f"case {case}: {verb} {rel}: the file {wrong.replace(path, rel)}. Fix: {todo}, or rerun the converter; "
+            f"or remove the case's files to leave it out.")
 
 
 def _nonfinite(arr: np.ndarray) -> int:

@@ -13,11 +13,17 @@ Guarantees:
   ``affine_tol``) the same affine across channels and label, finite values (read with nibabel: SimpleITK turns
   NaN/Inf into 0 without a word), label values in the allowed set. A bad case is reported by name with the reason
   and what to do, and never stops the others;
+* case identifiers are made safe (:func:`safe_case_id`: no spaces, non-ASCII characters or path separators, no
+  leading ``.`` or ``-``), so every file is written inside the dataset folder; renames are listed under ``renamed``
+  in the report, a name with nothing usable left is a bad case; unreadable files are diagnosed by name
+  (:func:`diagnose_unreadable`: an HTML page saved by a failed download, a gzip file cut short, ...);
 * ``dataset.json`` is written last and atomically, with ``numTraining`` = the complete training cases in
   ``imagesTr``; ``conversion_report.json`` lists what happened.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gzip
 import itertools
 import json
@@ -27,10 +33,12 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
+import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -73,11 +81,77 @@ _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_case_id(name: str) -> str:
-    """A case identifier usable in nnU-Net file names (odd characters become ``_``)."""
-    out = _SAFE_ID.sub("_", name).strip("_")
+    """A case identifier that nnU-Net file names and shell commands take as it is: ASCII letters, digits, ``.``,
+    ``_`` and ``-`` (accents dropped, any other character, path separators and whitespace included, becomes
+    ``_``), never starting with ``.`` (hidden file, ``..``) or ``-`` (read as a command-line option)."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    out = _SAFE_ID.sub("_", plain).lstrip("._-").rstrip("_")
     if not out:
-        raise ConversionError(f"cannot make a case identifier from {name!r}")
+        raise ConversionError(f"cannot make a case identifier from {name!r}: nothing usable is left after removing "
+                              f"spaces, punctuation and leading dots/dashes",
+                              hint="rename the source folder/file to start with a letter or digit")
     return out
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI_MAGIC = (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0")
+
+
+def diagnose_unreadable(path: str, error: BaseException) -> Tuple[str, str]:
+    """Why the NIfTI file ``path`` could not be read (``error``: the reader's exception), as ``(what is wrong, what
+    to do)``; ``what is wrong`` continues a sentence that starts with the file's name. Tells apart a broken link, an
+    empty file, a text/HTML page saved under a NIfTI name (a failed download), an uncompressed file named .gz and
+    gzip data that is cut short or damaged (the whole file is decompressed to find out)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        if _link_loop(path):
+            return "is a symbolic link that leads back to itself (a link loop)", "replace the link with the file"
+        return (f"is a symbolic link to {os.readlink(path)}, which does not exist",
+                "restore the file it points to, or copy the file itself instead of linking it")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot be opened ({e.strerror or e})", "check that the file exists and that you may read it"
+    again = "copy or download the file again"
+    if not head:
+        return "is empty (0 bytes)", again
+    if not head.startswith(_GZIP_MAGIC):
+        if path.lower().endswith(".gz"):
+            return _not_gzip(head)
+        return f"is not a readable NIfTI file ({type(error).__name__}: {error})", again
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except EOFError:
+        return "is truncated: its gzip data ends early (an interrupted download or copy)", again
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        return f"is corrupt: damaged gzip data ({e})", again
+    return f"is not a readable NIfTI file ({type(error).__name__}: {error})", again
+
+
+def _link_loop(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _not_gzip(head: bytes) -> Tuple[str, str]:
+    """``diagnose_unreadable`` for a file named .gz that does not start like gzip data."""
+    printable = sum(32 <= b < 127 or b in b"\t\r\n" for b in head)
+    if b"\0" not in head and printable >= 0.9 * len(head):
+        text = " ".join(head[:60].decode("utf-8", "replace").split())
+        kind = "an HTML page" if head.lstrip()[:1] == b"<" else "text"
+        return (f"is not a NIfTI file but {kind} starting with {text!r} (a failed download saves the server's error "
+                f"or login page under the file's name)",
+                "download the file again (check the link and that you are logged in)")
+    if head[344:348] in _NIFTI_MAGIC:
+        return ("is an uncompressed NIfTI file although its name ends in .gz",
+                "compress it (gzip -c FILE > NEW.nii.gz) or rename it to .nii")
+    return (f"is corrupt: not gzip data although its name ends in .gz (it starts with bytes {head[:8].hex(' ')})",
+            "copy or download the file again")
 
 
 def place_file(src: str, dst: str, link: Optional[str] = None) -> str:
@@ -170,6 +244,7 @@ class CaseSpec:
     label_mode: "none", "map" (value -> new value by ``label_map``; values not in it are an error), "binarize"
         (> 0 -> 1; negative values are an error) or "nonzero" (label 1 where any channel is non-zero).
     problem / hint: set by the lister when the case is known to be bad already (e.g. a missing channel).
+    original_id: the name the case had in the source when :func:`safe_case_id` changed it ("" otherwise).
     """
     case_id: str
     images: List[Optional[str]]
@@ -180,6 +255,7 @@ class CaseSpec:
     problem: Optional[str] = None
     hint: str = ""
     source: str = ""
+    original_id: str = ""
 
 
 @dataclass
@@ -208,8 +284,8 @@ def _read(path: str, what: str):
     try:
         img = nib.load(path)
     except Exception as e:  # noqa: BLE001 - any reader error is a case problem
-        raise CaseProblem(f"cannot read {what} {path}: {e}",
-                          "replace the file with a readable NIfTI file or remove the case") from None
+        wrong, todo = diagnose_unreadable(path, e)
+        raise CaseProblem(f"cannot read {what}: {path} {wrong}", f"{todo}, or leave the case out") from None
     if len(img.shape) != 3:
         raise CaseProblem(f"{what} {path} has shape {tuple(img.shape)}; a 3D volume is expected",
                           "save it as a 3D file (split 4D files into one 3D file per channel)")
@@ -220,8 +296,9 @@ def _data(img, path: str, what: str) -> np.ndarray:
     try:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001
-        raise CaseProblem(f"cannot read the voxels of {what} {path}: {e}",
-                          "the file is probably truncated (interrupted download?); get it again") from None
+        wrong, todo = diagnose_unreadable(path, e)
+        raise CaseProblem(f"cannot read the voxels of {what}: {path} {wrong}", f"{todo}, or leave the case out"
+                          ) from None
     if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
         bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
         if bad:
@@ -316,7 +393,7 @@ def verify_and_write(spec: CaseSpec, opts: Options) -> dict:
     # --- all checks passed: write
     outs = output_files(spec, opts.out_dir)
     hows = []
-    for src, dst in zip(spec.images, outs):
+    for src, dst in zip(spec.images, outs, strict=False):  # outs ends with the label
         hows.append(place_file(src, dst, opts.link))
     if spec.split == "Tr":
         if new_label is None:
@@ -481,8 +558,14 @@ class DatasetInfo:
     label_hint: str = ""
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of file names (lone surrogates) written as ``\\udcXX``: printing them
+    would fail outside a UTF-8 locale with surrogateescape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _log(msg: str, stream=None) -> None:
-    print(msg, file=stream or sys.stdout, flush=True)
+    print(printable(msg), file=stream or sys.stdout, flush=True)
 
 
 def _new_report(out_dir: str, source: str, converter: str, link: Optional[str], dry_run: bool) -> dict:
@@ -491,7 +574,7 @@ def _new_report(out_dir: str, source: str, converter: str, link: Optional[str], 
         "mode": "dry-run" if dry_run else (f"link ({link})" if link else "copy"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "counts": {"converted": 0, "done_before": 0, "bad": 0, "training": 0, "test": 0},
-        "bad": [], "converted": [], "done_before": [], "warnings": [],
+        "bad": [], "converted": [], "done_before": [], "renamed": [], "warnings": [],
     }
 
 
@@ -515,13 +598,28 @@ class _Conversion:
             self.report[st].append(res["case"])
             self.counts["training" if res["split"] == "Tr" else "test"] += 1
 
+    def _safe_id(self, spec: CaseSpec) -> Optional[CaseSpec]:
+        """``spec`` with a case identifier nnU-Net can use (:func:`safe_case_id`; a change is recorded under
+        ``renamed`` in the report), or None (recorded as a bad case) when the source name has nothing usable."""
+        try:
+            new = safe_case_id(spec.case_id)
+        except ConversionError as e:
+            self.record({"case": spec.case_id, "split": spec.split, "status": "bad", "source": spec.source,
+                         "reason": e.message, "hint": e.hint})
+            return None
+        if new == spec.case_id:
+            return spec
+        self.report["renamed"].append({"case": new, "from": spec.case_id, "source": spec.source})
+        return dataclasses.replace(spec, case_id=new, original_id=spec.case_id)
+
     def _settled(self, spec: CaseSpec) -> bool:
         """Record a case that is not to be converted (a duplicate identifier, one finished by an earlier run, or
         any case of a dry run); False for a case to convert."""
         if spec.case_id in self.seen:
             self.record({"case": spec.case_id, "split": spec.split, "status": "bad", "source": spec.source,
-                         "reason": spec.problem or f"duplicate case identifier {spec.case_id!r} (another source "
-                                                   f"folder/file gives the same name); only the first one is used",
+                         "reason": spec.problem or f"duplicate case identifier {spec.case_id!r}"
+                                                   f"{_made_from(spec)} (another source folder/file gives the "
+                                                   f"same name); only the first one is used",
                          "hint": spec.hint or "rename or remove one of them"})
             return True
         self.seen.add(spec.case_id)
@@ -542,7 +640,8 @@ class _Conversion:
         """The cases to convert, with a progress line every ``progress_every`` seconds."""
         last = time.time()
         for spec in specs:
-            if self._settled(spec):
+            spec = self._safe_id(spec)
+            if spec is None or self._settled(spec):
                 continue
             yield spec
             if self.progress_every and time.time() - last > self.progress_every:
@@ -557,6 +656,7 @@ class _Conversion:
         for k in ("converted", "done_before"):
             report[k].sort()
         report["bad"].sort(key=lambda r: r["case"])
+        report["renamed"].sort(key=lambda r: r["case"])
         complete, incomplete = training_identifiers(out_dir, num_channels)
         if incomplete:
             report["warnings"].append(f"{len(incomplete)} incomplete training case(s) in {out_dir}/imagesTr not "
@@ -566,6 +666,10 @@ class _Conversion:
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         report["seconds"] = round(time.time() - self.t0, 1)
         return report
+
+
+def _made_from(spec: CaseSpec) -> str:
+    return f" (made from {spec.original_id!r})" if spec.original_id else ""
 
 
 def _nonempty(cases: Iterable[CaseSpec], source: str) -> Iterator[CaseSpec]:
@@ -653,6 +757,13 @@ def _print_summary(report: dict, dry_run: bool) -> None:
             _log(f"  {b['case']}: {b['reason']}")
         if len(report["bad"]) > 20:
             _log(f"  ... and {len(report['bad']) - 20} more (see the report)")
+    if report["renamed"]:
+        _log(f"{len(report['renamed'])} case(s) renamed to identifiers nnU-Net and the shell take as they are "
+             f"(no spaces, accents or path separators; no leading '.' or '-'), listed under 'renamed' in the report:")
+        for r in report["renamed"][:20]:
+            _log(f"  {r['from']!r} -> {r['case']}")
+        if len(report["renamed"]) > 20:
+            _log(f"  ... and {len(report['renamed']) - 20} more")
     for w in report["warnings"]:
         _log(f"warning: {w}", sys.stderr)
 

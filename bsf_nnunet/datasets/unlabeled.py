@@ -29,7 +29,6 @@ from .convert import (
     nifti_stem,
     require_dir,
     run_conversion,
-    safe_case_id,
     walk_dirs,
 )
 
@@ -69,11 +68,11 @@ def subject_spec(subject: str, found: Dict[str, List[str]], channels: Sequence[s
                                       f"{sorted(os.path.basename(p) for p in paths)}")
                 hint = hint or "remove the extra files or give --pattern to say which file is which channel"
         images.append(paths[0] if paths else None)
-    missing = [ch for ch, p in zip(channels, images) if p is None]
+    missing = [ch for ch, p in zip(channels, images, strict=True) if p is None]
     if missing and not problem:
         problem = f"missing channel(s) {', '.join(missing)}" + (f" ({'; '.join(notes)})" if notes else "")
         hint = "add the file(s), or leave the subject out (it is skipped)"
-    return CaseSpec(case_id=safe_case_id(subject), images=images, split="Tr", label_mode="nonzero",
+    return CaseSpec(case_id=subject, images=images, split="Tr", label_mode="nonzero",
                     problem=problem, hint=hint, source=source)
 
 
@@ -140,7 +139,7 @@ def iter_pattern(src: str, channels: Sequence[str], pattern: str) -> Iterator[Ca
             path = os.path.join(dirpath, n)
             if subj in done:
                 # a second file for a channel of a subject that was already handed on: report it
-                yield CaseSpec(case_id=safe_case_id(subj), images=[path], split="Tr", label_mode="nonzero",
+                yield CaseSpec(case_id=subj, images=[path], split="Tr", label_mode="nonzero",
                                problem=f"another file for channel {ch} of subject {subj} ({path}) after the "
                                        f"subject was converted from other files; this one was ignored",
                                hint="remove the extra file or make --pattern more specific", source=path)
