@@ -28,6 +28,7 @@ from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
 from .lr import WarmupCosineLR
+from .predict_checks import install_prediction_input_checks, record_training_orientations
 
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
 STOP_AFTER_EPOCH_ENV = "BSF_STOP_AFTER_EPOCH"
@@ -418,6 +419,7 @@ class BSFTrainer(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         self._maybe_chain_pretraining()
+        record_training_orientations(self)  # into plans.json, for nnUNetv2_predict's orientation check
         super().on_train_start()
         self._install_preemption_handlers()
 
@@ -674,3 +676,4 @@ def _install_pretrained_weights_handler() -> None:
 
 
 _install_pretrained_weights_handler()
+install_prediction_input_checks()  # nnUNetv2_predict refuses incomplete cases, warns about far-off geometry
