@@ -1,11 +1,20 @@
-"""Prediction benchmark on one BraTS-size case (4 x 155 x 240 x 240), Small variant, same weights:
-nnU-Net's sliding window (what nnUNetv2_predict runs: step 0.5, Gaussian weighting) with BSFSwinUNETR vs MONAI's
-sliding_window_inference (ROI 128^3, overlap 0.5) with MONAI's SwinUNETR; both without and with mirroring TTA.
+"""Prediction benchmark on one BraTS-size case (4 x 155 x 240 x 240 by default), same weights, four paths:
 
-    python bench/predict.py [--device cpu|cuda] [--variant small] [--reps 1]
+* ``monai_fp32``: MONAI's ``sliding_window_inference`` (ROI 128^3, overlap 0.5, Gaussian) with MONAI's SwinUNETR;
+* ``monai_best``: the same with ``SwinUNETR(use_flash_attention=True)``, plus bf16 autocast where the CPU has native
+  bf16 (on CPUs without it MONAI's best is fp32);
+* ``ours_torch``: nnU-Net's sliding window (what ``nnUNetv2_predict`` runs: step 0.5, Gaussian) with BSFSwinUNETR
+  in PyTorch fp32 (``BSF_CPU_ENGINE=torch``);
+* ``ours_engine``: the same through the default CPU engine (ONNX Runtime; the ONNX file is exported once in a
+  separate process first, its time reported as ``export_s``, as a second ``nnUNetv2_predict`` run finds it cached).
 
-Each measurement runs in a fresh subprocess (peak memory = that process's max RSS on CPU, max allocated on CUDA).
-Writes bench/results/predict.json.
+    python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128] [--reps 1]
+                            [--tta off|on|both]
+
+Each measurement runs in a fresh subprocess (peak memory = that process's max RSS on CPU, max allocated on CUDA);
+repetitions run the four paths in turn (interleaved), medians are reported. Ratios are time(path) / time(MONAI
+best) and time(path) / time(MONAI fp32); Dice per class compares the label maps (argmax of the logits) of
+``ours_engine`` with ``ours_torch``. Writes bench/results/predict.json (or --out).
 """
 from __future__ import annotations
 
@@ -16,15 +25,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPE = (155, 240, 240)
+PATHS = ("monai_fp32", "monai_best", "ours_torch", "ours_engine")
+NUM_CLASSES = 3
 
 
-def _measure(impl, variant, device, tta, reps):
-    import resource
-
+def _networks(variant, device):
     import torch
 
     from bsf_nnunet.network import BSFSwinUNETR
@@ -32,61 +41,157 @@ def _measure(impl, variant, device, tta, reps):
 
     torch.manual_seed(0)
     kw = variant_arch_kwargs(variant)
-    ours = BSFSwinUNETR(4, 3, merging="fixed", **kw).eval().to(device)
-    x = torch.randn(1, 4, *SHAPE, generator=torch.Generator().manual_seed(1))
-    times = []
-    if impl == "ours":
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    ours = BSFSwinUNETR(4, NUM_CLASSES, merging="fixed", **kw).eval().to(device)
+    return ours, kw
 
-        pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                               perform_everything_on_device=device == "cuda", device=torch.device(device),
-                               verbose=False, verbose_preprocessing=False, allow_tqdm=False)
 
-        class _CM:  # the two attributes the sliding window reads
-            patch_size = [128, 128, 128]
+def _ours_runner(ours, x, roi, device, tta):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        pred.network = ours
-        pred.configuration_manager = _CM()
-        pred.allowed_mirroring_axes = (0, 1, 2)
-        pred.list_of_parameters = [ours.state_dict()]
+    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                           perform_everything_on_device=device == "cuda", device=torch.device(device),
+                           verbose=False, verbose_preprocessing=False, allow_tqdm=False)
 
-        class _LM:
-            num_segmentation_heads = 3
+    class _CM:  # the attributes the sliding window reads
+        patch_size = list(roi)
 
-        pred.label_manager = _LM()
+    class _LM:
+        num_segmentation_heads = NUM_CLASSES
 
-        def run():
-            return pred.predict_sliding_window_return_logits(x[0])
+    pred.network, pred.configuration_manager, pred.label_manager = ours, _CM(), _LM()
+    pred.allowed_mirroring_axes = (0, 1, 2)
+    pred.list_of_parameters = [ours.state_dict()]
+    return lambda: pred.predict_logits_from_preprocessed_data(x[0])  # loads the weights, as nnUNetv2_predict
+
+
+def _monai_runner(ours, kw, x, roi, device, tta, best):
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import SwinUNETR
+
+    from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
+
+    net = SwinUNETR(in_channels=4, out_channels=NUM_CLASSES, downsample="merging", use_flash_attention=best,
+                    **kw).eval().to(device)
+    net.load_state_dict(ours.state_dict())
+    bf16 = best and (device == "cuda" or cpu_has_native_bf16())
+
+    def fwd(t):
+        if not tta:
+            return net(t)
+        out = 0
+        for axes in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
+            out = out + (torch.flip(net(torch.flip(t, axes)), axes) if axes else net(t))
+        return out / 8
+
+    def run():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return sliding_window_inference(x.to(device), roi, 1, fwd, overlap=0.5, mode="gaussian").float()
+    return run, bf16
+
+
+def _measure(path, variant, device, tta, shape, roi, labels_out):
+    import resource
+
+    import numpy as np
+    import torch
+
+    from bsf_nnunet.network.cpu_engine import configure_cpu_engine
+
+    ours, kw = _networks(variant, device)
+    x = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(1))
+    extra = {}
+    if path.startswith("ours"):
+        configure_cpu_engine(ours, "torch" if path == "ours_torch" else None)
+        extra["engine"] = getattr(ours.cpu_engine, "name", "torch")
+        run = _ours_runner(ours, x, roi, device, tta)
     else:
-        from monai.inferers import sliding_window_inference
-        from monai.networks.nets import SwinUNETR
-
-        net = SwinUNETR(in_channels=4, out_channels=3, downsample="merging", **kw).eval().to(device)
-        net.load_state_dict(ours.state_dict())
-
-        def fwd(t):
-            if not tta:
-                return net(t)
-            out = 0
-            for axes in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
-                out = out + (torch.flip(net(torch.flip(t, axes)), axes) if axes else net(t))
-            return out / 8
-
-        def run():
-            with torch.no_grad():
-                return sliding_window_inference(x.to(device), (128, 128, 128), 1, fwd, overlap=0.5, mode="gaussian")
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    assert tuple(out.shape[-3:]) == SHAPE
+        run, extra["bf16"] = _monai_runner(ours, kw, x, roi, device, tta, best=path == "monai_best")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    out = out.reshape(NUM_CLASSES, *shape)
+    if labels_out:
+        np.save(labels_out, out.argmax(0).to(torch.uint8).cpu().numpy())
+    if path == "ours_engine" and getattr(ours.cpu_engine, "failed", None):
+        extra["engine_failed"] = ours.cpu_engine.failed
     peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
-    return {"median_s": statistics.median(times), "times_s": times, "peak_gb": peak}
+    return {"seconds": seconds, "peak_gb": peak, **extra}
+
+
+def _export(variant, roi):
+    """Write the ONNX file(s) the engine path will find in BSF_CACHE_DIR (one window, as in prediction)."""
+    import torch
+
+    from bsf_nnunet.network.cpu_engine import configure_cpu_engine
+
+    ours, _ = _networks(variant, "cpu")
+    configure_cpu_engine(ours, "onnxruntime")
+    t = time.perf_counter()
+    with torch.no_grad():
+        ours(torch.zeros(1, 4, *roi))  # nnU-Net pads a smaller image up to the patch: one window shape
+    return {"export_s": time.perf_counter() - t, "exports": ours.cpu_engine.exports,
+            "failed": ours.cpu_engine.failed}
+
+
+def _child(args, what, env=None, labels=None):
+    cmd = [sys.executable, __file__, "--variant", args.variant, "--device", args.device, "--shape",
+           *map(str, args.shape), "--roi", *map(str, args.roi), "--_child", what]
+    if labels:
+        cmd += ["--_labels", labels]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(out.stdout[-3000:])
+        raise SystemExit(f"measurement failed: {what}")
+    return json.loads(line[0][7:])
+
+
+def _dice_per_class(a, b):
+    import numpy as np
+
+    dice = []
+    for c in range(NUM_CLASSES):
+        pa, pb = a == c, b == c
+        denom = int(pa.sum()) + int(pb.sum())
+        dice.append(1.0 if denom == 0 else 2.0 * int(np.logical_and(pa, pb).sum()) / denom)
+    return dice
+
+
+def _row(args, tta, env, tmp):
+    import numpy as np
+
+    runs = {p: [] for p in PATHS}
+    for rep in range(args.reps):  # interleaved: every path once per repetition
+        for p in PATHS:
+            labels = os.path.join(tmp, f"{p}_{int(tta)}.npy") if p.startswith("ours") and rep == 0 else None
+            runs[p].append(_child(args, f"{p}:{int(tta)}", env, labels))
+    row = {"tta": tta}
+    for p in PATHS:
+        row[p] = {"median_s": statistics.median(r["seconds"] for r in runs[p]),
+                  "times_s": [r["seconds"] for r in runs[p]], "peak_gb": max(r["peak_gb"] for r in runs[p]),
+                  **{k: v for k, v in runs[p][0].items() if k not in ("seconds", "peak_gb")}}
+    for p in PATHS:
+        row[p]["ratio_vs_monai_best"] = row["monai_best"]["median_s"] / row[p]["median_s"]  # speed-up (> 1: faster)
+        row[p]["ratio_vs_monai_fp32"] = row["monai_fp32"]["median_s"] / row[p]["median_s"]
+    row["dice_engine_vs_torch"] = _dice_per_class(np.load(os.path.join(tmp, f"ours_engine_{int(tta)}.npy")),
+                                                  np.load(os.path.join(tmp, f"ours_torch_{int(tta)}.npy")))
+    return row
+
+
+def _print_row(row):
+    for p in PATHS:
+        r = row[p]
+        print(f"{str(row['tta']):>5s} {p:12s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} "
+              f"{r['ratio_vs_monai_fp32']:10.2f} {r['peak_gb']:8.2f}")
+    print(f"      Dice per class, engine vs torch fp32 label maps: "
+          f"{', '.join(f'{d:.5f}' for d in row['dice_engine_vs_torch'])}")
 
 
 def main(argv=None):
@@ -95,40 +200,40 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--tta", choices=["off", "on", "both"], default="off")
+    p.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], help="case size (z y x)")
+    p.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128], help="patch / ROI (z y x)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "predict.json"))
-    p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_labels", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._child:
-        impl, variant, device, tta = a._child
-        print("RESULT " + json.dumps(_measure(impl, variant, device, tta == "1", a.reps)))
+        what, _, tta = a._child.partition(":")
+        res = (_export(a.variant, a.roi) if what == "export" else
+               _measure(what, a.variant, a.device, tta == "1", tuple(a.shape), tuple(a.roi), a._labels))
+        print("RESULT " + json.dumps(res))
         return 0
+    import monai
     import torch
 
-    rows = []
-    print(f"{'tta':>4s} {'MONAI s':>9s} {'ours s':>9s} {'time ratio':>10s} {'MONAI GB':>9s} {'ours GB':>8s}")
-    for tta in {"off": [False], "on": [True], "both": [False, True]}[a.tta]:
-        res = {}
-        for impl in ("monai", "ours"):
-            cmd = [sys.executable, __file__, "--reps", str(a.reps), "--_child", impl, a.variant, a.device,
-                   "1" if tta else "0"]
-            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if not line:
-                print(out.stdout[-3000:])
-                raise SystemExit(f"measurement failed: {impl}")
-            res[impl] = json.loads(line[0][7:])
-        m, o = res["monai"], res["ours"]
-        rows.append({"tta": tta, "monai": m, "ours": o, "time_ratio_ours_over_monai": o["median_s"] / m["median_s"]})
-        print(f"{str(tta):>4s} {m['median_s']:9.1f} {o['median_s']:9.1f} {rows[-1]['time_ratio_ours_over_monai']:10.2f}"
-              f" {m['peak_gb']:9.2f} {o['peak_gb']:8.2f}")
-    import monai
+    from bsf_nnunet.io import atomic_write_json
+    from bsf_nnunet.network.cpu_engine import CACHE_ENV
+    from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
 
-    info = {"machine": platform.platform(), "cpus": os.cpu_count(), "device": a.device, "variant": a.variant,
-            "shape": SHAPE, "torch": torch.__version__, "monai": monai.__version__, "rows": rows}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(a.out + ".tmp", a.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, **{CACHE_ENV: os.path.join(tmp, "onnx")})
+        export = _child(a, "export", env) if a.device == "cpu" else None
+        if export:
+            print(f"ONNX export (once per model and window shape, cached): {export['export_s']:.1f} s")
+        rows = []
+        print(f"{'tta':>5s} {'path':12s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s}")
+        for tta in {"off": [False], "on": [True], "both": [False, True]}[a.tta]:
+            rows.append(_row(a, tta, env, tmp))
+            _print_row(rows[-1])
+    info = {"machine": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "native_bf16": cpu_has_native_bf16(), "device": a.device, "variant": a.variant, "shape": a.shape,
+            "roi": a.roi, "reps": a.reps, "torch": torch.__version__, "monai": monai.__version__,
+            "export": export, "rows": rows}
+    atomic_write_json(a.out, info)
     print(f"wrote {a.out}")
     return 0
 

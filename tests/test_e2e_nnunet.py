@@ -15,12 +15,13 @@ def dice(a, b):
 
 
 def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
-    env = nnunet_env
+    env = dict(nnunet_env, BSF_CPU_ENGINE="onnxruntime")  # the default CPU engine where onnxruntime is installed
     # 40 x 56 x 48 voxels: smaller than Swin-UNETR's minimum of 64 on every axis -> padded by nnU-Net
     folder = build_synthetic_dataset(env["nnUNet_raw"], 991, "Blobs", num_train=6, num_test=2, shape=(40, 56, 48))
     run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     out = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu", "--npz"], env)
     assert "BrainSegFounder BSFTrainer_CI: variant toy" in out
+    assert "BSF CPU engine: ONNX Runtime" in out  # the final validation (the per-epoch one runs PyTorch)
     res = os.path.join(env["nnUNet_results"], "Dataset991_Blobs", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
     assert os.path.isfile(os.path.join(res, "fold_0", "checkpoint_final.pth"))
     plans = json.load(open(os.path.join(res, "plans.json")))
@@ -36,9 +37,12 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     pred_tta = tmp_path / "pred_tta"
     images_ts = os.path.join(folder, "imagesTs")
     for out_dir, tta in ((pred, ["--disable_tta"]), (pred_tta, [])):
-        run(["nnUNetv2_predict", "-i", images_ts, "-o", str(out_dir), "-d", "991", "-c", "3d_fullres", "-tr",
-             "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"] + tta,
-            env)
+        out = run(["nnUNetv2_predict", "-i", images_ts, "-o", str(out_dir), "-d", "991", "-c", "3d_fullres", "-tr",
+                   "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"]
+                  + tta, env)
+        assert "BSF CPU engine: ONNX Runtime" in out, out[-3000:]
+    # one ONNX file for the fold's final weights at the patch size: written by the final validation, reused since
+    assert len(os.listdir(env["BSF_CACHE_DIR"])) == 1, os.listdir(env["BSF_CACHE_DIR"])
     for case in ("case_006", "case_007"):
         img = sitk.ReadImage(os.path.join(images_ts, f"{case}_0000.nii.gz"))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTs", f"{case}.nii.gz")))

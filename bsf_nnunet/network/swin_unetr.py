@@ -17,6 +17,8 @@
   ``axis_order="xyz"`` the network transposes its input to (x, y, z) and the logits back, so imported MONAI
   weights see the orientation they were trained with. ``"zyx"`` (default) does nothing.
 * ``use_checkpoint``: gradient checkpointing of every Swin block (MONAI's mechanism).
+* ``cpu_engine``: an attribute (not an argument), None by default; :func:`.cpu_engine.configure_cpu_engine` attaches
+  ONNX Runtime, which then runs eval-mode, no-grad fp32 CPU forwards (nnUNetv2_predict).
 
 This module knows nothing about trainers or nnU-Net.
 """
@@ -219,6 +221,7 @@ class BSFSwinUNETR(SwinUNETR):
         self.axis_order = axis_order
         # nnU-Net asks for deep supervision through the trainer; Swin-UNETR has a single output.
         self.deep_supervision = False
+        self.cpu_engine = None  # see cpu_engine.configure_cpu_engine
         if attention != "monai":
             _swap_attention(self, SDPAWindowAttention if attention == "sdpa" else AutoWindowAttention)
         _swap_small_input_convs(self)
@@ -227,6 +230,15 @@ class BSFSwinUNETR(SwinUNETR):
         if axis_order not in AXIS_ORDERS:
             raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
         self.axis_order = axis_order
+
+    def _check_input_size(self, spatial_shape):
+        """MONAI's check (sizes divisible by patch_size**5) in plain Python: MONAI's numpy version breaks the
+        torch.compile graph (tests/test_compile.py)."""
+        div = self.patch_size ** 5
+        wrong = [i + 2 for i, s in enumerate(spatial_shape) if s % div]
+        if wrong:
+            raise ValueError(f"spatial dimensions {wrong} of input image (spatial shape: {tuple(spatial_shape)}) "
+                             f"must be divisible by {self.patch_size}**5 = {div}.")
 
     def forward(self, x_in):
         expected = self.swinViT.patch_embed.proj.in_channels
@@ -238,12 +250,26 @@ class BSFSwinUNETR(SwinUNETR):
                 f"every case needs CASE_0000 ... CASE_{expected - 1:04d} with the file ending of dataset.json, in the "
                 "order of the model's dataset.json channel_names (bsf-nnunet check --predict-input FOLDER -d ID "
                 "lists the incomplete cases).")
+        if self._engine_applies(x_in):
+            out = self.cpu_engine.run(self, x_in)
+            if out is not None:
+                return out
+        return self.torch_forward(x_in)
+
+    def torch_forward(self, x_in):
+        """The PyTorch forward (what the CPU engine exports)."""
         if self.axis_order == "xyz":
             x_in = x_in.permute(0, 1, 4, 3, 2)
         out = super().forward(x_in)
         if self.axis_order == "xyz":
             out = out.permute(0, 1, 4, 3, 2)
         return out
+
+    def _engine_applies(self, x) -> bool:
+        """Inference on CPU with an engine attached (cpu_engine.configure_cpu_engine), outside tracing/compiling."""
+        return (self.cpu_engine is not None and not self.training and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and self.cpu_engine.accepts(x))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import BSFError
 from ..io import DiskFullError, atomic_path, remove_stale_temporaries
+from ..network.cpu_engine import configure_cpu_engine
 from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
 from .lr import WarmupCosineLR
@@ -217,7 +218,8 @@ class BSFTrainer(nnUNetTrainer):
             )
         cls = pydoc.locate(name)
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        return cls(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
+        network = cls(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
+        return configure_cpu_engine(network)  # nnUNetv2_predict: ONNX Runtime on CPU unless BSF_CPU_ENGINE=torch
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Swin-UNETR has a single output: nothing to switch."""
@@ -234,6 +236,16 @@ class BSFTrainer(nnUNetTrainer):
         self.dataset_class = checked_dataset_class(self.dataset_class)  # names a truncated/corrupt case
         # lets our -pretrained_weights handler find the trainer that owns this network
         _unwrap(self.network).__dict__["_bsf_owner"] = weakref.ref(self)
+        # weights change every epoch: the per-epoch validation runs PyTorch (perform_actual_validation may use ORT)
+        configure_cpu_engine(_unwrap(self.network), "torch")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation with the final weights, through the CPU engine that nnUNetv2_predict uses."""
+        configure_cpu_engine(_unwrap(self.network))
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            configure_cpu_engine(_unwrap(self.network), "torch")
 
     # ------------------------------------------------------------------ pretrained weights
     def target_channel_names(self) -> list:

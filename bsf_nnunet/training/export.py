@@ -158,6 +158,7 @@ def _build_network(plans: dict, conf: dict, arch: dict, dataset_json: dict) -> t
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+    from ..network.cpu_engine import configure_cpu_engine
     from .bsf_trainer import BSFTrainer
 
     conf = copy.deepcopy(conf)
@@ -165,7 +166,8 @@ def _build_network(plans: dict, conf: dict, arch: dict, dataset_json: dict) -> t
     pm, cm = PlansManager(plans), ConfigurationManager(conf)
     nin = determine_num_input_channels(pm, cm, dataset_json)
     nout = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return BSFTrainer.build_network_architecture(pm, cm, nin, nout, enable_deep_supervision=False)
+    network = BSFTrainer.build_network_architecture(pm, cm, nin, nout, enable_deep_supervision=False)
+    return configure_cpu_engine(network, "torch")  # the PyTorch reference, not ONNX Runtime
 
 
 def load_export_source(dataset: str, trainer: str, plans: str, configuration: str, fold: str,

@@ -1,0 +1,184 @@
+"""ONNX Runtime as the CPU execution engine of :class:`~bsf_nnunet.network.swin_unetr.BSFSwinUNETR` inference.
+
+On CPU, ONNX Runtime runs the Swin-UNETR forward about twice as fast as PyTorch (docs/performance.md). A network
+with an engine attached (``network.cpu_engine``, see :func:`configure_cpu_engine`) sends eval-mode, no-grad, fp32
+CPU forwards through it; everything else (training, gradients, autocast, CUDA, tracing) stays in PyTorch.
+
+``BSF_CPU_ENGINE=onnxruntime|torch`` chooses (default ``onnxruntime`` where it is installed; ``torch`` is the exact
+PyTorch fp32 path). The network is exported once per window shape and weights with the legacy TorchScript exporter
+(opset 18, fixed shape) into ``BSF_CACHE_DIR`` (default ``~/.cache/bsf_nnunet/onnx``), named by a digest of the
+weights, architecture, shape and library versions, so later runs of the same model reuse the file. In-process the
+session is kept until the weights change (nnU-Net's predictor loads each fold's weights into the same network; the
+change is seen from the parameters' version counters and data pointers). Any export or session failure falls back
+to PyTorch for that network with one printed line, never a crash.
+
+This module knows nothing about trainers or nnU-Net.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+ENGINE_ENV = "BSF_CPU_ENGINE"
+CACHE_ENV = "BSF_CACHE_DIR"
+ENGINES = ("onnxruntime", "torch")
+ONNX_OPSET = 18
+ARCH_ATTRIBUTES = ("merging", "axis_order")
+
+_printed = set()
+
+
+def _print_once(message: str) -> None:
+    """nnU-Net's predictor has no logger: print each distinct message once per process."""
+    if message not in _printed:
+        _printed.add(message)
+        print(message, flush=True)
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_engine_choice() -> str:
+    """``BSF_CPU_ENGINE`` (``onnxruntime`` or ``torch``); by default ``onnxruntime`` where it is importable."""
+    env = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if env in ("", "auto"):
+        return "onnxruntime" if onnxruntime_available() else "torch"
+    if env in ("ort", "onnx"):
+        env = "onnxruntime"
+    if env not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV}={env!r}: use onnxruntime (the default, ONNX Runtime runs CPU inference) or "
+                         "torch (PyTorch fp32, the exact reference path)")
+    if env == "onnxruntime" and not onnxruntime_available():
+        _print_once(f"{ENGINE_ENV}=onnxruntime but onnxruntime is not installed (pip install onnxruntime): "
+                    "predicting with PyTorch on CPU")
+        return "torch"
+    return env
+
+
+def configure_cpu_engine(network: nn.Module, choice: Optional[str] = None) -> nn.Module:
+    """Attach the engine ``choice`` (default: :func:`cpu_engine_choice`) to ``network``; ``"torch"`` detaches it."""
+    choice = cpu_engine_choice() if choice is None else choice
+    if choice not in ENGINES:
+        raise ValueError(f"unknown CPU engine {choice!r}; use one of {ENGINES}")
+    network.cpu_engine = OnnxRuntimeEngine() if choice == "onnxruntime" else None
+    return network
+
+
+def default_cache_dir() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "bsf_nnunet", "onnx")
+
+
+def weights_version(network: nn.Module) -> tuple:
+    """Cheap fingerprint that changes whenever a parameter or buffer is written or replaced."""
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(network.parameters(), network.buffers()))
+
+
+def model_digest(network: nn.Module, shape: tuple) -> str:
+    """sha256 of the weights, architecture, input shape and library versions: the cached ONNX file's name."""
+    import onnxruntime
+
+    h = hashlib.sha256()
+    meta = [type(network).__qualname__, tuple(shape), torch.__version__, onnxruntime.__version__, ONNX_OPSET]
+    meta += [getattr(network, a, None) for a in ARCH_ATTRIBUTES]
+    h.update(repr(meta).encode())
+    for name, t in network.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+class _TorchForward(nn.Module):
+    """The network's PyTorch forward, for the exporter (never the engine itself)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network.torch_forward(x)
+
+
+def export_onnx_file(network: nn.Module, shape: tuple, path: str) -> None:
+    """Trace ``network`` at input ``shape`` into ``path`` (written atomically: complete or absent)."""
+    from ..io import atomic_path
+
+    x = torch.zeros(shape)
+    wrapper = _TorchForward(network).train(network.training)  # the exporter restores the wrapper's mode recursively
+    with atomic_path(path, keep_extension=False) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python shape checks
+        torch.onnx.export(wrapper, (x,), tmp, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["input"], output_names=["logits"])
+
+
+def open_session(path: str):
+    """An ONNX Runtime CPU session using as many threads as PyTorch does."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeEngine:
+    """Runs a network's inference forward through ONNX Runtime (one session per input shape and weights)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, cache_dir: Optional[str] = None):
+        self.cache_dir = cache_dir
+        self.failed: Optional[str] = None
+        self.exports = 0  # ONNX files written by this engine (tests, logs)
+        self._weights = None
+        self._sessions: dict = {}
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return self.failed is None and x.device.type == "cpu" and x.dtype == torch.float32
+
+    def run(self, network: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The logits for ``x``, or None after a failure (then the caller runs PyTorch)."""
+        try:
+            session = self._session(network, tuple(x.shape))
+            out = session.run(None, {"input": x.detach().contiguous().numpy()})[0]
+        except Exception as e:  # noqa: BLE001 - any engine problem falls back to PyTorch
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._sessions.clear()
+            _print_once(f"BSF CPU engine: ONNX Runtime failed ({self.failed[:300]}); predicting with PyTorch fp32 "
+                        f"instead. Set {ENGINE_ENV}=torch to skip the attempt.")
+            return None
+        return torch.from_numpy(out)
+
+    def _session(self, network: nn.Module, shape: tuple):
+        version = weights_version(network)
+        if version != self._weights:  # new weights (e.g. the next fold): drop the sessions of the old ones
+            self._sessions.clear()
+            self._weights = version
+        if shape not in self._sessions:
+            self._sessions[shape] = self._load_or_export(network, shape)
+        return self._sessions[shape]
+
+    def _load_or_export(self, network: nn.Module, shape: tuple):
+        folder = self.cache_dir or default_cache_dir()
+        path = os.path.join(folder, f"swin_unetr_{model_digest(network, shape)}.onnx")
+        if not os.path.isfile(path):
+            with torch.inference_mode(False):
+                export_onnx_file(network, shape, path)
+            self.exports += 1
+        session = open_session(path)
+        _print_once(f"BSF CPU engine: ONNX Runtime ({torch.get_num_threads()} threads; model cached in {folder}). "
+                    f"{ENGINE_ENV}=torch predicts with PyTorch fp32 instead.")
+        return session
