@@ -1,13 +1,23 @@
 """Training-step benchmark: BSFSwinUNETR (ours) vs MONAI's SwinUNETR with identical weights and input.
 
-    python bench/train_step.py                      # CPU defaults: toy and small at 64^3 and 96^3, batch 1
+    python bench/train_step.py                      # CPU: small at 96^3, batch 1
+    python bench/train_step.py --variants toy small --sizes 64 96 --rounds 2
     python bench/train_step.py --variants small --sizes 96 128 --batch 2 --device cuda
 
-Each row: forward + backward + AdamW step, median of --reps repetitions after --warmup, peak memory (CUDA: max
-allocated; CPU: peak RSS of a fresh subprocess per measurement), the speed-up MONAI time / ours time (> 1: ours
-is faster) and the memory ratio ours/MONAI. MONAI runs in fp32; ours in fp32 (same numerics, tests/test_network.py)
-and under bf16 autocast (what the trainers use on CUDA and on CPUs with native bf16). Writes
-bench/results/train_step.json.
+Each row is forward + backward + AdamW step, median over --rounds x --reps repetitions (the rows are measured in
+turn, round after round, so that load from other processes spreads over all of them), after --warmup steps:
+
+* MONAI fp32: MONAI's SwinUNETR as most users run it.
+* MONAI best: MONAI at its best for training: bf16 autocast where the device computes bf16 natively (CUDA,
+  CPUs with AVX512-BF16/AMX); elsewhere bf16 is emulated and slower, so MONAI's best is its fp32 row.
+* ours: BSFSwinUNETR as the trainers run it: attention --attention, bf16 autocast where native, else fp32.
+* ours compiled: the same under ``torch.compile`` (inductor). The compile time (first step minus a steady step,
+  fresh inductor cache) is reported apart, with the number of steps it takes to pay it back.
+
+Speed-ups are MONAI time / our time (> 1: ours is faster), against MONAI best and MONAI fp32. Peak memory: CUDA max
+allocated; CPU peak RSS of a fresh subprocess per measurement (for a compiled row it includes the compiler). GFLOP/s:
+the step's floating-point work (torch.utils.flop_counter, counted once per shape on the meta device) / its time,
+beside the device's peak (bench/_hw.py says how it is derived). Writes bench/results/train_step.json.
 """
 from __future__ import annotations
 
@@ -18,14 +28,18 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _hw import cpu_peak, gflops_row, gpu_bf16_peak_tflops, native_cpu_bf16, train_step_flops  # noqa: E402
+
+ROWS = ("MONAI fp32", "MONAI best", "ours", "ours compiled")
 
 
-def _measure(impl, variant, size, batch, device, ckpt, reps, warmup, attention, precision="fp32"):
-    import resource
-
+def _build(impl, variant, attention, ckpt):
     import torch
     from monai.networks.nets import SwinUNETR
 
@@ -35,111 +49,181 @@ def _measure(impl, variant, size, batch, device, ckpt, reps, warmup, attention, 
     torch.manual_seed(0)
     kw = variant_arch_kwargs(variant)
     ours = BSFSwinUNETR(4, 3, merging="fixed", attention=attention, use_checkpoint=ckpt, **kw)
-    if impl == "monai":
-        net = SwinUNETR(in_channels=4, out_channels=3, use_checkpoint=ckpt, downsample="merging", **kw)
-        net.load_state_dict(ours.state_dict())
-    else:
-        net = ours
-    net = net.to(device).train()
+    if impl == "ours":
+        return ours
+    net = SwinUNETR(in_channels=4, out_channels=3, use_checkpoint=ckpt, downsample="merging", **kw)
+    net.load_state_dict(ours.state_dict())
+    return net
+
+
+def _measure(impl, variant, size, batch, device, ckpt, reps, warmup, attention, precision, compiled):
+    """One row in this process: {'times_s', 'first_s', 'peak_gb'}."""
+    import resource
+
+    import torch
+
+    net = _build(impl, variant, attention, ckpt).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    model = torch.compile(net) if compiled else net
     x = torch.randn(batch, 4, size, size, size, device=device)
     y = torch.randint(0, 3, (batch, size, size, size), device=device)
-    amp = precision == "bf16" and impl == "ours"  # MONAI is always the fp32 baseline
+    cuda = device == "cuda"
     times = []
-    if device == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + reps):
-        if device == "cuda":
+    for _ in range(max(warmup, 1) + reps):
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            out = net(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y)
-        loss.backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
         opt.step()
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)  # KiB -> GiB
+    return {"first_s": times[0], "times_s": times[max(warmup, 1):], "peak_gb": peak}
+
+
+def _native_bf16(device):
+    import torch
+
+    return torch.cuda.is_bf16_supported() if device == "cuda" else native_cpu_bf16()
+
+
+def _run_child(a, impl, variant, size, ck, precision, compiled, cache_dir):
+    cmd = [sys.executable, __file__, "--reps", str(a.reps), "--warmup", str(a.warmup), "--_child", impl, variant,
+           str(size), str(a.batch), a.device, "1" if ck else "0", a.attention, precision, "1" if compiled else "0"]
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(out.stdout[-3000:])
+        raise SystemExit(f"measurement failed: {impl} {variant} {size} {precision} compiled={compiled}")
+    return json.loads(line[0][7:])
+
+
+def _summarise(name, runs, precision, flops, peak_gflops):
+    times = [t for r in runs for t in r["times_s"]]
+    med = statistics.median(times)
+    row = {"row": name, "precision": precision, "median_s": med, "times_s": times,
+           "peak_gb": max(r["peak_gb"] for r in runs), **gflops_row(flops, med, peak_gflops)}
+    if name == "ours compiled":  # first round: cold inductor cache
+        row["compile_s"] = max(runs[0]["first_s"] - statistics.median(runs[0]["times_s"]), 0.0)
+    return row
+
+
+def _measure_shape(a, variant, size, ck, flops, peak_gflops):
+    """All rows of one (variant, size, checkpointing), interleaved over a.rounds rounds."""
+    native = _native_bf16(a.device)
+    ours_prec = "bf16" if native else "fp32"
+    plan = [("MONAI fp32", "monai", "fp32", False), ("ours", "ours", ours_prec, False)]
+    if a.compile:
+        plan.append(("ours compiled", "ours", ours_prec, True))
+    if native:
+        plan.insert(1, ("MONAI best", "monai", "bf16", False))
+    runs = {name: [] for name, *_ in plan}
+    with tempfile.TemporaryDirectory(prefix="bsf_inductor_") as cache:
+        for _ in range(a.rounds):
+            for name, impl, prec, compiled in plan:
+                runs[name].append(_run_child(a, impl, variant, size, ck, prec, compiled, cache))
+    rows = {name: _summarise(name, runs[name], prec, flops, peak_gflops) for name, _, prec, _ in plan}
+    if not native:
+        rows["MONAI best"] = dict(rows["MONAI fp32"], row="MONAI best", same_as="MONAI fp32")
+    best, fp32 = rows["MONAI best"], rows["MONAI fp32"]
+    for r in rows.values():
+        r["speedup_vs_monai_best"] = best["median_s"] / r["median_s"]
+        r["speedup_vs_monai_fp32"] = fp32["median_s"] / r["median_s"]
+        r["mem_ratio_vs_monai_best"] = r["peak_gb"] / best["peak_gb"]
+    if a.compile:
+        comp, eager = rows["ours compiled"], rows["ours"]
+        gain = eager["median_s"] - comp["median_s"]
+        comp["payback_steps"] = comp["compile_s"] / gain if gain > 0 else None  # None: never pays back
+    return [rows[n] for n in ROWS if n in rows]
+
+
+def _print_rows(variant, size, ck, rows):
+    for r in rows:
+        prec = r["precision"] + (" (= fp32 row)" if r.get("same_as") else "")
+        comp = ""
+        if "compile_s" in r:
+            pay = "never" if r["payback_steps"] is None else f"{r['payback_steps']:.0f} steps"
+            comp = f"  compile {r['compile_s']:.0f} s, pays back after {pay}"
+        frac = "" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:5.1f}%"
+        print(f"{variant:6s} {size:4d} {str(ck):>5s} {r['row']:14s} {prec:18s} {r['median_s']:8.2f} "
+              f"{r['speedup_vs_monai_best']:6.2f}x {r['speedup_vs_monai_fp32']:6.2f}x {r['peak_gb']:7.2f} "
+              f"{r['mem_ratio_vs_monai_best']:6.2f} {r['gflops_per_s']:8.1f} {frac:>6s}{comp}")
+
+
+def _peak(device):
+    import torch
+
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 1024 ** 3
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # whole process, KiB -> GiB
-    return {"median_s": statistics.median(times), "times_s": times, "peak_gb": peak}
+        name = torch.cuda.get_device_name()
+        tflops = gpu_bf16_peak_tflops(name)
+        return {"gflops": (tflops or 0) * 1000, "how": f"{name}: dense bf16 peak {tflops} TFLOP/s (data sheet)"}
+    return cpu_peak()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["toy", "small"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[64, 96])
+    p.add_argument("--variants", nargs="+", default=["small"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[96])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=2, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per measurement (at least 1)")
+    p.add_argument("--rounds", type=int, default=1, help="measurements per row, interleaved with the other rows")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out the 'ours compiled' row (inductor's compile takes minutes on a small CPU)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
     p.add_argument("--attention", default="auto",
                    help="our attention mode: auto (what the trainers use: fused SDPA on CUDA, MONAI's explicit "
                         "attention on CPU), sdpa or monai")
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
-                   help="ours in fp32 and/or under bf16 autocast (what the trainers use on CUDA and on CPUs with "
-                        "native bf16); MONAI is always run in fp32, the baseline of the targets")
     p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
-    p.add_argument("--_child", nargs=8, help=argparse.SUPPRESS)
+    p.add_argument("--_child", nargs=9, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._child:
-        impl, variant, size, batch, device, ckpt, attention, precision = a._child
+        impl, variant, size, batch, device, ckpt, attention, precision, compiled = a._child
         r = _measure(impl, variant, int(size), int(batch), device, ckpt == "1", a.reps, a.warmup, attention,
-                     precision)
+                     precision, compiled == "1")
         print("RESULT " + json.dumps(r))
         return 0
+    import monai
     import torch
 
+    from bsf_nnunet.network import BSFSwinUNETR
+    from bsf_nnunet.planning.presets import variant_arch_kwargs
+
+    peak = _peak(a.device)
+    print(f"peak: {peak['how']}")
+    print(f"batch {a.batch}, {a.device}, ours with {a.attention} attention; median of {a.rounds} x {a.reps} steps "
+          f"after {a.warmup} warm-up; speed-up = MONAI s / row s")
+    print(f"{'var':6s} {'size':>4s} {'ckpt':>5s} {'row':14s} {'precision':18s} {'s/step':>8s} {'vsBest':>7s} "
+          f"{'vsFP32':>7s} {'peak GB':>7s} {'mem/B':>6s} {'GFLOP/s':>8s} {'%peak':>6s}")
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
-    precisions = {"fp32": ["fp32"], "bf16": ["bf16"], "both": ["fp32", "bf16"]}[a.precision]
-
-    def measure(impl, variant, size, ck, precision):
-        # a fresh process per measurement: peak RSS is per process on CPU
-        cmd = [sys.executable, __file__, "--reps", str(a.reps), "--warmup", str(a.warmup), "--_child",
-               impl, variant, str(size), str(a.batch), a.device, "1" if ck else "0", a.attention, precision]
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            print(out.stdout[-3000:])
-            raise SystemExit(f"measurement failed: {impl} {variant} {size} {precision}")
-        return json.loads(line[0][7:])
-
-    rows = []
-    print(f"MONAI SwinUNETR in fp32 vs ours ({a.attention} attention) in the precision shown; batch {a.batch}, "
-          f"{a.device}, median of {a.reps} after {a.warmup} warm-up")
-    print(f"{'variant':8s} {'size':>4s} {'ckpt':>4s} {'ours in':>7s} {'MONAI s':>9s} {'ours s':>9s} "
-          f"{'speed-up':>8s} {'MONAI GB':>9s} {'ours GB':>8s} {'mem ratio':>9s}")
+    shapes = []
     for variant in a.variants:
         for size in a.sizes:
+            net = BSFSwinUNETR(4, 3, merging="fixed", **variant_arch_kwargs(variant))
+            flops = train_step_flops(net, torch.randn(a.batch, 4, size, size, size),
+                                     torch.randint(0, 3, (a.batch, size, size, size)))
             for ck in ckpts:
-                m = measure("monai", variant, size, ck, "fp32")
-                for prec in precisions:
-                    o = measure("ours", variant, size, ck, prec)
-                    row = {"variant": variant, "size": size, "batch": a.batch, "checkpointing": ck,
-                           "ours_precision": prec, "monai_precision": "fp32",
-                           "monai": m, "ours": o, "time_ratio_ours_over_monai": o["median_s"] / m["median_s"],
-                           "speedup_vs_monai": m["median_s"] / o["median_s"],
-                           "mem_ratio_ours_over_monai": o["peak_gb"] / m["peak_gb"]}
-                    rows.append(row)
-                    print(f"{variant:8s} {size:4d} {str(ck):>4s} {prec:>7s} {m['median_s']:9.2f} "
-                          f"{o['median_s']:9.2f} {row['speedup_vs_monai']:7.2f}x {m['peak_gb']:9.2f} "
-                          f"{o['peak_gb']:8.2f} {row['mem_ratio_ours_over_monai']:9.2f}")
-    import monai
-
+                rows = _measure_shape(a, variant, size, ck, flops, peak["gflops"])
+                _print_rows(variant, size, ck, rows)
+                shapes.append({"variant": variant, "size": size, "batch": a.batch, "checkpointing": ck,
+                               "gflop_per_step": flops / 1e9, "rows": rows})
     info = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "device": a.device, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
-            "torch": torch.__version__, "monai": monai.__version__, "attention": a.attention,
-            "reps": a.reps, "warmup": a.warmup, "rows": rows}
+            "peak": peak, "torch": torch.__version__, "monai": monai.__version__, "attention": a.attention,
+            "reps": a.reps, "warmup": a.warmup, "rounds": a.rounds, "shapes": shapes}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
+    with open(a.out + ".tmp", "w") as f:
         json.dump(info, f, indent=2)
-    os.replace(tmp, a.out)
+    os.replace(a.out + ".tmp", a.out)
     print(f"wrote {a.out}")
     return 0
 

@@ -1,0 +1,112 @@
+"""Hardware figures shared by the benchmarks: the CPU's theoretical fp32 peak, GPU bf16 peaks, FLOP counts.
+
+    from _hw import cpu_peak, count_flops, native_cpu_bf16, gpu_bf16_peak_tflops
+
+``cpu_peak()`` derives the peak from the CPU flags and clock: usable cores x clock x fp32 FLOP per cycle per core
+(two FMA units of the widest vector ISA: AVX-512 64, AVX2+FMA 32, AVX 16, SSE 8). It is a ceiling that no
+convolution reaches; it is printed to show the distance to the limit, not as a target. ``count_flops`` counts the
+floating-point work of one call with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention:
+the ops with a FLOP formula; elementwise ops and norms count 0), on the meta device where the function allows it.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+# fp32 FLOP per cycle per core (2 FMA pipes x lanes x 2), widest ISA first.
+_FLOPS_PER_CYCLE = (("avx512f", 64, "AVX-512"), ("avx2", 32, "AVX2+FMA"), ("avx", 16, "AVX"), ("sse2", 8, "SSE2"))
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched on the device name.
+_GPU_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0),
+                    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set:
+    m = re.search(r"^flags\s*:\s*(.*)$", _cpuinfo(), re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def native_cpu_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _clock_ghz() -> tuple:
+    """(GHz, where it came from): sysfs cpuinfo_max_freq, else the highest 'cpu MHz' of /proc/cpuinfo."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read()) / 1e6, "max frequency (cpufreq)"
+    except (OSError, ValueError):
+        pass
+    mhz = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", _cpuinfo(), re.M)]
+    if mhz:
+        return max(mhz) / 1000, "/proc/cpuinfo 'cpu MHz' (current clock; no max frequency exposed)"
+    return 0.0, "unknown"
+
+
+def cpu_peak() -> dict:
+    """The CPU's theoretical fp32 peak for this process: {'gflops', 'cores', 'ghz', 'flops_per_cycle', 'isa',
+    'how'}; 'how' says how it was derived."""
+    import torch
+
+    flags = cpu_flags()
+    per_cycle, isa = next(((n, name) for flag, n, name in _FLOPS_PER_CYCLE if flag in flags), (2, "scalar"))
+    cores = min(len(os.sched_getaffinity(0)), torch.get_num_threads())
+    ghz, clock_src = _clock_ghz()
+    gflops = cores * ghz * per_cycle
+    how = (f"{cores} cores (threads torch uses) x {ghz:.2f} GHz ({clock_src}) x {per_cycle} fp32 FLOP/cycle "
+           f"({isa}: 2 FMA units) = {gflops:.0f} GFLOP/s")
+    return {"gflops": gflops, "cores": cores, "ghz": ghz, "flops_per_cycle": per_cycle, "isa": isa, "how": how,
+            "native_bf16": native_cpu_bf16()}
+
+
+def gpu_bf16_peak_tflops(name: str):
+    """Dense bf16 peak of a GPU named ``name`` (torch.cuda.get_device_name()), or None if unknown."""
+    for key, tflops in _GPU_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops
+    return None
+
+
+def count_flops(fn, *args) -> int:
+    """Floating-point operations of ``fn(*args)`` (forward and, if ``fn`` calls backward, backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def train_step_flops(net, x, target) -> int:
+    """FLOPs of one segmentation training step (forward, cross-entropy, backward; the optimizer's elementwise
+    update counts 0). Runs a copy of ``net`` on the meta device: no memory, no time; falls back to ``x``'s device
+    if the network does not run on meta."""
+    import copy
+
+    import torch.nn.functional as F
+
+    def step(n, xx, yy):
+        F.cross_entropy(n(xx).float(), yy).backward()
+
+    try:
+        m = copy.deepcopy(net).to("meta")
+        return count_flops(step, m, x.to("meta"), target.to("meta"))
+    except (NotImplementedError, RuntimeError):
+        return count_flops(step, copy.deepcopy(net), x, target)
+
+
+def gflops_row(flops: float, seconds: float, peak_gflops: float) -> dict:
+    """Achieved GFLOP/s and the fraction of ``peak_gflops`` it is."""
+    achieved = flops / seconds / 1e9 if seconds > 0 else 0.0
+    return {"gflop": flops / 1e9, "gflops_per_s": achieved,
+            "fraction_of_peak": achieved / peak_gflops if peak_gflops else None}
