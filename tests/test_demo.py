@@ -1,5 +1,6 @@
-"""`bsf-nnunet demo` with the smallest settings: every step runs through the nnU-Net commands, the table, the
-summary and the PNG are written, and a second run reuses every finished step."""
+"""`bsf-nnunet demo` with the smallest settings: every step runs through the nnU-Net commands, the tables (in-source
+test cases and, with the [demo] extra, the held-out source), the summary and the PNG are written, and a second run
+reuses every finished step."""
 import importlib.util
 import json
 import os
@@ -10,16 +11,26 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     work = tmp_path / "demo"
     cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CIfast",
            "BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
-    if importlib.util.find_spec("nilearn") is None:  # the [demo] extra brings it; without it use the phantom
+    multi = all(importlib.util.find_spec(m) for m in ("nilearn", "spm_runtime", "deepmriprep"))
+    if not multi:  # the [demo] extra brings the real sources; without it use the phantom
         cmd += ["--source", "synthetic"]
     out = run(cmd, env)
     for shown in ("$ nnUNetv2_plan_and_preprocess -d 990",
                   "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CIfast", "-pretrained_weights",
-                  "$ nnUNetv2_predict", "Dice on 2 held-out cases", "Run time per step"):
+                  "$ nnUNetv2_predict", "Dice on 2 in-source test cases", "Run time per step"):
         assert shown in out, shown
     summary = json.load(open(work / "demo_summary.json"))
-    assert set(summary["dice"]) == {"pretrained", "scratch", "trivial (majority class)"}
-    assert all(0.0 <= v <= 1.0 for row in summary["dice"].values() for v in row.values())
+    tables = [summary["dice"]] + ([summary["heldout"]["dice"]] if multi else [])
+    for rows in tables:
+        assert set(rows) == {"pretrained", "scratch", "trivial (majority class)"}
+        assert all(0.0 <= v <= 1.0 for row in rows.values() for v in row.values())
+    if multi:  # the held-out source is reported on its own and never trained on
+        assert "held-out source cat12_ixi555" in out
+        assert summary["heldout"]["cases"] == ["heldout_cat12_ixi555_000.nii.gz"]
+        train = os.listdir(work / "nnUNet_raw" / "Dataset990_BrainTissueDemo" / "imagesTr")
+        assert not any("cat12" in f for f in train)
+    else:
+        assert summary["heldout"] is None
     assert os.path.getsize(work / "demo_slices.png") > 10000
     # the user's own nnU-Net folders were never used
     assert not any(os.listdir(nnunet_env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))

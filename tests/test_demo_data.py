@@ -3,6 +3,7 @@
 The ICBM source (real MRI shipped inside nilearn's wheel) is used when nilearn is installed; the synthetic
 phantom is always tested. Nothing touches the network or data outside tmp_path / installed packages.
 """
+import functools
 import importlib.util
 import json
 import struct
@@ -125,7 +126,7 @@ def test_determinism(sources, name):
     a = dd.make_case(src, np.random.default_rng(7))
     b = dd.make_case(src, 7)
     c = dd.make_case(src, 8)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
     assert a[0].shape != c[0].shape or not np.array_equal(a[0], c[0])
     assert not np.array_equal(a[2], c[2])
@@ -277,3 +278,116 @@ def test_triplanar_png(tmp_path):
     assert out2.read_bytes() == out.read_bytes()
     with pytest.raises(ValueError, match="shape"):
         save_triplanar_png(tmp_path / "bad.png", img, lab[:-1], {}, spacing=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- multi-source
+HAVE_SPM = importlib.util.find_spec("spm_runtime") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _phantom4():
+    return dd.synthetic_source(4.0)
+
+
+def test_flip_and_thick_slices():
+    src = _phantom4()
+    img, lab, aff = dd.make_case(src, 4, intensity=False)
+    f_img, f_lab, f_aff = dd.make_case(src, 4, intensity=False, flip_prob=1.0)
+    np.testing.assert_array_equal(f_lab, lab[::-1, ::-1, ::-1])       # every axis reversed...
+    np.testing.assert_array_equal(f_img, img[::-1, ::-1, ::-1])
+    corner = np.array(lab.shape) - 1                                   # ...and each voxel keeps its world position
+    np.testing.assert_allclose(f_aff[:3, :3] @ np.zeros(3) + f_aff[:3, 3], aff[:3, :3] @ corner + aff[:3, 3])
+    t_img, t_lab, t_aff = dd.make_case(src, 4, intensity=False, thick_prob=1.0, thick_range=(3.0, 3.0))
+    np.testing.assert_array_equal(t_lab, lab)                         # image only
+    np.testing.assert_array_equal(t_aff, aff)
+    assert not np.array_equal(t_img, img) and np.all(t_img[lab == 0] >= 0)
+    assert np.abs(np.diff(t_img, axis=0)).mean() < np.abs(np.diff(img, axis=0)).mean() or \
+        np.abs(np.diff(t_img, axis=1)).mean() < np.abs(np.diff(img, axis=1)).mean() or \
+        np.abs(np.diff(t_img, axis=2)).mean() < np.abs(np.diff(img, axis=2)).mean()
+
+
+def _with_skull(src):
+    """The phantom with a bright 'skull' shell outside the brain (image only, probabilities untouched)."""
+    brain = src.tissue_probs.sum(0) > 0.01
+    shell = ndimage_binary_dilation(brain, 3) & ~ndimage_binary_dilation(brain, 1)
+    return dd.DemoSource(np.where(shell, 0.9, src.image).astype(np.float32), src.tissue_probs, src.affine)
+
+
+def ndimage_binary_dilation(mask, n):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=n)
+
+
+def test_whole_head_case_keeps_skull_as_background():
+    src = _with_skull(_phantom4())
+    img, lab, _ = dd.make_case(src, 2)
+    skull = (img > 0.7) & (lab == 0)
+    assert skull.sum() > 300                                           # the shell is in the field of view
+    for ax in range(3):                                                # and not cut at any face
+        assert not (img.take(0, axis=ax) > 0.7).any() and not (img.take(-1, axis=ax) > 0.7).any()
+
+
+def _fake_variant(name, skull, spacing):
+    src = _phantom4()
+    scale = {"spm_avg152": 1.0, "icbm152": 0.9, "cat12_ixi555": 0.8}[name]
+    src = dd.DemoSource(src.image * scale, src.tissue_probs, src.affine)
+    return _with_skull(src) if skull else src
+
+
+def test_multi_source_build_layout(tmp_path, monkeypatch):
+    assert dd.HELD_OUT not in {s for s, _ in dd.TRAIN_VARIANTS} and dd.HELD_OUT in dd.SOURCES
+    assert any(sk and dd.SOURCES[s].whole_head for s, sk in dd.TRAIN_VARIANTS)
+    assert any(not sk for s, sk in dd.TRAIN_VARIANTS if dd.SOURCES[s].whole_head)   # same head, skull-stripped
+    assert all(dd.SOURCES[s].licence for s in dd.SOURCES)
+    monkeypatch.setattr(dd, "_check_sources_installed", lambda key: None)
+    monkeypatch.setattr(dd, "load_variant", _fake_variant)
+    p = dd.build_demo_dataset(tmp_path, num_train=3, num_test=1, source="multi", num_heldout=2,
+                              case_kwargs={"elastic_mm": 0.0})
+    held = [f"{dd.HELDOUT_PREFIX}{dd.HELD_OUT}_{i:03d}" for i in range(2)]
+    assert sorted(f.name for f in (p / "labelsTs").iterdir()) == sorted([f"{c}.nii.gz" for c in held]
+                                                                       + ["test_000.nii.gz"])
+    assert not any(dd.HELD_OUT in f.name for f in (p / "imagesTr").iterdir())
+    assert [dd.case_source("multi", 0, i) for i in range(3)] == list(dd.TRAIN_VARIANTS)
+    assert dd.case_source("multi", 2, 0)[0] == dd.HELD_OUT
+    # held-out case 0 is the untouched source; training cases come from the training variants
+    _, ref = _sitk_read(p / "labelsTs" / f"{held[0]}.nii.gz")
+    np.testing.assert_array_equal(ref, dd.probs_to_label(_fake_variant(dd.HELD_OUT, False, 4).tissue_probs).T)
+    _, case0 = _sitk_read(p / "imagesTr" / "case_000_0000.nii.gz")
+    assert case0.max() > 0.85                                          # skull-on variant: bright shell present
+    js = json.loads((p / "dataset.json").read_text())
+    assert all(k in js["reference"] for k in dd.SOURCES) and dd.HELD_OUT in js["description"]
+    assert json.loads((p / dd.BUILD_RECORD).read_text())["num_heldout"] == 2
+
+
+def test_missing_multi_source_package(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepmriprep" else real(n, *a))
+    if HAVE_NILEARN and HAVE_SPM:
+        with pytest.raises(dd.DemoDataError, match=r"deepmriprep.*\[demo\]"):
+            dd.build_demo_dataset(tmp_path, num_train=1, num_test=0, source="multi")
+        assert not any(tmp_path.iterdir())
+    with pytest.raises(dd.DemoDataError, match=r"pip install 'bsf-nnunet\[demo\]'"):
+        dd.load_cat12_source()
+
+
+def test_block_mean():
+    a = np.arange(6 ** 3, dtype=np.float32).reshape(6, 6, 6)
+    m = dd._block_mean(a, 3)
+    assert m.shape == (2, 2, 2)
+    assert m[1, 1, 1] == pytest.approx(a[2:5, 2:5, 2:5].mean())       # block centred on voxel 3
+
+
+@pytest.mark.skipif(not HAVE_SPM, reason="spm-runtime-r2025b not installed (pip install 'bsf-nnunet[demo]')")
+def test_spm_source_with_and_without_skull():
+    head = dd.load_spm_source(2.0)
+    brain_only = dd.load_spm_source(2.0, skull=False)
+    for src in (head, brain_only):
+        lab = dd.probs_to_label(src.tissue_probs)
+        assert set(np.unique(lab)) == {0, 1, 2, 3}
+        means = [src.image[lab == k].mean() for k in (1, 2, 3)]
+        assert means[0] < means[1] < means[2]
+    outside = dd.probs_to_label(head.tissue_probs) == 0
+    assert (head.image[outside] > 0.2).sum() > 20000                  # skull and scalp, labelled background
+    assert brain_only.image[dd.probs_to_label(brain_only.tissue_probs) == 0].max() < 0.8
+    assert head.image.size > brain_only.image.size

