@@ -177,6 +177,41 @@ CI_TRAINERS = textwrap.dedent('''
             self.num_epochs = 1
             self.num_iterations_per_epoch = 4
             self.num_val_iterations_per_epoch = 1
+
+
+    class BSFPretrainTrainer_CIdie(BSFPretrainTrainer_CI):
+        """DDP pretraining whose rank $CI_DIE_RANK kills itself (SIGKILL) at the first step of epoch $CI_DIE_EPOCH,
+        having written the time to $CI_DIE_MARKER."""
+        bsf_recipe = dict(BSFPretrainTrainer_CI.bsf_recipe, num_epochs=2, num_iterations_per_epoch=1, save_every=1)
+
+        def train_step(self, batch):
+            import signal
+
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if self.is_ddp else 0
+            if os.environ.get("CI_DIE_RANK") == str(rank) and os.environ.get("CI_DIE_EPOCH") == str(
+                    self.current_epoch):
+                with open(os.environ["CI_DIE_MARKER"], "w") as f:
+                    f.write(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().train_step(batch)
+
+
+    class BSFTrainer_CIkeys(BSFTrainer_CIkill):
+        """Appends the case keys of every training batch to $CI_KEYS_LOG (one JSON line: epoch, keys); no final
+        validation (not what is tested)."""
+        bsf_recipe = dict(BSFTrainer_CIkill.bsf_recipe, num_epochs=2, num_iterations_per_epoch=3)
+
+        def train_step(self, batch):
+            import json
+
+            with open(os.environ["CI_KEYS_LOG"], "a") as f:
+                f.write(json.dumps([self.current_epoch, [str(k) for k in batch["keys"]]]) + "\\n")
+            return super().train_step(batch)
+
+        def perform_actual_validation(self, save_probabilities=False):
+            pass
 ''')
 
 

@@ -490,6 +490,50 @@ class BSFTrainer(nnUNetTrainer):
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def get_dataloaders(self):
+        """nnU-Net's training and validation pipelines (same datasets, transforms, batch size and worker count) with
+        a seeded batch stream: batch n of the run draws its cases and augmentation from (seed, fold, rank, n), and
+        the workers hand batches back in order (training/data.py). A run continued with --c at epoch e starts the
+        stream at e's first batch, so every epoch sees the same cases and patches as an uninterrupted run, with
+        nnUNet_n_proc_DA workers. Without workers (nnUNet_n_proc_DA=0) and with ``bsf_seed = None``: nnU-Net's
+        own pipeline (in-process augmentation is already deterministic given the per-epoch seeds)."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+        from .data import SeededDataLoader, start_augmenter
+
+        n_proc = get_allowed_n_proc_DA()
+        if self.bsf_seed is None or n_proc == 0:
+            return super().get_dataloaders()
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch = self.configuration_manager.patch_size
+        scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lm = self.label_manager
+        labels = dict(is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
+                      regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+        tr_transforms = self.get_training_transforms(patch, rotation, scales, mirror_axes, dummy_2d,
+                                                     use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+                                                     **labels)
+        val_transforms = self.get_validation_transforms(scales, **labels)
+        fold = self.fold if isinstance(self.fold, int) else 99
+        rank = torch.distributed.get_rank() if self.is_ddp else 0
+        ds_tr, ds_val = self.get_tr_and_val_datasets()
+        plan = ((ds_tr, initial_patch, tr_transforms, self.num_iterations_per_epoch, n_proc),  # as nnU-Net
+                (ds_val, patch, val_transforms, self.num_val_iterations_per_epoch, max(1, n_proc // 2)))
+        streams = []
+        for stream, (ds, first_patch, transforms, per_epoch, procs) in enumerate(plan):
+            loader = SeededDataLoader(ds, self.batch_size, first_patch, patch, lm,
+                                      oversample_foreground_percent=self.oversample_foreground_percent,
+                                      transforms=transforms, probabilistic_oversampling=self.probabilistic_oversampling,
+                                      seed=(self.bsf_seed, fold, rank, stream), start=self.current_epoch * per_epoch)
+            streams.append(start_augmenter(loader, procs, pin_memory=self.device.type == "cuda"))
+        for s in streams:
+            next(s)  # start the workers (nnU-Net does the same; the stream reserves this batch for it)
+        return tuple(streams)
+
     def on_train_epoch_start(self):
         if self.bsf_seed is not None:
             self._seed_epoch()
