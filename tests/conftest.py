@@ -261,6 +261,25 @@ def run():
     return run_cmd
 
 
+def state_distance(a, b):
+    """Euclidean distance between two state dicts (all floating-point tensors as one vector)."""
+    return sum(float((v.double() - b[k].double()).pow(2).sum()) for k, v in a.items() if v.is_floating_point()) ** 0.5
+
+
+@pytest.fixture
+def resumed_like_straight():
+    """``check(straight, resumed, at_resume)``: a resumed run ended where the uninterrupted one did. CPU kernels
+    (MKL/oneDNN) are not bitwise reproducible across processes (their summation order follows buffer alignment),
+    and Adam turns that noise into steps of up to the learning rate for parameters whose gradient is near zero. A
+    resume that lost the optimiser state, an epoch or the data order moves the weights by a sizeable fraction of
+    what the resumed epochs moved them; rounding noise by far less than 1% of it."""
+    def check(straight, resumed, at_resume):
+        moved, off = state_distance(straight, at_resume), state_distance(straight, resumed)
+        assert moved > 0 and off < 0.01 * moved, (off, moved)
+
+    return check
+
+
 # Planned and preprocessed toy datasets, shared by the tests that only need *a* dataset (nnUNetv2_plan_and_preprocess
 # takes ~30 s here, most of it start-up): made once per session, then copied into each test's own nnU-Net folders.
 PREPARED_DATASETS = {
