@@ -268,14 +268,19 @@ def state_distance(a, b):
 
 @pytest.fixture
 def resumed_like_straight():
-    """``check(straight, resumed, at_resume)``: a resumed run ended where the uninterrupted one did. CPU kernels
-    (MKL/oneDNN) are not bitwise reproducible across processes (their summation order follows buffer alignment),
-    and Adam turns that noise into steps of up to the learning rate for parameters whose gradient is near zero. A
-    resume that lost the optimiser state, an epoch or the data order moves the weights by a sizeable fraction of
-    what the resumed epochs moved them; rounding noise by far less than 1% of it."""
+    """``check(straight, resumed, at_resume)`` (checkpoints): a resumed run ended where the uninterrupted one did.
+    CPU kernels (MKL/oneDNN) are not bitwise reproducible across processes (their summation order follows buffer
+    alignment), and Adam turns that rounding noise into steps of up to the learning rate for parameters whose
+    gradient is near zero, so the weights are compared loosely. The per-epoch training losses are compared tightly:
+    a resume that lost the optimiser state, an epoch or the data order changes them by far more than rounding."""
+    import torch
+
     def check(straight, resumed, at_resume):
-        moved, off = state_distance(straight, at_resume), state_distance(straight, resumed)
-        assert moved > 0 and off < 0.01 * moved, (off, moved)
+        s_loss, r_loss = (torch.tensor(c["logging"]["train_losses"], dtype=torch.float64) for c in (straight, resumed))
+        assert s_loss.shape == r_loss.shape and torch.allclose(s_loss, r_loss, rtol=2e-3, atol=0), (s_loss, r_loss)
+        weights = [c["network_weights"] for c in (straight, resumed, at_resume)]
+        moved, off = state_distance(weights[0], weights[2]), state_distance(weights[0], weights[1])
+        assert moved > 0 and off < 0.5 * moved, (off, moved)
 
     return check
 

@@ -78,7 +78,7 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, 
     run(["nnUNetv2_train", "993", "3d_fullres", "all", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu", "--c"], env)
     resumed = torch.load(os.path.join(res, RES, "fold_all", "checkpoint_final.pth"), weights_only=True)
     assert resumed["current_epoch"] == ck["current_epoch"] == 2 and at_stop["current_epoch"] == 1
-    resumed_like_straight(ck["network_weights"], resumed["network_weights"], at_stop["network_weights"])
+    resumed_like_straight(ck, resumed, at_stop)
 
     # stage 2 on fold 0 from stage 1: only fold 0's training cases are pretrained on
     out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu",

@@ -69,7 +69,7 @@ def test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights(to
     resumed = _load(os.path.join(fold, "checkpoint_final.pth"))
     assert resumed["current_epoch"] == straight["current_epoch"] == 3
     # same epochs, same data stream (per-epoch seeds), same optimiser state -> the same weights (up to CPU rounding)
-    resumed_like_straight(straight["network_weights"], resumed["network_weights"], latest["network_weights"])
+    resumed_like_straight(straight, resumed, latest)
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
     assert not [f for f in os.listdir(fold) if f.startswith(".tmp_")], os.listdir(fold)
 
