@@ -110,3 +110,16 @@ def gflops_row(flops: float, seconds: float, peak_gflops: float) -> dict:
     achieved = flops / seconds / 1e9 if seconds > 0 else 0.0
     return {"gflop": flops / 1e9, "gflops_per_s": achieved,
             "fraction_of_peak": achieved / peak_gflops if peak_gflops else None}
+
+
+def run_child(cmd, what: str, env=None) -> dict:
+    """Run one measurement subprocess; return the JSON of its ``RESULT `` line (or show its output and stop)."""
+    import json
+    import subprocess
+
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(out.stdout[-3000:])
+        raise SystemExit(f"measurement failed: {what}")
+    return json.loads(line[0][7:])

@@ -23,12 +23,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _hw import run_child  # noqa: E402
+
 PATHS = ("monai_fp32", "monai_best", "ours_torch", "ours_engine")
 NUM_CLASSES = 3
 
@@ -145,12 +147,7 @@ def _child(args, what, env=None, labels=None):
            *map(str, args.shape), "--roi", *map(str, args.roi), "--_child", what]
     if labels:
         cmd += ["--_labels", labels]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
-        print(out.stdout[-3000:])
-        raise SystemExit(f"measurement failed: {what}")
-    return json.loads(line[0][7:])
+    return run_child(cmd, what, env)
 
 
 def _dice_per_class(a, b):

@@ -16,14 +16,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _hw import count_flops, cpu_peak, gflops_row, gpu_bf16_peak_tflops  # noqa: E402
+from _hw import count_flops, cpu_peak, gflops_row, gpu_bf16_peak_tflops, run_child  # noqa: E402
 
 
 def _setup(a, device):
@@ -100,12 +99,7 @@ def _measure(a, compiled):
 
 def _child(argv, compiled):
     cmd = [sys.executable, __file__, *argv, "--_child", "1" if compiled else "0"]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
-        print(out.stdout[-3000:])
-        raise SystemExit(f"measurement failed (compiled={compiled})")
-    return json.loads(line[0][7:])
+    return run_child(cmd, f"compiled={compiled}")
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _hw import cpu_peak, gflops_row, gpu_bf16_peak_tflops, native_cpu_bf16, train_step_flops  # noqa: E402
+from _hw import cpu_peak, gflops_row, gpu_bf16_peak_tflops, native_cpu_bf16, run_child, train_step_flops  # noqa: E402
 
 ROWS = ("MONAI fp32", "MONAI best", "ours", "ours compiled")
 
@@ -98,12 +97,7 @@ def _run_child(a, impl, variant, size, ck, precision, compiled, cache_dir):
     cmd = [sys.executable, __file__, "--reps", str(a.reps), "--warmup", str(a.warmup), "--_child", impl, variant,
            str(size), str(a.batch), a.device, "1" if ck else "0", a.attention, precision, "1" if compiled else "0"]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
-        print(out.stdout[-3000:])
-        raise SystemExit(f"measurement failed: {impl} {variant} {size} {precision} compiled={compiled}")
-    return json.loads(line[0][7:])
+    return run_child(cmd, f"{impl} {variant} {size} {precision} compiled={compiled}", env)
 
 
 def _summarise(name, runs, precision, flops, peak_gflops):
