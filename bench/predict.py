@@ -3,6 +3,8 @@
 * ``monai_fp32``: MONAI's ``sliding_window_inference`` (ROI 128^3, overlap 0.5, Gaussian) with MONAI's SwinUNETR;
 * ``monai_best``: the same with ``SwinUNETR(use_flash_attention=True)``, plus bf16 autocast where the CPU has native
   bf16 (on CPUs without it MONAI's best is fp32);
+* ``monai_best_malloc``: MONAI best with the glibc setting that ``nnUNetv2_predict`` applies to BSF models on CPU
+  (``bsf_nnunet.allocator``; a MONAI user gets it with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``);
 * ``ours_torch``: nnU-Net's sliding window (what ``nnUNetv2_predict`` runs: step 0.5, Gaussian) with BSFSwinUNETR
   in PyTorch fp32 (``BSF_CPU_ENGINE=torch``);
 * ``ours_engine``: the same through the default CPU engine (ONNX Runtime; the ONNX file is exported once in a
@@ -31,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _hw import run_child  # noqa: E402
 
-PATHS = ("monai_fp32", "monai_best", "ours_torch", "ours_engine")
+PATHS = ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", "ours_engine")
 NUM_CLASSES = 3
 
 
@@ -101,6 +103,10 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
 
     from bsf_nnunet.network.cpu_engine import configure_cpu_engine
 
+    if device == "cpu" and path != "monai_fp32" and path != "monai_best":  # as nnUNetv2_predict does on CPU
+        from bsf_nnunet.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     ours, kw = _networks(variant, device)
     x = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(1))
     extra = {}
@@ -109,7 +115,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
         extra["engine"] = getattr(ours.cpu_engine, "name", "torch")
         run = _ours_runner(ours, x, roi, device, tta)
     else:
-        run, extra["bf16"] = _monai_runner(ours, kw, x, roi, device, tta, best=path == "monai_best")
+        run, extra["bf16"] = _monai_runner(ours, kw, x, roi, device, tta, best=path != "monai_fp32")
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()

@@ -35,7 +35,9 @@ sys.path.insert(0, HERE)
 
 from _hw import cpu_peak, gflops_row, gpu_bf16_peak_tflops, native_cpu_bf16, run_child, train_step_flops  # noqa: E402
 
-ROWS = ("MONAI fp32", "MONAI best", "ours", "ours compiled")
+ROWS = ("MONAI fp32", "MONAI best", "MONAI best + malloc", "ours", "ours compiled")
+# "MONAI best + malloc": MONAI best with the glibc setting that bsf-nnunet applies on CPU (bsf_nnunet.allocator), which
+# a MONAI user can get with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647: how much of the gap is the allocator
 
 
 def _build(impl, variant, attention, ckpt):
@@ -61,6 +63,10 @@ def _measure(impl, variant, size, batch, device, ckpt, reps, warmup, attention, 
 
     import torch
 
+    if device == "cpu" and impl != "monai":  # ours (as the trainers do on CPU) and monai_malloc
+        from bsf_nnunet.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     net = _build(impl, variant, attention, ckpt).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     model = torch.compile(net) if compiled else net
@@ -119,6 +125,8 @@ def _measure_shape(a, variant, size, ck, flops, peak_gflops):
         plan.append(("ours compiled", "ours", ours_prec, True))
     if native:
         plan.insert(1, ("MONAI best", "monai", "bf16", False))
+    if a.device == "cpu":
+        plan.insert(2 if native else 1, ("MONAI best + malloc", "monai_malloc", ours_prec, False))
     runs = {name: [] for name, *_ in plan}
     with tempfile.TemporaryDirectory(prefix="bsf_inductor_") as cache:
         for _ in range(a.rounds):

@@ -13,6 +13,10 @@ THREADS = str(max(1, (os.cpu_count() or 2) // WORKERS))
 if WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = THREADS  # before this worker imports torch
 
+from bsf_nnunet.allocator import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # the in-process tests run on CPU, as the trainers do (glibc reuses freed memory)
+
 # Tests that take minutes on 2 cores start first, so that both workers finish at about the same time.
 SLOW_FIRST = ("test_e2e_nnunet.py::test_plan_train_predict_find_best_ensemble",
               "test_pretrain.py::test_stage1_resume_stage2_and_chaining",

@@ -23,6 +23,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from ..allocator import release_free_cpu_memory, tune_cpu_allocator
 from ..errors import BSFError
 from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
@@ -170,6 +171,8 @@ class BSFTrainer(nnUNetTrainer):
             self.grad_scaler = None  # bf16 needs no loss scaling
         self.bsf_pretrained_from = None
         self._adapt_configuration(configuration)
+        if self.device.type == "cpu":
+            self.print_to_log_file(f"  {tune_cpu_allocator()}")
 
     # ------------------------------------------------------------------ configuration
     def _adapt_configuration(self, configuration: str) -> None:
@@ -241,6 +244,7 @@ class BSFTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation with the final weights, through the CPU engine that nnUNetv2_predict uses."""
+        release_free_cpu_memory()  # the training steps' freed blocks (kept for reuse on CPU) are not needed now
         configure_cpu_engine(_unwrap(self.network))
         try:
             super().perform_actual_validation(save_probabilities)

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..allocator import tune_cpu_allocator
 from ..datasets.check import NIFTI_ENDINGS, channel_file_errors, parse_channel_file
 from ..errors import BSFError
 from ..planning.swin_config import NETWORK_CLASS_NAME
@@ -281,6 +282,8 @@ def install_prediction_input_checks() -> None:
     def _manage_input_and_output_lists(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         if self.configuration_manager.network_arch_class_name == NETWORK_CLASS_NAME:
+            if self.device.type == "cpu":
+                print(tune_cpu_allocator(), flush=True)
             check_prediction_cases(result[0], self.plans_manager.plans, self.configuration_manager.configuration,
                                    self.dataset_json)
         return result
