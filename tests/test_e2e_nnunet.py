@@ -1,6 +1,7 @@
 """End-to-end: the stock nnU-Net commands with BSF trainers, on a tiny synthetic dataset, in subprocesses."""
 import json
 import os
+import sys
 from glob import glob
 
 import numpy as np
@@ -22,6 +23,8 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     out = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu", "--npz"], env)
     assert "BrainSegFounder BSFTrainer_CI: variant toy" in out
     assert "BSF CPU engine: ONNX Runtime" in out  # the final validation (the per-epoch one runs PyTorch)
+    if sys.platform.startswith("linux"):  # glibc: freed blocks are kept for the next step (bsf_nnunet.allocator)
+        assert "CPU allocator: glibc reuses freed memory" in out
     res = os.path.join(env["nnUNet_results"], "Dataset991_Blobs", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
     assert os.path.isfile(os.path.join(res, "fold_0", "checkpoint_final.pth"))
     plans = json.load(open(os.path.join(res, "plans.json")))
