@@ -81,6 +81,7 @@ def _fake_predictor(dataset_json, plans, arch="bsf_nnunet.network.swin_unetr.BSF
     conf = {"architecture": {"network_class_name": arch}, "bsf": {ORIENTATIONS_KEY: {"RAS": 3}}}
     return types.SimpleNamespace(
         dataset_json=dataset_json, plans_manager=types.SimpleNamespace(plans=plans),
+        device=types.SimpleNamespace(type="cpu"),
         configuration_manager=types.SimpleNamespace(network_arch_class_name=arch, configuration=conf))
 
 
