@@ -91,7 +91,7 @@ CI_TRAINERS = textwrap.dedent('''
 
 
     class BSFTrainer_CI_chain(BSFTrainer_CIfast):
-        bsf_pretrain_trainer = "BSFPretrainTrainer_CI"
+        bsf_pretrain_trainer = "BSFPretrainTrainer_CIfast"
 
 
     class BSFPretrainTrainer_CI(BSFPretrainTrainer_Toy):
@@ -206,16 +206,18 @@ CI_TRAINERS = textwrap.dedent('''
 
 
     class BSFTrainer_CIkeys(BSFTrainer_CIkill):
-        """Appends the case keys of every training batch to $CI_KEYS_LOG (one JSON line: epoch, keys); no final
-        validation (not what is tested)."""
+        """Appends the case keys of every training batch to $CI_KEYS_LOG (one JSON line: epoch, keys) instead of
+        training on it, and runs no final validation: the data stream is what is tested, not the network."""
         bsf_recipe = dict(BSFTrainer_CIkill.bsf_recipe, num_epochs=2, num_iterations_per_epoch=3)
 
         def train_step(self, batch):
             import json
 
+            import numpy as np
+
             with open(os.environ["CI_KEYS_LOG"], "a") as f:
                 f.write(json.dumps([self.current_epoch, [str(k) for k in batch["keys"]]]) + "\\n")
-            return super().train_step(batch)
+            return {"loss": np.float32(0.5)}
 
         def perform_actual_validation(self, save_probabilities=False):
             pass

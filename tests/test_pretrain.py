@@ -6,6 +6,7 @@ import os
 import torch
 
 RES = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
+RES_FAST = "BSFPretrainTrainer_CIfast__nnUNetPlans__3d_fullres"  # stage 2: 1 epoch of 3 steps
 
 
 def _prepare(env, prepared):
@@ -81,18 +82,18 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, 
     resumed_like_straight(ck, resumed, at_stop)
 
     # stage 2 on fold 0 from stage 1: only fold 0's training cases are pretrained on
-    out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFPretrainTrainer_CI", "-device", "cpu",
+    out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFPretrainTrainer_CIfast", "-device", "cpu",
                "-pretrained_weights", s1], env)
     assert "Initialised from" in out
-    s2 = torch.load(os.path.join(res, RES, "fold_0", "checkpoint_final.pth"), weights_only=True)
+    s2 = torch.load(os.path.join(res, RES_FAST, "fold_0", "checkpoint_final.pth"), weights_only=True)
     assert s2["bsf_metadata"]["stage"] == 2 and s2["bsf_metadata"]["parent"] == os.path.abspath(s1)
     split = json.load(open(os.path.join(pre, "splits_final.json")))[0]
-    log = open(glob.glob(os.path.join(res, RES, "fold_0", "training_log_*.txt"))[0]).read()
+    log = open(glob.glob(os.path.join(res, RES_FAST, "fold_0", "training_log_*.txt"))[0]).read()
     assert f"Pretraining on {len(split['train'])} cases, validating on {len(split['val'])} cases" in log
 
-    # fine-tuning chains from BSFPretrainTrainer_CI fold 0 by itself
+    # fine-tuning chains from BSFPretrainTrainer_CIfast fold 0 by itself
     out = run(["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "BSFTrainer_CI_chain", "-device", "cpu"], env)
-    assert "stage chaining from BSFPretrainTrainer_CI fold 0" in out
+    assert "stage chaining from BSFPretrainTrainer_CIfast fold 0" in out
     tlog = open(glob.glob(os.path.join(res, "BSFTrainer_CI_chain__nnUNetPlans__3d_fullres", "fold_0",
                                        "training_log_*.txt"))[0]).read()
     assert "Initialised from" in tlog
