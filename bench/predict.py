@@ -103,7 +103,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
 
     from bsf_nnunet.network.cpu_engine import configure_cpu_engine
 
-    if device == "cpu" and path != "monai_fp32" and path != "monai_best":  # as nnUNetv2_predict does on CPU
+    if device == "cpu" and path not in ("monai_fp32", "monai_best"):  # as nnUNetv2_predict does on CPU
         from bsf_nnunet.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()

@@ -4,9 +4,9 @@ PyTorch has no caching allocator on CPU: every activation is a fresh ``malloc`` 
 threshold (at most 32 MB) with a new ``mmap`` and returns them on ``free``. A Swin-UNETR step allocates hundreds of
 such blocks (window attention matrices, activations at full resolution), so each step pays page faults for memory
 it just gave back: on 2 cores a third of the CPU time of a toy training step went to the kernel.
-:func:`tune_cpu_allocator` tells glibc (``mallopt``) to serve large blocks from its heap and never to trim it, so
-freed memory is reused: the toy step ran 1.7x faster, a forward 1.9x (docs/performance.md), at the price of keeping
-the peak resident (the process does not shrink after it).
+:func:`tune_cpu_allocator` tells glibc (``mallopt``) to serve large blocks from its heap and to trim it only above
+2 GB free, so freed memory is reused: the toy step ran 1.7x faster, a forward 1.9x (docs/performance.md), at the
+price of keeping the peak resident (the process does not shrink after it).
 
 ``BSF_CPU_MALLOC=0`` keeps glibc's defaults. Other C libraries (musl, macOS) are left alone. The trainers call it
 when they train on CPU, and ``nnUNetv2_predict`` when it predicts on CPU; forked workers inherit it.
@@ -60,17 +60,18 @@ def tune_cpu_allocator() -> str:
         if libc is None:
             line = "CPU allocator: not glibc, left as it is"
         elif libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE) == 1:
-            line = (f"CPU allocator: glibc reuses freed memory (no mmap per large block, no trimming): faster steps, "
-                    f"the peak stays resident; {MALLOC_ENV}=0 turns this off")
+            _state["tuned_libc"] = libc
+            line = (f"CPU allocator: glibc reuses freed memory (no mmap per large block, trimming only above 2 GB "
+                    f"free): faster steps, the peak stays resident; {MALLOC_ENV}=0 turns this off")
         else:
             line = "CPU allocator: glibc refused mallopt, left as it is"
     _state["line"] = line
-    _state["tuned"] = line.startswith("CPU allocator: glibc reuses")
     return line
 
 
 def release_free_cpu_memory() -> None:
     """Give the heap's free pages back to the kernel (``malloc_trim``) when :func:`tune_cpu_allocator` kept them,
     e.g. between training and the final validation, whose buffers differ from the training step's."""
-    if _state.get("tuned"):
-        _glibc().malloc_trim(0)
+    libc = _state.get("tuned_libc")
+    if libc is not None:
+        libc.malloc_trim(0)
