@@ -74,3 +74,30 @@ def test_seeded_stream_is_the_same_with_workers_and_when_resumed():
         assert k1 == k2 and np.array_equal(d1, d2)
     for (k1, d1), (k2, d2) in zip(straight[4:], _stream(3, 2, 4)[1:], strict=True):
         assert k1 == k2 and np.array_equal(d1, d2)
+
+
+def test_a_stop_shuts_the_augmentation_workers_down(tmp_path):
+    """BSF_STOP_AFTER_EPOCH and SIGTERM stop a run with SystemExit; the workers and the results thread are joined
+    first (exiting under them once aborted a run in CI with exit code -6)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from bsf_nnunet.training.bsf_trainer import BSFTrainer
+    from bsf_nnunet.training.data import SeededDataLoader, start_augmenter
+
+    labels = SimpleNamespace(all_labels=[0, 1], has_ignore_label=False)
+    loader = SeededDataLoader(_Cases(6), 2, (8, 8, 8), (8, 8, 8), labels, seed=(1, 0, 0, 0), start=0)
+    augmenter = start_augmenter(loader, 2, pin_memory=False)
+    next(augmenter)
+    processes, thread = list(augmenter._processes), augmenter.pin_memory_thread
+    assert all(p.is_alive() for p in processes) and thread.is_alive()
+
+    saved = []
+    trainer = SimpleNamespace(current_epoch=1, output_folder=str(tmp_path), dataloader_train=augmenter,
+                              dataloader_val=None, save_checkpoint=saved.append, print_to_log_file=print)
+    trainer._shut_down_dataloaders = lambda: BSFTrainer._shut_down_dataloaders(trainer)
+    with pytest.raises(SystemExit):
+        BSFTrainer._stop_now(trainer, "test stop")
+    assert saved == [os.path.join(str(tmp_path), "checkpoint_latest.pth")]
+    assert not any(p.is_alive() for p in processes) and not thread.is_alive()

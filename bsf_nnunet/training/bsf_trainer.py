@@ -460,7 +460,18 @@ class BSFTrainer(nnUNetTrainer):
         self.current_epoch += 1
         self.print_to_log_file(f"{reason}: saved checkpoint_latest.pth and stopped. Continue with the same "
                                "nnUNetv2_train command plus --c.")
+        self._shut_down_dataloaders()
         raise SystemExit(0)
+
+    def _shut_down_dataloaders(self) -> None:
+        """Stop the augmentation workers and join their threads, as nnU-Net's ``on_train_end`` does. Exiting with
+        them still running lets the interpreter tear down under live threads (an abort, exit code -6, seen once in
+        CI after a stop)."""
+        for loader in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
+            finish = getattr(loader, "_finish", None)
+            if finish is not None:
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                    finish()
 
     def _check_stop(self, end_of_epoch: bool) -> None:
         sig = getattr(self, "_bsf_stop_signal", None)
