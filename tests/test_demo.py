@@ -25,10 +25,10 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
         assert set(rows) == {"pretrained", "scratch", "trivial (majority class)"}
         assert all(0.0 <= v <= 1.0 for row in rows.values() for v in row.values())
     if multi:  # the held-out source is reported on its own and never trained on
-        assert "held-out source cat12_ixi555" in out
-        assert summary["heldout"]["cases"] == ["heldout_cat12_ixi555_000.nii.gz"]
+        assert "held-out source icbm152" in out
+        assert summary["heldout"]["cases"] == ["heldout_icbm152_000.nii.gz"]
         train = os.listdir(work / "nnUNet_raw" / "Dataset990_BrainTissueDemo" / "imagesTr")
-        assert not any("cat12" in f for f in train)
+        assert not any("icbm" in f for f in train)
     else:
         assert summary["heldout"] is None
     assert os.path.getsize(work / "demo_slices.png") > 10000

@@ -1,10 +1,10 @@
 """``bsf-nnunet demo``: the whole method on real brain MRI from public wheels (nilearn, spm-runtime, deepmriprep).
 
 Steps, each an nnU-Net command a user could type (printed before it runs), each skipped when its output exists:
-build the dataset (training sources: SPM avg152 with and without skull, ICBM152 2009a) -> nnUNetv2_plan_and_preprocess
+build the dataset (training sources: SPM avg152 with and without skull, CAT12 IXI555) -> nnUNetv2_plan_and_preprocess
 -> self-supervised pretraining (stage 2, toy variant, all training cases, labels unused) -> fine-tuning of BSFTrainer
 (toy) from those weights and of the scratch baseline on a small labelled subset -> nnUNetv2_predict on the test
-cases and on a held-out source (CAT12 IXI555, never seen in training or pretraining) -> Dice per tissue class for
+cases and on a held-out source (ICBM152 2009a, never seen in training or pretraining) -> Dice per tissue class for
 both, a table and a PNG of the held-out case.
 Everything lives under --workdir (own nnUNet_raw/preprocessed/results); the user's folders are never touched.
 """
