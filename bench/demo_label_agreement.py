@@ -19,16 +19,12 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from bsf_nnunet.datasets.demo_data import HELD_OUT, SOURCES, TRAIN_VARIANTS, load_variant, probs_to_label
-
-CLASSES = ("CSF", "GM", "WM")
+from bsf_nnunet.dice import dice
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> list[float]:
-    out = []
-    for c in (1, 2, 3):
-        a, b = pred == c, ref == c
-        out.append(float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1)))
-    return out
+    """Dice of CSF, GM, WM (labels 1, 2, 3), scored as the demo scores them (0 when a class is absent from both)."""
+    return [dice(pred == c, ref == c, empty=0.0) for c in (1, 2, 3)]
 
 
 def labels_at(src, ref) -> np.ndarray:
