@@ -82,11 +82,20 @@ CI_TRAINERS = textwrap.dedent('''
     class BSFTrainer_CIfast(BSFTrainer_ToyFast):
         """Final validation without mirroring TTA (as BSFTrainer_ToyFast): the CPU minutes go to what is tested."""
         bsf_pretrain_trainer = "BSFPretrainTrainer_Toy"
+        bsf_final_validation = True  # the tests read validation/summary.json
         bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=1, num_iterations_per_epoch=2,
                           num_val_iterations_per_epoch=1)
 
 
     class BSFTrainer_CIfast_scratch(BSFTrainer_CIfast):
+        bsf_use_pretraining = False
+
+
+    class BSFTrainer_CIdemo(BSFTrainer_CIfast):
+        bsf_final_validation = False  # as the demo's --fast trainers
+
+
+    class BSFTrainer_CIdemo_scratch(BSFTrainer_CIdemo):
         bsf_use_pretraining = False
 
 
@@ -106,6 +115,7 @@ CI_TRAINERS = textwrap.dedent('''
 
 
     class BSFTrainer_CIkill(BSFTrainer_ToyFast):
+        bsf_final_validation = True
         bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=3,
                           num_val_iterations_per_epoch=1, initial_lr=2e-3, save_every=1)
 

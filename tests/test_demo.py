@@ -1,6 +1,7 @@
 """`bsf-nnunet demo` with the smallest settings: every step runs through the nnU-Net commands, the tables (in-source
 test cases and, with the [demo] extra, the held-out source), the summary and the PNG are written, and a second run
-reuses every finished step."""
+reuses every finished step. The fine-tuning trainers skip the final validation, as the --fast profile's do (and
+``--val`` still runs it)."""
 import importlib.util
 import json
 import os
@@ -10,7 +11,7 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     env = {k: v for k, v in nnunet_env.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     work = tmp_path / "demo"
     cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CIfast",
-           "BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
+           "BSFTrainer_CIdemo", "BSFTrainer_CIdemo_scratch"]
     multi = all(importlib.util.find_spec(m) for m in ("nilearn", "spm_runtime", "deepmriprep"))
     if not multi:  # the [demo] extra brings the real sources; without it use the phantom
         cmd += ["--source", "synthetic"]
@@ -35,8 +36,37 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     # the user's own nnU-Net folders were never used
     assert not any(os.listdir(nnunet_env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
     # pretrained fine-tuning really started from the pretraining
-    log_dir = work / "nnUNet_results" / "Dataset990_BrainTissueDemo" / "BSFTrainer_CIfast__nnUNetPlans__3d_fullres"
+    log_dir = work / "nnUNet_results" / "Dataset990_BrainTissueDemo" / "BSFTrainer_CIdemo__nnUNetPlans__3d_fullres"
     log = open(next((log_dir / "fold_0").glob("training_log_*.txt"))).read()
     assert "Initialised from" in log
+    assert "skips the final validation" in log and not (log_dir / "fold_0" / "validation").exists()
     again = run(cmd, env)
     assert again.count("already done") >= 6 and "$ nnUNetv2_train" not in again
+
+
+def test_fast_trainers_skip_the_final_validation_only_right_after_training(monkeypatch):
+    """BSFTrainer_ToyFast (the --fast demo) skips nnU-Net's final validation after its training; the same trainer
+    run with --val (no training in the process) validates, and so does every trainer that keeps the default."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from bsf_nnunet.training import BSFTrainer_Toy, BSFTrainer_ToyFast
+
+    validated, logged = [], []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: validated.append(type(self).__name__))
+    monkeypatch.setenv("BSF_CPU_ENGINE", "torch")
+
+    def trainer(cls, trained: bool):
+        t = object.__new__(cls)
+        t.network = torch.nn.Linear(1, 1)
+        t.print_to_log_file = lambda *a, **k: logged.append(" ".join(map(str, a)))
+        if trained:
+            t._bsf_trained_in_this_process = True
+        return t
+
+    trainer(BSFTrainer_ToyFast, trained=True).perform_actual_validation()
+    assert validated == [] and "run nnUNetv2_train with --val" in logged[0]
+    trainer(BSFTrainer_ToyFast, trained=False).perform_actual_validation()  # nnUNetv2_train ... --val
+    trainer(BSFTrainer_Toy, trained=True).perform_actual_validation()
+    assert validated == ["BSFTrainer_ToyFast", "BSFTrainer_Toy"] and len(logged) == 1

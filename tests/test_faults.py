@@ -12,6 +12,8 @@ import torch
 from bsf_nnunet import io as bio
 from bsf_nnunet.io import DiskFullError
 
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
+
 FAULTS_DS = "Dataset998_Faults"
 
 

@@ -19,6 +19,8 @@ from bsf_nnunet.training import guards
 from bsf_nnunet.training.data import BSFDatasetBlosc2, BSFDatasetNumpy, PreprocessedCaseError
 from bsf_nnunet.training.guards import FoldBusyError, RawDataError, check_raw_images, hold_fold_lock, release_fold_lock
 
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
+
 FINITE_STAMP_NAME, FOLD_LOCK_NAME = guards.FINITE_STAMP_NAME, guards.FOLD_LOCK_NAME
 
 

@@ -10,11 +10,14 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from bsf_nnunet.cli import convert as cli_convert
 from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.datasets.check import check_raw_dataset
 from bsf_nnunet.datasets.convert import _log, diagnose_unreadable
+
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
 
 SHAPE = (6, 6, 6)
 HTML = b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head></html>\n"

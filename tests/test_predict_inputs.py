@@ -18,6 +18,8 @@ from bsf_nnunet.training.predict_checks import (
     typical_orientations,
 )
 
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
+
 SWAP_IJ = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)  # header axes i, j swapped
 
 

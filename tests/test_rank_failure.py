@@ -11,6 +11,8 @@ import torch
 from bsf_nnunet.planning.swin_config import ConfigurationError
 from bsf_nnunet.pretrain import _collective_failure, dist_timeout, lost_ranks
 
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
+
 RES = "BSFPretrainTrainer_CIdie__nnUNetPlans__3d_fullres"
 
 

@@ -4,7 +4,10 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
+
+pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
 
 RES = "BSFTrainer_CIkeys__nnUNetPlans__3d_fullres"
 

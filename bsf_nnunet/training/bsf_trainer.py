@@ -149,6 +149,7 @@ class BSFTrainer(nnUNetTrainer):
     # variant's pretraining trainer from the registry (plans/variants.json) unless they name one themselves.
     bsf_pretrain_trainer = "BSFPretrainTrainer"
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
+    bsf_final_validation = True  # False: a training run skips nnU-Net's final validation (--val still runs it)
     bsf_seed = 12345  # each epoch reseeds python/numpy/torch from (seed, fold, epoch): --c repeats the same stream
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 50, "save_every": 5}
@@ -243,7 +244,12 @@ class BSFTrainer(nnUNetTrainer):
         configure_cpu_engine(_unwrap(self.network), "torch")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation with the final weights, through the CPU engine that nnUNetv2_predict uses."""
+        """nnU-Net's final validation with the final weights, through the CPU engine that nnUNetv2_predict uses.
+        Trainers with ``bsf_final_validation = False`` skip it right after training; ``--val`` always runs it."""
+        if not self.bsf_final_validation and self.__dict__.get("_bsf_trained_in_this_process"):
+            self.print_to_log_file(f"{self.__class__.__name__} skips the final validation after training (its "
+                                   "profile has no time for it); run nnUNetv2_train with --val to compute it.")
+            return
         release_free_cpu_memory()  # the training steps' freed blocks (kept for reuse on CPU) are not needed now
         configure_cpu_engine(_unwrap(self.network))
         try:
@@ -488,6 +494,7 @@ class BSFTrainer(nnUNetTrainer):
 
     def on_train_end(self):
         super().on_train_end()
+        self._bsf_trained_in_this_process = True
         if self.local_rank == 0:
             remove_stale_temporaries(self.output_folder, "checkpoint_")
 
@@ -707,8 +714,9 @@ class BSFTrainer_Toy_scratch(BSFTrainer_Toy):
 
 
 class BSFTrainer_ToyFast(BSFTrainer_Toy):
-    """Toy variant with a shorter schedule (``bsf-nnunet demo --fast``). Its final validation and its predictions
-    skip mirroring test-time augmentation (8x fewer forward passes on a CPU)."""
+    """Toy variant with a shorter schedule (``bsf-nnunet demo --fast``, which scores its own test cases). It skips
+    the final validation after training (``--val`` runs it), and its validation and predictions skip mirroring
+    test-time augmentation (8x fewer forward passes on a CPU)."""
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -716,6 +724,7 @@ class BSFTrainer_ToyFast(BSFTrainer_Toy):
         return out
 
     bsf_pretrain_trainer = "BSFPretrainTrainer_ToyFast"
+    bsf_final_validation = False
     bsf_recipe = dict(BSFTrainer_Toy.bsf_recipe, num_epochs=3, num_iterations_per_epoch=10,
                       num_val_iterations_per_epoch=1)
 
