@@ -134,3 +134,74 @@ def test_wrong_number_of_input_channels_is_explained():
     with pytest.raises(ValueError,
                        match=r"expects input of shape \(batch, 2 channels.*has 1 channel files instead of 2"):
         net(torch.zeros(1, 1, 64, 64, 64))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of ``fn()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_cpu_training_recomputes_attention_matrices_with_monai_maths(monkeypatch):
+    """attention auto, training on CPU: chunks of 3 windows (straddling the 4 windows of the shift mask) recompute
+    their attention matrices for the backward pass. Output and gradients equal MONAI's WindowAttention; autograd
+    keeps the attention matrices no more; BSF_CPU_ATTN_RECOMPUTE=0 is MONAI's path exactly."""
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    from bsf_nnunet.network import swin_unetr
+
+    torch.manual_seed(0)
+    attn = WindowAttention(12, 3, (7, 7, 7), qkv_bias=True).double().train()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    attn.__class__ = swin_unetr.AutoWindowAttention
+    monkeypatch.setattr(swin_unetr, "RECOMPUTE_CHUNK_BYTES", 3 * 3 * 343 * 343 * 4)
+    x = torch.randn(8, 343, 12, dtype=torch.float64, requires_grad=True)  # 2 images x 4 windows
+    mask = torch.where(torch.rand(4, 343, 343) < 0.3, -100.0, 0.0).double()
+
+    def run(forward):
+        x.grad = None
+        attn.zero_grad()
+        out = forward(attn, x, mask)
+        out.square().sum().backward()
+        return out.detach(), [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
+
+    out, grads = run(swin_unetr.AutoWindowAttention.forward)
+    expected, expected_grads = run(WindowAttention.forward)
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, rtol=1e-8, atol=1e-12)
+    kept = _saved_bytes(lambda: WindowAttention.forward(attn, x, mask))
+    recomputed = _saved_bytes(lambda: attn(x, mask))
+    # MONAI keeps the float64 softmax output of every window (22.6 MB here); the recomputation keeps the mask and
+    # the gathered relative-position bias instead (6.6 MB here; with 2 images of 343 windows it is 1/6 of them)
+    assert kept - recomputed >= 0.6 * 8 * 3 * 343 * 343 * 8, (kept, recomputed)
+    monkeypatch.setenv("BSF_CPU_ATTN_RECOMPUTE", "0")
+    assert _saved_bytes(lambda: attn(x, mask)) == kept and torch.equal(attn(x, mask), expected)
+    monkeypatch.setenv("BSF_CPU_ATTN_RECOMPUTE", "maybe")
+    with pytest.raises(ValueError, match="BSF_CPU_ATTN_RECOMPUTE='maybe': use 1"):
+        attn(x, mask)
+
+
+def test_recomputed_attention_under_block_checkpointing_and_eval():
+    """MONAI's own use_checkpoint (a checkpoint around each Swin block) nests the recomputed attention; in eval mode
+    or without gradients the network runs MONAI's path (and ONNX export sees no checkpoint)."""
+    torch.manual_seed(0)
+    arch = dict(TOY, depths=(2, 2, 2, 2))
+    ours = BSFSwinUNETR(1, 2, attention="auto", use_checkpoint=True, **arch).train()
+    ref = BSFSwinUNETR(1, 2, attention="monai", **arch).train()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1, 64, 64, 64)
+    ours(x).sum().backward()
+    ref(x).sum().backward()
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), ref.eval()(x))

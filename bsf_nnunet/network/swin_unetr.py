@@ -11,8 +11,10 @@
 * ``attention``: ``"sdpa"`` runs window attention through ``torch.nn.functional.scaled_dot_product_attention``
   with the relative-position bias and shift mask as an additive bias, in training and inference;
   ``"monai"`` keeps MONAI's explicit softmax(QK^T)V; ``"auto"`` (default) uses SDPA on CUDA tensors and MONAI's
-  path on CPU, where SDPA measured slower for the fs48 variants (bench/train_step.py). All compute the same
-  function (tests check 1e-4).
+  path on CPU, where SDPA measured slower for the fs48 variants (bench/train_step.py). When ``"auto"`` trains on
+  CPU, MONAI's maths runs in chunks of windows whose attention matrices are recomputed in the backward pass
+  instead of kept (the largest saved activations of a step; ``BSF_CPU_ATTN_RECOMPUTE=0`` keeps them). All compute
+  the same function (tests check 1e-4).
 * ``axis_order``: nnU-Net feeds (z, y, x) arrays; weights trained in MONAI pipelines saw (x, y, z). With
   ``axis_order="xyz"`` the network transposes its input to (x, y, z) and the logits back, so imported MONAI
   weights see the orientation they were trained with. ``"zyx"`` (default) does nothing.
@@ -25,16 +27,20 @@ This module knows nothing about trainers or nnU-Net.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAttention
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 MERGING_MODES = ("legacy", "fixed")
 ATTENTION_MODES = ("auto", "sdpa", "monai")
 AXIS_ORDERS = ("zyx", "xyz")
+RECOMPUTE_ENV = "BSF_CPU_ATTN_RECOMPUTE"
+RECOMPUTE_CHUNK_BYTES = 64 * 2 ** 20  # fp32 attention matrices of one chunk of windows
 
 # Sub-grid offsets (d, h, w) concatenated along channels, in order.
 LEGACY_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
@@ -93,6 +99,48 @@ def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
     return self.proj_drop(self.proj(out))
 
 
+def cpu_attention_recompute_wanted() -> bool:
+    """``BSF_CPU_ATTN_RECOMPUTE``: unset or ``1`` recomputes attention matrices in CPU training; ``0`` keeps them."""
+    value = os.environ.get(RECOMPUTE_ENV, "").strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{RECOMPUTE_ENV}={value!r}: use 1 (recompute attention matrices in the backward pass, the "
+                     "default for CPU training) or 0 (keep them, MONAI's way)")
+
+
+def _attention_of_windows(q, k, v, bias, mask, first: int):
+    """softmax(q k^T + bias [+ mask]) v for the chunk of windows that starts at row ``first`` of MONAI's
+    (batch x windows) axis, ``q`` already scaled (MONAI's order of operations). ``mask`` holds every window's."""
+    attn = q @ k.transpose(-2, -1)
+    attn = attn + bias.unsqueeze(0)
+    if mask is not None:  # the axis is batch-major: row r has window r % nw
+        rows = torch.arange(first, first + q.shape[0], device=mask.device) % mask.shape[0]
+        attn = attn + mask[rows].unsqueeze(1)
+    return torch.softmax(attn, dim=-1).to(v.dtype) @ v
+
+
+def _recomputed_window_attention_forward(self: WindowAttention, x, mask):
+    """WindowAttention.forward whose attention matrices are never kept for the backward pass: chunks of windows
+    under ``torch.utils.checkpoint`` save only their q, k, v and recompute softmax(qk^T + bias) when the gradient
+    needs it. Same maths as MONAI's; no attention dropout (the caller checks)."""
+    b, n, c = x.shape
+    heads = self.num_heads
+    qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+    bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
+    bias = bias.reshape(n, n, -1).permute(2, 0, 1)  # heads, n, n
+    per_chunk = max(1, RECOMPUTE_CHUNK_BYTES // (heads * n * n * 4))
+    outs = []
+    for start in range(0, b, per_chunk):
+        end = min(b, start + per_chunk)
+        outs.append(checkpoint(_attention_of_windows, q[start:end], k[start:end], v[start:end], bias, mask, start,
+                               use_reentrant=False))
+    out = torch.cat(outs).transpose(1, 2).reshape(b, n, c)
+    return self.proj_drop(self.proj(out))
+
+
 class SDPAWindowAttention(WindowAttention):
     """MONAI's WindowAttention (same parameters and buffers) computed with ``scaled_dot_product_attention``."""
 
@@ -100,11 +148,15 @@ class SDPAWindowAttention(WindowAttention):
 
 
 class AutoWindowAttention(WindowAttention):
-    """Fused attention on CUDA tensors, MONAI's explicit attention on CPU (measured faster there for fs48)."""
+    """Fused attention on CUDA tensors, MONAI's explicit attention on CPU (measured faster there for fs48); in CPU
+    training the attention matrices are recomputed for the backward pass instead of kept (BSF_CPU_ATTN_RECOMPUTE)."""
 
     def forward(self, x, mask):
         if x.is_cuda:
             return _sdpa_window_attention_forward(self, x, mask)
+        if (self.training and torch.is_grad_enabled() and not self.attn_drop.p and not torch.compiler.is_compiling()
+                and cpu_attention_recompute_wanted()):
+            return _recomputed_window_attention_forward(self, x, mask)
         return WindowAttention.forward(self, x, mask)
 
 
