@@ -191,8 +191,8 @@ def test_cpu_training_recomputes_attention_matrices_with_monai_maths(monkeypatch
 
 
 def test_recomputed_attention_under_block_checkpointing_and_eval():
-    """MONAI's own use_checkpoint (a checkpoint around each Swin block) nests the recomputed attention; in eval mode
-    or without gradients the network runs MONAI's path (and ONNX export sees no checkpoint)."""
+    """MONAI's own use_checkpoint (a checkpoint around each Swin block) nests the recomputed attention; without
+    gradients (inference) the network runs fused attention, as MONAI's use_flash_attention does."""
     torch.manual_seed(0)
     arch = dict(TOY, depths=(2, 2, 2, 2))
     ours = BSFSwinUNETR(1, 2, attention="auto", use_checkpoint=True, **arch).train()
@@ -204,4 +204,4 @@ def test_recomputed_attention_under_block_checkpointing_and_eval():
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
     with torch.no_grad():
-        assert torch.equal(ours.eval()(x), ref.eval()(x))
+        assert torch.allclose(ours.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)

@@ -10,9 +10,9 @@
   ``"merging"``: all 8 sub-grids. Weights trained with one flavour compute something else in the other.
 * ``attention``: ``"sdpa"`` runs window attention through ``torch.nn.functional.scaled_dot_product_attention``
   with the relative-position bias and shift mask as an additive bias, in training and inference;
-  ``"monai"`` keeps MONAI's explicit softmax(QK^T)V; ``"auto"`` (default) uses SDPA on CUDA tensors and MONAI's
-  path on CPU, where SDPA measured slower for the fs48 variants (bench/train_step.py). When ``"auto"`` trains on
-  CPU, MONAI's maths runs in chunks of windows whose attention matrices are recomputed in the backward pass
+  ``"monai"`` keeps MONAI's explicit softmax(QK^T)V; ``"auto"`` (default) uses SDPA on CUDA tensors and without
+  gradients (inference, as MONAI's ``use_flash_attention``), and MONAI's path for CPU training, where SDPA measured
+  slower for the fs48 variants (bench/train_step.py). When ``"auto"`` trains on CPU, MONAI's maths runs in chunks of windows whose attention matrices are recomputed in the backward pass
   instead of kept (the largest saved activations of a step; ``BSF_CPU_ATTN_RECOMPUTE=0`` keeps them). All compute
   the same function (tests check 1e-4).
 * ``axis_order``: nnU-Net feeds (z, y, x) arrays; weights trained in MONAI pipelines saw (x, y, z). With
@@ -148,11 +148,12 @@ class SDPAWindowAttention(WindowAttention):
 
 
 class AutoWindowAttention(WindowAttention):
-    """Fused attention on CUDA tensors, MONAI's explicit attention on CPU (measured faster there for fs48); in CPU
-    training the attention matrices are recomputed for the backward pass instead of kept (BSF_CPU_ATTN_RECOMPUTE)."""
+    """Fused attention on CUDA tensors and without gradients (as MONAI's ``use_flash_attention``); CPU training runs
+    MONAI's explicit attention (measured faster there for fs48), with the attention matrices recomputed for the
+    backward pass instead of kept (BSF_CPU_ATTN_RECOMPUTE)."""
 
     def forward(self, x, mask):
-        if x.is_cuda:
+        if x.is_cuda or not torch.is_grad_enabled():
             return _sdpa_window_attention_forward(self, x, mask)
         if (self.training and torch.is_grad_enabled() and not self.attn_drop.p and not torch.compiler.is_compiling()
                 and cpu_attention_recompute_wanted()):
