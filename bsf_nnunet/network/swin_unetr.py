@@ -12,9 +12,10 @@
   with the relative-position bias and shift mask as an additive bias, in training and inference;
   ``"monai"`` keeps MONAI's explicit softmax(QK^T)V; ``"auto"`` (default) uses SDPA on CUDA tensors and without
   gradients (inference, as MONAI's ``use_flash_attention``), and MONAI's path for CPU training, where SDPA measured
-  slower for the fs48 variants (bench/train_step.py). When ``"auto"`` trains on CPU, MONAI's maths runs in chunks of windows whose attention matrices are recomputed in the backward pass
-  instead of kept (the largest saved activations of a step; ``BSF_CPU_ATTN_RECOMPUTE=0`` keeps them). All compute
-  the same function (tests check 1e-4).
+  slower for the fs48 variants (bench/train_step.py). When ``"auto"`` trains on CPU, MONAI's maths runs in chunks
+  of windows whose attention matrices are recomputed in the backward pass instead of kept (the largest saved
+  activations of a step; ``BSF_CPU_ATTN_RECOMPUTE=0`` keeps them). All compute the same function (tests check
+  1e-4).
 * ``axis_order``: nnU-Net feeds (z, y, x) arrays; weights trained in MONAI pipelines saw (x, y, z). With
   ``axis_order="xyz"`` the network transposes its input to (x, y, z) and the logits back, so imported MONAI
   weights see the orientation they were trained with. ``"zyx"`` (default) does nothing.
@@ -85,13 +86,18 @@ def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
-    bias = bias.reshape(n, n, -1).permute(2, 0, 1)  # heads, n, n
+    bias = bias.reshape(n, n, -1).permute(2, 0, 1).contiguous()  # heads, n, n (a strided mask is not fused on CPU)
     if mask is not None:
         nw = mask.shape[0]
         bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # nw, heads, n, n
-        q = q.reshape(b // nw, nw, self.num_heads, n, -1)
-        k = k.reshape(b // nw, nw, self.num_heads, n, -1)
-        v = v.reshape(b // nw, nw, self.num_heads, n, -1)
+        if b != nw:  # several images: broadcast over them (5-D) rather than copy the bias per image
+            q = q.reshape(b // nw, nw, self.num_heads, n, -1)
+            k = k.reshape(b // nw, nw, self.num_heads, n, -1)
+            v = v.reshape(b // nw, nw, self.num_heads, n, -1)
+    else:
+        bias = bias.unsqueeze(0)
+    # one image (nnU-Net's predictor) stays 4-D with a 4-D bias: the fused CPU kernel takes only those (5-D inputs
+    # or a 3-D bias fell back to the explicit computation, 2-3x slower)
     bias = bias.to(q.dtype)
     p = self.attn_drop.p if self.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
