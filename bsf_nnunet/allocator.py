@@ -1,4 +1,4 @@
-"""CPU memory allocator settings for PyTorch and ONNX Runtime on Linux (glibc); a leaf module.
+"""CPU memory allocator settings for PyTorch and ONNX Runtime on Linux (glibc); imports only bsf_nnunet.errors.
 
 PyTorch has no caching allocator on CPU: every activation is a fresh ``malloc`` and glibc serves blocks above its mmap
 threshold (at most 32 MB) with a new ``mmap`` and returns them on ``free``. A Swin-UNETR step allocates hundreds of
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 from typing import Optional
+
+from .errors import env_switch
 
 MALLOC_ENV = "BSF_CPU_MALLOC"
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -40,13 +41,8 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 def cpu_malloc_wanted() -> bool:
     """``BSF_CPU_MALLOC``: ``0`` keeps the C library's defaults; unset or ``1`` tunes it."""
-    value = os.environ.get(MALLOC_ENV, "").strip().lower()
-    if value in ("", "1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{MALLOC_ENV}={value!r}: use 1 (reuse freed memory, the default on CPU) or 0 (the C library's "
-                     "defaults)")
+    return env_switch(MALLOC_ENV, "use 1 (reuse freed memory, the default on CPU) or 0 (the C library's "
+                                  "defaults)") is not False
 
 
 def tune_cpu_allocator() -> str:

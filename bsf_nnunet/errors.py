@@ -1,4 +1,6 @@
-"""The base of bsf-nnunet's errors (a leaf: it imports nothing else of the package).
+"""The base of bsf-nnunet's errors (a leaf: it imports nothing else of the package), and :func:`env_switch`, the one
+reader of on/off environment variables (``BSF_CPU_MALLOC``, ``BSF_CPU_BF16``, ``BSF_CPU_ATTN_RECOMPUTE``), whose
+unusable values are configuration errors.
 
 Every error that reaches the user derives from :class:`BSFError` and keeps its built-in base for code that catches
 that (``class ConfigurationError(BSFError, ValueError)``, ``class DiskFullError(BSFError, OSError)``). The message
@@ -11,6 +13,7 @@ are caught where they are raised and the case is reported in the summary while t
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 
@@ -30,6 +33,27 @@ class BSFError(Exception):
 
     def __str__(self) -> str:
         return format_error(self.message, self.hint)
+
+
+class ConfigurationError(BSFError, ValueError):
+    """A configuration (plans, variant, environment switch) that cannot be used; the message says what to do."""
+
+
+ON_VALUES = ("1", "on", "true", "yes")
+OFF_VALUES = ("0", "off", "false", "no")
+
+
+def env_switch(name: str, usage: str) -> Optional[bool]:
+    """The on/off environment variable ``name``: True or False, None when unset or empty. Any other value raises a
+    ConfigurationError ``NAME='value': usage``."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ON_VALUES:
+        return True
+    if value in OFF_VALUES:
+        return False
+    raise ConfigurationError(f"{name}={value!r}: {usage}")
 
 
 def format_error(message: str, hint: Optional[str] = None) -> str:

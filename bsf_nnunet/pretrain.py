@@ -27,7 +27,7 @@ DEFAULT_DIST_TIMEOUT_S = 1800  # rank 0 unpacks the dataset while the others wai
 
 def dist_timeout() -> datetime.timedelta:
     """How long a collective waits for the other ranks (``BSF_DIST_TIMEOUT`` seconds, default 1800)."""
-    from .planning.swin_config import ConfigurationError
+    from .errors import ConfigurationError
 
     raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip() or str(DEFAULT_DIST_TIMEOUT_S)
     try:

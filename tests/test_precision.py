@@ -3,8 +3,8 @@ accuracy (fp32 itself equals MONAI's within 1e-4: tests/test_network.py)."""
 import pytest
 import torch
 
+from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.network import BSFSwinUNETR
-from bsf_nnunet.planning.swin_config import ConfigurationError
 from bsf_nnunet.training.bsf_trainer import CPU_BF16_ENV, _bf16_supported, cpu_bf16_enabled, cpu_has_native_bf16
 
 

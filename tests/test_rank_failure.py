@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bsf_nnunet.planning.swin_config import ConfigurationError
+from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.pretrain import _collective_failure, dist_timeout, lost_ranks
 
 pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix

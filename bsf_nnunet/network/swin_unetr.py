@@ -28,7 +28,6 @@ This module knows nothing about trainers or nnU-Net.
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Sequence
 
 import torch
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..errors import env_switch
 
 MERGING_MODES = ("legacy", "fixed")
 ATTENTION_MODES = ("auto", "sdpa", "monai")
@@ -80,13 +81,19 @@ assert sorted(FIXED_OFFSETS) == sorted(itertools.product(range(2), repeat=3))
 MERGING_CLASSES = {"legacy": LegacyPatchMerging, "fixed": FixedPatchMerging}
 
 
+def _heads_and_bias(self: WindowAttention, x):
+    """q, k, v (each batch x windows, heads, n, head dim) and the relative-position bias (heads, n, n, contiguous:
+    the fused CPU kernel does not take a strided one) of MONAI's WindowAttention."""
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
+    return (*qkv.unbind(0), bias.reshape(n, n, -1).permute(2, 0, 1).contiguous())
+
+
 def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
     """WindowAttention.forward through fused scaled-dot-product attention (same maths as MONAI's)."""
     b, n, c = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
-    bias = bias.reshape(n, n, -1).permute(2, 0, 1).contiguous()  # heads, n, n (a strided mask is not fused on CPU)
+    q, k, v, bias = _heads_and_bias(self, x)
     if mask is not None:
         nw = mask.shape[0]
         bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # nw, heads, n, n
@@ -107,13 +114,8 @@ def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
 
 def cpu_attention_recompute_wanted() -> bool:
     """``BSF_CPU_ATTN_RECOMPUTE``: unset or ``1`` recomputes attention matrices in CPU training; ``0`` keeps them."""
-    value = os.environ.get(RECOMPUTE_ENV, "").strip().lower()
-    if value in ("", "1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{RECOMPUTE_ENV}={value!r}: use 1 (recompute attention matrices in the backward pass, the "
-                     "default for CPU training) or 0 (keep them, MONAI's way)")
+    return env_switch(RECOMPUTE_ENV, "use 1 (recompute attention matrices in the backward pass, the default for "
+                                     "CPU training) or 0 (keep them, MONAI's way)") is not False
 
 
 def _attention_of_windows(q, k, v, bias, mask, first: int):
@@ -132,12 +134,9 @@ def _recomputed_window_attention_forward(self: WindowAttention, x, mask):
     under ``torch.utils.checkpoint`` save only their q, k, v and recompute softmax(qk^T + bias) when the gradient
     needs it. Same maths as MONAI's; no attention dropout (the caller checks)."""
     b, n, c = x.shape
-    heads = self.num_heads
-    qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-    bias = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
-    bias = bias.reshape(n, n, -1).permute(2, 0, 1)  # heads, n, n
-    per_chunk = max(1, RECOMPUTE_CHUNK_BYTES // (heads * n * n * 4))
+    q, k, v, bias = _heads_and_bias(self, x)
+    q = q * self.scale
+    per_chunk = max(1, RECOMPUTE_CHUNK_BYTES // (self.num_heads * n * n * 4))
     outs = []
     for start in range(0, b, per_chunk):
         end = min(b, start + per_chunk)
@@ -161,8 +160,8 @@ class AutoWindowAttention(WindowAttention):
     def forward(self, x, mask):
         if x.is_cuda or not torch.is_grad_enabled():
             return _sdpa_window_attention_forward(self, x, mask)
-        if (self.training and torch.is_grad_enabled() and not self.attn_drop.p and not torch.compiler.is_compiling()
-                and cpu_attention_recompute_wanted()):
+        if self.training and not self.attn_drop.p and not torch.compiler.is_compiling() \
+                and cpu_attention_recompute_wanted():
             return _recomputed_window_attention_forward(self, x, mask)
         return WindowAttention.forward(self, x, mask)
 

@@ -11,9 +11,10 @@ import math
 import os
 from typing import Optional, Sequence
 
+from ..errors import ConfigurationError
 from ..io import atomic_write_json
 from .presets import bsf_plans_defaults
-from .swin_config import ConfigurationError, check_user_patch, derive_swin_configuration
+from .swin_config import check_user_patch, derive_swin_configuration
 
 
 def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Sequence[int], batch_size: int,

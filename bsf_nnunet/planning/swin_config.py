@@ -13,7 +13,7 @@ import os
 from copy import deepcopy
 from typing import Optional, Sequence
 
-from ..errors import BSFError
+from ..errors import ConfigurationError
 from .presets import get_variant, variant_arch_kwargs
 
 NETWORK_CLASS_NAME = "bsf_nnunet.network.swin_unetr.BSFSwinUNETR"
@@ -22,10 +22,6 @@ AXIS_MULTIPLE = 32
 # fp32 weights + grads + two AdamW moments
 BYTES_PER_PARAM_TRAINING = 16
 CUDA_AMP_ACTIVATION_FACTOR = 0.55
-
-
-class ConfigurationError(BSFError, ValueError):
-    """A configuration that cannot be turned into a Swin-UNETR one; the message says what to do."""
 
 
 def round_patch_axis(p: int) -> int:

@@ -24,11 +24,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from ..allocator import release_free_cpu_memory, tune_cpu_allocator
-from ..errors import BSFError
+from ..errors import BSFError, ConfigurationError, env_switch
 from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
 from ..planning.presets import get_variant, variant_trainers
-from ..planning.swin_config import NETWORK_CLASS_NAME, ConfigurationError, derive_swin_configuration
+from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
 from .lr import WarmupCosineLR
 from .predict_checks import install_prediction_input_checks, record_training_orientations
 
@@ -78,14 +78,8 @@ def cpu_has_native_bf16() -> bool:
 def cpu_bf16_enabled() -> bool:
     """bf16 autocast for CPU training: ``BSF_CPU_BF16=1``/``0`` decides; by default on where the CPU has native bf16
     (measured 1.7x faster per training step of the Small variant, see docs/performance.md)."""
-    env = os.environ.get(CPU_BF16_ENV, "").strip().lower()
-    if env:
-        if env in ("1", "true", "yes", "on"):
-            return True
-        if env in ("0", "false", "no", "off"):
-            return False
-        raise ConfigurationError(f"{CPU_BF16_ENV}={env!r}: use 1 (bf16 autocast on CPU) or 0 (fp32)")
-    return cpu_has_native_bf16()
+    chosen = env_switch(CPU_BF16_ENV, "use 1 (bf16 autocast on CPU) or 0 (fp32)")
+    return cpu_has_native_bf16() if chosen is None else chosen
 
 
 def _bf16_supported(device: torch.device) -> bool:

@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import BSFError
+from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
-from ..planning.swin_config import ConfigurationError
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
 from .lr import WarmupCosineLR
 from .ssl_data import SSLCropLoader
