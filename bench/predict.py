@@ -7,16 +7,17 @@
   (``bsf_nnunet.allocator``; a MONAI user gets it with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``);
 * ``ours_torch``: nnU-Net's sliding window (what ``nnUNetv2_predict`` runs: step 0.5, Gaussian) with BSFSwinUNETR
   in PyTorch fp32 (``BSF_CPU_ENGINE=torch``);
-* ``ours_engine``: the same through the default CPU engine (ONNX Runtime; the ONNX file is exported once in a
-  separate process first, its time reported as ``export_s``, as a second ``nnUNetv2_predict`` run finds it cached).
+* ``ours_onnxruntime`` and ``ours_openvino``: the same through each CPU engine (OpenVINO is the default where it is
+  installed). The ONNX file is exported, and OpenVINO's compiled model cached, once in a separate process first
+  (``export_s``, ``openvino_compile_s``), as a second ``nnUNetv2_predict`` run finds them cached.
 
     python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128] [--reps 1]
                             [--tta off|on|both]
 
 Each measurement runs in a fresh subprocess (peak memory = that process's max RSS on CPU, max allocated on CUDA);
-repetitions run the four paths in turn (interleaved), medians are reported. Ratios are time(path) / time(MONAI
-best) and time(path) / time(MONAI fp32); Dice per class compares the label maps (argmax of the logits) of
-``ours_engine`` with ``ours_torch``. Writes bench/results/predict.json (or --out).
+repetitions run the paths in turn (interleaved), medians are reported. Ratios are time(MONAI best) / time(path)
+and time(MONAI fp32) / time(path) (> 1: faster); Dice per class compares the label maps (argmax of the logits) of
+each engine with ``ours_torch``. Writes bench/results/predict.json (or --out).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _hw import run_child  # noqa: E402
 
-PATHS = ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", "ours_engine")
+ENGINE_PATHS = {"ours_onnxruntime": "onnxruntime", "ours_openvino": "openvino"}
+PATHS = ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", *ENGINE_PATHS)
 NUM_CLASSES = 3
 
 
@@ -111,7 +113,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
     x = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(1))
     extra = {}
     if path.startswith("ours"):
-        configure_cpu_engine(ours, "torch" if path == "ours_torch" else None)
+        configure_cpu_engine(ours, ENGINE_PATHS.get(path, "torch"))
         extra["engine"] = getattr(ours.cpu_engine, "name", "torch")
         run = _ours_runner(ours, x, roi, device, tta)
     else:
@@ -126,7 +128,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
     out = out.reshape(NUM_CLASSES, *shape)
     if labels_out:
         np.save(labels_out, out.argmax(0).to(torch.uint8).cpu().numpy())
-    if path == "ours_engine" and getattr(ours.cpu_engine, "failed", None):
+    if getattr(getattr(ours, "cpu_engine", None), "failed", None):
         extra["engine_failed"] = ours.cpu_engine.failed
     peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
@@ -134,18 +136,22 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
 
 
 def _export(variant, roi):
-    """Write the ONNX file(s) the engine path will find in BSF_CACHE_DIR (one window, as in prediction)."""
+    """Write the ONNX file and OpenVINO's compiled model that the engine paths will find in BSF_CACHE_DIR (one
+    window, as in prediction: nnU-Net pads a smaller image up to the patch)."""
     import torch
 
     from bsf_nnunet.network.cpu_engine import configure_cpu_engine
 
     ours, _ = _networks(variant, "cpu")
-    configure_cpu_engine(ours, "onnxruntime")
-    t = time.perf_counter()
-    with torch.no_grad():
-        ours(torch.zeros(1, 4, *roi))  # nnU-Net pads a smaller image up to the patch: one window shape
-    return {"export_s": time.perf_counter() - t, "exports": ours.cpu_engine.exports,
-            "failed": ours.cpu_engine.failed}
+    res = {}
+    for engine, key in (("onnxruntime", "export_s"), ("openvino", "openvino_compile_s")):
+        configure_cpu_engine(ours, engine)
+        t = time.perf_counter()
+        with torch.no_grad():
+            ours(torch.zeros(1, 4, *roi))
+        res.update({key: time.perf_counter() - t, f"{engine}_exports": ours.cpu_engine.exports,
+                    f"{engine}_failed": ours.cpu_engine.failed})
+    return res
 
 
 def _child(args, what, env=None, labels=None):
@@ -183,18 +189,19 @@ def _row(args, tta, env, tmp):
     for p in PATHS:
         row[p]["ratio_vs_monai_best"] = row["monai_best"]["median_s"] / row[p]["median_s"]  # speed-up (> 1: faster)
         row[p]["ratio_vs_monai_fp32"] = row["monai_fp32"]["median_s"] / row[p]["median_s"]
-    row["dice_engine_vs_torch"] = _dice_per_class(np.load(os.path.join(tmp, f"ours_engine_{int(tta)}.npy")),
-                                                  np.load(os.path.join(tmp, f"ours_torch_{int(tta)}.npy")))
+    reference = np.load(os.path.join(tmp, f"ours_torch_{int(tta)}.npy"))
+    row["dice_vs_torch"] = {p: _dice_per_class(np.load(os.path.join(tmp, f"{p}_{int(tta)}.npy")), reference)
+                            for p in ENGINE_PATHS}
     return row
 
 
 def _print_row(row):
     for p in PATHS:
         r = row[p]
-        print(f"{str(row['tta']):>5s} {p:12s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} "
+        print(f"{str(row['tta']):>5s} {p:17s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} "
               f"{r['ratio_vs_monai_fp32']:10.2f} {r['peak_gb']:8.2f}")
-    print(f"      Dice per class, engine vs torch fp32 label maps: "
-          f"{', '.join(f'{d:.5f}' for d in row['dice_engine_vs_torch'])}")
+    for p, dice in row["dice_vs_torch"].items():
+        print(f"      Dice per class, {p} vs ours_torch (fp32) label maps: {', '.join(f'{d:.5f}' for d in dice)}")
 
 
 def main(argv=None):
@@ -226,9 +233,10 @@ def main(argv=None):
         env = dict(os.environ, **{CACHE_ENV: os.path.join(tmp, "onnx")})
         export = _child(a, "export", env) if a.device == "cpu" else None
         if export:
-            print(f"ONNX export (once per model and window shape, cached): {export['export_s']:.1f} s")
+            print(f"ONNX export (once per model and window shape, cached): {export['export_s']:.1f} s; OpenVINO's "
+                  f"first compilation (cached): {export['openvino_compile_s']:.1f} s")
         rows = []
-        print(f"{'tta':>5s} {'path':12s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s}")
+        print(f"{'tta':>5s} {'path':17s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s}")
         for tta in {"off": [False], "on": [True], "both": [False, True]}[a.tta]:
             rows.append(_row(a, tta, env, tmp))
             _print_row(rows[-1])

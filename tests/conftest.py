@@ -249,7 +249,7 @@ def nnunet_env(tmp_path):
         "nnUNet_n_proc_DA": "1",
         "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": THREADS,
-        # PyTorch for inference: ONNX Runtime (the CPU default) exports every trained toy model once, seconds each;
+        # PyTorch for inference: OpenVINO (the CPU default) exports every trained toy model once, seconds each;
         # tests/test_cpu_engine.py and the end-to-end test run it
         "BSF_CPU_ENGINE": "torch",
         "BSF_CACHE_DIR": str(tmp_path / "bsf_cache"),

@@ -1,14 +1,17 @@
-"""ONNX Runtime as the CPU engine of BSFSwinUNETR inference (bsf_nnunet.network.cpu_engine)."""
+"""OpenVINO and ONNX Runtime as CPU engines of BSFSwinUNETR inference (bsf_nnunet.network.cpu_engine)."""
 import os
 
 import pytest
 import torch
 
 from bsf_nnunet.network import BSFSwinUNETR, cpu_engine
-from bsf_nnunet.network.cpu_engine import OnnxRuntimeEngine, configure_cpu_engine, cpu_engine_choice
+from bsf_nnunet.network.cpu_engine import OnnxRuntimeEngine, OpenVinoEngine, configure_cpu_engine, cpu_engine_choice
 from bsf_nnunet.planning.presets import variant_arch_kwargs
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+ENGINES = [OpenVinoEngine, OnnxRuntimeEngine]
 
 
 def _net(seed=0, **kw):
@@ -28,22 +31,24 @@ def _x(seed):
     return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def test_engine_matches_torch_legacy_zyx(tmp_path):
+@pytest.mark.parametrize("engine_class", ENGINES)
+def test_engine_matches_torch_legacy_zyx(tmp_path, engine_class):
     net = _net(merging="legacy", axis_order="zyx")
     x = _x(1)
-    net.cpu_engine = engine = OnnxRuntimeEngine(str(tmp_path))
+    net.cpu_engine = engine = engine_class(str(tmp_path))
     with torch.no_grad():
         out = net(x)
     assert engine.exports == 1 and engine.failed is None and not net.training  # the exporter keeps eval mode
     torch.testing.assert_close(out, _torch_out(net, x), atol=1e-4, rtol=0)
-    files = os.listdir(tmp_path)
+    files = [f for f in os.listdir(tmp_path) if f != "openvino"]  # OpenVINO's compiled-model cache
     assert len(files) == 1 and files[0].endswith(".onnx"), files  # no temporary left behind
 
 
-def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path):
+@pytest.mark.parametrize("engine_class", ENGINES)
+def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path, engine_class):
     net, other = _net(0, merging="fixed", axis_order="xyz"), _net(1, merging="fixed", axis_order="xyz")
     x = _x(2)
-    net.cpu_engine = engine = OnnxRuntimeEngine(str(tmp_path))
+    net.cpu_engine = engine = engine_class(str(tmp_path))
     with torch.inference_mode():  # as nnU-Net's predictor
         first = net(x)
         net.load_state_dict(other.state_dict())  # the next fold of an ensemble
@@ -52,14 +57,17 @@ def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path):
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, _torch_out(other, x), atol=1e-4, rtol=0)
     # a new network (a new process) with the same weights reuses the cached file
-    other.cpu_engine = again = OnnxRuntimeEngine(str(tmp_path))
+    other.cpu_engine = again = engine_class(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(other(x), second, atol=0, rtol=0)
-    assert again.exports == 0 and len(os.listdir(tmp_path)) == 2
+    onnx_files = [f for f in os.listdir(tmp_path) if f.endswith(".onnx")]
+    assert again.exports == 0 and len(onnx_files) == 2
+    if engine_class is OpenVinoEngine:  # the compiled models are cached too
+        assert len(os.listdir(tmp_path / "openvino")) >= 2
 
 
 def test_engine_only_for_cpu_fp32_inference():
-    net = configure_cpu_engine(_net(), "onnxruntime")
+    net = configure_cpu_engine(_net(), "openvino")
     x = torch.zeros(SHAPE)
     assert not net._engine_applies(x)  # gradients enabled
     with torch.no_grad():
@@ -77,20 +85,36 @@ def test_choice_from_environment(monkeypatch):
     monkeypatch.setenv(cpu_engine.ENGINE_ENV, "torch")
     assert configure_cpu_engine(net).cpu_engine is None
     monkeypatch.delenv(cpu_engine.ENGINE_ENV)
-    assert cpu_engine_choice() == "onnxruntime"
-    assert isinstance(configure_cpu_engine(net).cpu_engine, OnnxRuntimeEngine)
+    assert cpu_engine_choice() == "openvino"
+    assert isinstance(configure_cpu_engine(net).cpu_engine, OpenVinoEngine)
+    for value, engine in (("ort", OnnxRuntimeEngine), ("ONNXRUNTIME", OnnxRuntimeEngine), ("ov", OpenVinoEngine)):
+        monkeypatch.setenv(cpu_engine.ENGINE_ENV, value)
+        assert isinstance(configure_cpu_engine(net).cpu_engine, engine)
     monkeypatch.setenv(cpu_engine.ENGINE_ENV, "tensorrt")
     with pytest.raises(ValueError, match="BSF_CPU_ENGINE"):
         cpu_engine_choice()
 
 
-def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, capsys):
+def test_default_is_the_first_engine_installed(monkeypatch, capsys):
+    monkeypatch.delenv(cpu_engine.ENGINE_ENV, raising=False)
+    installed = {"openvino", "onnxruntime", "torch"}
+    monkeypatch.setattr(cpu_engine, "engine_installed", lambda engine: engine in installed)
+    for missing, expected in (("openvino", "onnxruntime"), ("onnxruntime", "torch")):
+        installed.discard(missing)
+        assert cpu_engine_choice() == expected
+    monkeypatch.setenv(cpu_engine.ENGINE_ENV, "openvino")  # asked for, not installed: PyTorch, said once
+    assert cpu_engine_choice() == "torch"
+    assert "BSF_CPU_ENGINE=openvino but openvino is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine_class", ENGINES)
+def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, capsys, engine_class):
     def broken(network, shape, path):
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr(cpu_engine, "export_onnx_file", broken)
     net = _net()
-    net.cpu_engine = engine = OnnxRuntimeEngine(str(tmp_path))
+    net.cpu_engine = engine = engine_class(str(tmp_path))
     reference = torch.ones(1)
     monkeypatch.setattr(net, "torch_forward", lambda x: reference)
     with torch.no_grad():
@@ -98,7 +122,7 @@ def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, capsys):
         assert net(torch.zeros(SHAPE)) is reference  # not tried again
     assert "exporter exploded" in engine.failed and not net._engine_applies(torch.zeros(SHAPE))
     message = capsys.readouterr().out
-    assert message.count("ONNX Runtime failed (RuntimeError: exporter exploded)") == 1
+    assert message.count(f"{engine.label} failed (RuntimeError: exporter exploded)") == 1
     assert "BSF_CPU_ENGINE=torch" in message and os.listdir(tmp_path) == []
 
 
@@ -114,4 +138,4 @@ def test_trainer_uses_engine_only_for_final_validation(monkeypatch):
     trainer = object.__new__(BSFTrainer)
     trainer.network = _net()
     trainer.perform_actual_validation()
-    assert isinstance(seen[0], OnnxRuntimeEngine) and trainer.network.cpu_engine is None
+    assert isinstance(seen[0], OpenVinoEngine) and trainer.network.cpu_engine is None

@@ -16,13 +16,13 @@ def dice(a, b):
 
 
 def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
-    env = dict(nnunet_env, BSF_CPU_ENGINE="onnxruntime")  # the default CPU engine where onnxruntime is installed
+    env = {k: v for k, v in nnunet_env.items() if k != "BSF_CPU_ENGINE"}  # the default CPU engine: OpenVINO
     # 40 x 56 x 48 voxels: smaller than Swin-UNETR's minimum of 64 on every axis -> padded by nnU-Net
     folder = build_synthetic_dataset(env["nnUNet_raw"], 991, "Blobs", num_train=6, num_test=2, shape=(40, 56, 48))
     run(["nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     out = run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu", "--npz"], env)
     assert "BrainSegFounder BSFTrainer_CI: variant toy" in out
-    assert "BSF CPU engine: ONNX Runtime" in out  # the final validation (the per-epoch one runs PyTorch)
+    assert "BSF CPU engine: OpenVINO" in out  # the final validation (the per-epoch one runs PyTorch)
     if sys.platform.startswith("linux"):  # glibc: freed blocks are kept for the next step (bsf_nnunet.allocator)
         assert "CPU allocator: glibc reuses freed memory" in out
     res = os.path.join(env["nnUNet_results"], "Dataset991_Blobs", "BSFTrainer_CI__nnUNetPlans__3d_fullres")
@@ -43,9 +43,11 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
         out = run(["nnUNetv2_predict", "-i", images_ts, "-o", str(out_dir), "-d", "991", "-c", "3d_fullres", "-tr",
                    "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"]
                   + tta, env)
-        assert "BSF CPU engine: ONNX Runtime" in out, out[-3000:]
-    # one ONNX file for the fold's final weights at the patch size: written by the final validation, reused since
-    assert len(os.listdir(env["BSF_CACHE_DIR"])) == 1, os.listdir(env["BSF_CACHE_DIR"])
+        assert "BSF CPU engine: OpenVINO" in out, out[-3000:]
+    # one ONNX file for the fold's final weights at the patch size: written by the final validation, reused since;
+    # beside it OpenVINO's compiled-model cache
+    cached = sorted(os.listdir(env["BSF_CACHE_DIR"]))
+    assert len(cached) == 2 and cached[0] == "openvino" and cached[1].endswith(".onnx"), cached
     for case in ("case_006", "case_007"):
         img = sitk.ReadImage(os.path.join(images_ts, f"{case}_0000.nii.gz"))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTs", f"{case}.nii.gz")))

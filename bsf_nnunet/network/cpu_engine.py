@@ -1,33 +1,37 @@
-"""ONNX Runtime as the CPU execution engine of :class:`~bsf_nnunet.network.swin_unetr.BSFSwinUNETR` inference.
+"""ONNX-based CPU execution engines of :class:`~bsf_nnunet.network.swin_unetr.BSFSwinUNETR` inference.
 
-On CPU, ONNX Runtime runs the Swin-UNETR forward about twice as fast as PyTorch (docs/performance.md). A network
+On CPU, OpenVINO and ONNX Runtime run the Swin-UNETR forward faster than PyTorch (docs/performance.md). A network
 with an engine attached (``network.cpu_engine``, see :func:`configure_cpu_engine`) sends eval-mode, no-grad, fp32
 CPU forwards through it; everything else (training, gradients, autocast, CUDA, tracing) stays in PyTorch.
 
-``BSF_CPU_ENGINE=onnxruntime|torch`` chooses (default ``onnxruntime`` where it is installed; ``torch`` is the exact
-PyTorch fp32 path). The network is exported once per window shape and weights with the legacy TorchScript exporter
-(opset 18, fixed shape) into ``BSF_CACHE_DIR`` (default ``~/.cache/bsf_nnunet/onnx``), named by a digest of the
-weights, architecture, shape and library versions, so later runs of the same model reuse the file. In-process the
-session is kept until the weights change (nnU-Net's predictor loads each fold's weights into the same network; the
-change is seen from the parameters' version counters and data pointers). Any export or session failure falls back
-to PyTorch for that network with one printed line, never a crash.
+``BSF_CPU_ENGINE=openvino|onnxruntime|torch`` chooses (default: the first of these that is installed; ``torch`` is
+the exact PyTorch fp32 path). The network is exported once per window shape and weights with the legacy TorchScript
+exporter (opset 18, fixed shape) into ``BSF_CACHE_DIR`` (default ``~/.cache/bsf_nnunet/onnx``), named by a digest of
+the weights, architecture, shape and library versions, so later runs of the same model reuse the file; OpenVINO
+also keeps its compiled model there (``openvino/``), which turns an 18 s compilation of a Small model into 1 s. Both
+engines compute in fp32. In-process the compiled model is kept until the weights change (nnU-Net's predictor loads
+each fold's weights into the same network; the change is seen from the parameters' version counters and data
+pointers). Any export or engine failure falls back to PyTorch for that network with one printed line, never a crash.
 
 This module knows nothing about trainers or nnU-Net.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 ENGINE_ENV = "BSF_CPU_ENGINE"
 CACHE_ENV = "BSF_CACHE_DIR"
-ENGINES = ("onnxruntime", "torch")
+ENGINES = ("openvino", "onnxruntime", "torch")  # the default is the first one installed
+ENGINE_ALIASES = {"ov": "openvino", "ort": "onnxruntime", "onnx": "onnxruntime"}
 ONNX_OPSET = 18
 ARCH_ATTRIBUTES = ("merging", "axis_order")
 
@@ -41,27 +45,23 @@ def _print_once(message: str) -> None:
         print(message, flush=True)
 
 
-def onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def engine_installed(engine: str) -> bool:
+    """Whether the engine's Python package is importable (``torch`` always is)."""
+    return engine == "torch" or importlib.util.find_spec(engine) is not None
 
 
 def cpu_engine_choice() -> str:
-    """``BSF_CPU_ENGINE`` (``onnxruntime`` or ``torch``); by default ``onnxruntime`` where it is importable."""
+    """``BSF_CPU_ENGINE`` (``openvino``, ``onnxruntime`` or ``torch``); by default the first of them installed."""
     env = os.environ.get(ENGINE_ENV, "").strip().lower()
     if env in ("", "auto"):
-        return "onnxruntime" if onnxruntime_available() else "torch"
-    if env in ("ort", "onnx"):
-        env = "onnxruntime"
+        return next(e for e in ENGINES if engine_installed(e))
+    env = ENGINE_ALIASES.get(env, env)
     if env not in ENGINES:
-        raise ValueError(f"{ENGINE_ENV}={env!r}: use onnxruntime (the default, ONNX Runtime runs CPU inference) or "
-                         "torch (PyTorch fp32, the exact reference path)")
-    if env == "onnxruntime" and not onnxruntime_available():
-        _print_once(f"{ENGINE_ENV}=onnxruntime but onnxruntime is not installed (pip install onnxruntime): "
-                    "predicting with PyTorch on CPU")
+        raise ValueError(f"{ENGINE_ENV}={env!r}: use openvino or onnxruntime (ONNX-based CPU inference; the default "
+                         "is the first one installed) or torch (PyTorch fp32, the exact reference path)")
+    if not engine_installed(env):
+        _print_once(f"{ENGINE_ENV}={env} but {env} is not installed (pip install {env}): predicting with PyTorch on "
+                    "CPU")
         return "torch"
     return env
 
@@ -71,7 +71,7 @@ def configure_cpu_engine(network: nn.Module, choice: Optional[str] = None) -> nn
     choice = cpu_engine_choice() if choice is None else choice
     if choice not in ENGINES:
         raise ValueError(f"unknown CPU engine {choice!r}; use one of {ENGINES}")
-    network.cpu_engine = OnnxRuntimeEngine() if choice == "onnxruntime" else None
+    network.cpu_engine = {"openvino": OpenVinoEngine, "onnxruntime": OnnxRuntimeEngine}.get(choice, lambda: None)()
     return network
 
 
@@ -85,11 +85,9 @@ def weights_version(network: nn.Module) -> tuple:
 
 
 def model_digest(network: nn.Module, shape: tuple) -> str:
-    """sha256 of the weights, architecture, input shape and library versions: the cached ONNX file's name."""
-    import onnxruntime
-
+    """sha256 of the weights, architecture, input shape and exporter versions: the cached ONNX file's name."""
     h = hashlib.sha256()
-    meta = [type(network).__qualname__, tuple(shape), torch.__version__, onnxruntime.__version__, ONNX_OPSET]
+    meta = [type(network).__qualname__, tuple(shape), torch.__version__, ONNX_OPSET]
     meta += [getattr(network, a, None) for a in ARCH_ATTRIBUTES]
     h.update(repr(meta).encode())
     for name, t in network.state_dict().items():
@@ -138,10 +136,24 @@ def open_session(path: str):
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-class OnnxRuntimeEngine:
-    """Runs a network's inference forward through ONNX Runtime (one session per input shape and weights)."""
+def compile_openvino(path: str, cache_dir: str):
+    """An OpenVINO CPU model compiled from the ONNX file ``path``: fp32, latency mode, PyTorch's thread count; the
+    compiled model is cached in ``cache_dir`` (a second compilation of the same file loads it)."""
+    import openvino
 
-    name = "onnxruntime"
+    core = openvino.Core()
+    core.set_property({"CACHE_DIR": cache_dir})
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "f32"}  # never bf16/fp16 behind the user's back (CPUs with AMX/AVX512-BF16)
+    return core.compile_model(path, "CPU", config)
+
+
+class OnnxEngine:
+    """Runs a network's inference forward from its exported ONNX file (one compiled model per input shape and
+    weights). Subclasses say how a file becomes a function from an input array to the logits array."""
+
+    name = ""
+    label = ""
 
     def __init__(self, cache_dir: Optional[str] = None):
         self.cache_dir = cache_dir
@@ -156,15 +168,18 @@ class OnnxRuntimeEngine:
     def run(self, network: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The logits for ``x``, or None after a failure (then the caller runs PyTorch)."""
         try:
-            session = self._session(network, tuple(x.shape))
-            out = session.run(None, {"input": x.detach().contiguous().numpy()})[0]
+            infer = self._session(network, tuple(x.shape))
+            out = infer(x.detach().contiguous().numpy())
         except Exception as e:  # noqa: BLE001 - any engine problem falls back to PyTorch
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             self._sessions.clear()
-            _print_once(f"BSF CPU engine: ONNX Runtime failed ({self.failed[:300]}); predicting with PyTorch fp32 "
+            _print_once(f"BSF CPU engine: {self.label} failed ({self.failed[:300]}); predicting with PyTorch fp32 "
                         f"instead. Set {ENGINE_ENV}=torch to skip the attempt.")
             return None
         return torch.from_numpy(out)
+
+    def open(self, path: str, folder: str) -> Callable[[np.ndarray], np.ndarray]:
+        raise NotImplementedError
 
     def _session(self, network: nn.Module, shape: tuple):
         version = weights_version(network)
@@ -182,7 +197,25 @@ class OnnxRuntimeEngine:
             with torch.inference_mode(False):
                 export_onnx_file(network, shape, path)
             self.exports += 1
+        infer = self.open(path, folder)
+        others = " or ".join(f"{ENGINE_ENV}={e}" for e in ENGINES if e != self.name)
+        _print_once(f"BSF CPU engine: {self.label} (fp32, {torch.get_num_threads()} threads; model cached in "
+                    f"{folder}). {others} to change it.")
+        return infer
+
+
+class OnnxRuntimeEngine(OnnxEngine):
+    name, label = "onnxruntime", "ONNX Runtime"
+
+    def open(self, path: str, folder: str) -> Callable[[np.ndarray], np.ndarray]:
         session = open_session(path)
-        _print_once(f"BSF CPU engine: ONNX Runtime ({torch.get_num_threads()} threads; model cached in {folder}). "
-                    f"{ENGINE_ENV}=torch predicts with PyTorch fp32 instead.")
-        return session
+        return lambda x: session.run(None, {"input": x})[0]
+
+
+class OpenVinoEngine(OnnxEngine):
+    name, label = "openvino", "OpenVINO"
+
+    def open(self, path: str, folder: str) -> Callable[[np.ndarray], np.ndarray]:
+        request = compile_openvino(path, os.path.join(folder, "openvino")).create_infer_request()
+        # the request owns its output buffer and overwrites it at the next call: copy
+        return lambda x: np.array(request.infer({0: x})[0], copy=True)

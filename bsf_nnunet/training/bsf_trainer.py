@@ -217,7 +217,7 @@ class BSFTrainer(nnUNetTrainer):
         cls = pydoc.locate(name)
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         network = cls(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
-        return configure_cpu_engine(network)  # nnUNetv2_predict: ONNX Runtime on CPU unless BSF_CPU_ENGINE=torch
+        return configure_cpu_engine(network)  # nnUNetv2_predict on CPU: cpu_engine's default engine
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Swin-UNETR has a single output: nothing to switch."""
