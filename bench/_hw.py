@@ -1,6 +1,6 @@
 """Hardware figures shared by the benchmarks: the CPU's theoretical fp32 peak, GPU bf16 peaks, FLOP counts.
 
-    from _hw import cpu_peak, count_flops, native_cpu_bf16, gpu_bf16_peak_tflops
+    from _hw import cpu_peak, count_flops, device_peak, native_cpu_bf16, gpu_bf16_peak_tflops
 
 ``cpu_peak()`` derives the peak from the CPU flags and clock: usable cores x clock x fp32 FLOP per cycle per core
 (two FMA units of the widest vector ISA: AVX-512 64, AVX2+FMA 32, AVX 16, SSE 8). It is a ceiling that no
@@ -75,6 +75,17 @@ def gpu_bf16_peak_tflops(name: str):
         if key.lower() in name.lower():
             return tflops
     return None
+
+
+def device_peak(device: str) -> dict:
+    """The peak that achieved GFLOP/s is compared with: the CPU's fp32 peak, or a CUDA card's dense bf16 peak."""
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        tflops = gpu_bf16_peak_tflops(name)
+        return {"gflops": (tflops or 0) * 1000, "how": f"{name}: dense bf16 peak {tflops} TFLOP/s (data sheet)"}
+    return cpu_peak()
 
 
 def count_flops(fn, *args) -> int:

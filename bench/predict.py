@@ -11,12 +11,15 @@
   installed). The ONNX file is exported, and OpenVINO's compiled model cached, once in a separate process first
   (``export_s``, ``openvino_compile_s``), as a second ``nnUNetv2_predict`` run finds them cached.
 
-    python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128] [--reps 1]
-                            [--tta off|on|both]
+    python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128 128 128]
+                            [--reps 1] [--tta off|on|both] [--paths monai_best ours_openvino ...]
+    python bench/predict.py --show bench/results/predict.json     # the table of a saved run
 
 Each measurement runs in a fresh subprocess (peak memory = that process's max RSS on CPU, max allocated on CUDA);
 repetitions run the paths in turn (interleaved), medians are reported. Ratios are time(MONAI best) / time(path)
-and time(MONAI fp32) / time(path) (> 1: faster); Dice per class compares the label maps (argmax of the logits) of
+and time(MONAI fp32) / time(path) (> 1: faster); GFLOP/s = the prediction's floating-point work (one window's
+forward counted with torch.utils.flop_counter on the meta device, times the windows, times 8 with mirroring) / its
+time, beside the device's peak (bench/_hw.py); Dice per class compares the label maps (argmax of the logits) of
 each engine with ``ours_torch``. Writes bench/results/predict.json (or --out).
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _hw import run_child  # noqa: E402
+from _hw import count_flops, device_peak, gflops_row, run_child  # noqa: E402
 
 ENGINE_PATHS = {"ours_onnxruntime": "onnxruntime", "ours_openvino": "openvino"}
 PATHS = ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", *ENGINE_PATHS)
@@ -154,6 +157,22 @@ def _export(variant, roi):
     return res
 
 
+def prediction_flops(variant, shape, roi, tta) -> dict:
+    """Floating-point work of one prediction: one window's forward x the sliding-window count x 8 with mirroring."""
+    import math
+
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    ours, _ = _networks(variant, "cpu")
+    ours = ours.to("meta")
+    with torch.no_grad():
+        window = count_flops(ours.torch_forward, torch.zeros(1, 4, *roi, device="meta"))
+    padded = [max(s, r) for s, r in zip(shape, roi)]  # both predictors pad a smaller image up to the ROI
+    windows = math.prod(len(s) for s in compute_steps_for_sliding_window(padded, list(roi), 0.5))
+    return {"window_gflop": window / 1e9, "windows": windows, "gflop": window * windows * (8 if tta else 1) / 1e9}
+
+
 def _child(args, what, env=None, labels=None):
     cmd = [sys.executable, __file__, "--variant", args.variant, "--device", args.device, "--shape",
            *map(str, args.shape), "--roi", *map(str, args.roi), "--_child", what]
@@ -173,33 +192,55 @@ def _dice_per_class(a, b):
     return dice
 
 
+def _paths(row):
+    return [p for p in PATHS if p in row]
+
+
+def _add_gflops(row, work, peak_gflops):
+    for p in _paths(row):
+        row[p].update(gflops_row(work["gflop"] * 1e9, row[p]["median_s"], peak_gflops))
+    row["work"] = work
+
+
 def _row(args, tta, env, tmp):
     import numpy as np
 
-    runs = {p: [] for p in PATHS}
+    runs = {p: [] for p in args.paths}
     for rep in range(args.reps):  # interleaved: every path once per repetition
-        for p in PATHS:
+        for p in args.paths:
             labels = os.path.join(tmp, f"{p}_{int(tta)}.npy") if p.startswith("ours") and rep == 0 else None
             runs[p].append(_child(args, f"{p}:{int(tta)}", env, labels))
     row = {"tta": tta}
-    for p in PATHS:
+    for p in args.paths:
         row[p] = {"median_s": statistics.median(r["seconds"] for r in runs[p]),
                   "times_s": [r["seconds"] for r in runs[p]], "peak_gb": max(r["peak_gb"] for r in runs[p]),
                   **{k: v for k, v in runs[p][0].items() if k not in ("seconds", "peak_gb")}}
-    for p in PATHS:
-        row[p]["ratio_vs_monai_best"] = row["monai_best"]["median_s"] / row[p]["median_s"]  # speed-up (> 1: faster)
-        row[p]["ratio_vs_monai_fp32"] = row["monai_fp32"]["median_s"] / row[p]["median_s"]
-    reference = np.load(os.path.join(tmp, f"ours_torch_{int(tta)}.npy"))
-    row["dice_vs_torch"] = {p: _dice_per_class(np.load(os.path.join(tmp, f"{p}_{int(tta)}.npy")), reference)
-                            for p in ENGINE_PATHS}
+    for p in args.paths:  # speed-ups (> 1: faster)
+        row[p]["ratio_vs_monai_best"] = row["monai_best"]["median_s"] / row[p]["median_s"]
+        row[p]["ratio_vs_monai_fp32"] = (row["monai_fp32"]["median_s"] / row[p]["median_s"]
+                                         if "monai_fp32" in row else None)
+    row["dice_vs_torch"] = {}
+    if "ours_torch" in row:
+        reference = np.load(os.path.join(tmp, f"ours_torch_{int(tta)}.npy"))
+        row["dice_vs_torch"] = {p: _dice_per_class(np.load(os.path.join(tmp, f"{p}_{int(tta)}.npy")), reference)
+                                for p in ENGINE_PATHS if p in row}
     return row
 
 
+HEADER = (f"{'tta':>5s} {'path':17s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s} "
+          f"{'GFLOP/s':>8s} {'% peak':>7s}")
+
+
 def _print_row(row):
-    for p in PATHS:
+    work = row["work"]
+    print(f"      ({work['windows']} windows x {work['window_gflop']:.1f} GFLOP"
+          f"{' x 8 mirrorings' if row['tta'] else ''} = {work['gflop']:.0f} GFLOP)")
+    for p in _paths(row):
         r = row[p]
-        print(f"{str(row['tta']):>5s} {p:17s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} "
-              f"{r['ratio_vs_monai_fp32']:10.2f} {r['peak_gb']:8.2f}")
+        frac = f"{100 * r['fraction_of_peak']:.1f}%" if r.get("fraction_of_peak") is not None else "-"
+        vs_fp32 = f"{r['ratio_vs_monai_fp32']:10.2f}" if r["ratio_vs_monai_fp32"] is not None else f"{'-':>10s}"
+        print(f"{str(row['tta']):>5s} {p:17s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} {vs_fp32} "
+              f"{r['peak_gb']:8.2f} {r['gflops_per_s']:8.1f} {frac:>7s}")
     for p, dice in row["dice_vs_torch"].items():
         print(f"      Dice per class, {p} vs ours_torch (fp32) label maps: {', '.join(f'{d:.5f}' for d in dice)}")
 
@@ -212,10 +253,17 @@ def main(argv=None):
     p.add_argument("--tta", choices=["off", "on", "both"], default="off")
     p.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], help="case size (z y x)")
     p.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128], help="patch / ROI (z y x)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                   help="the paths to measure (default: all; monai_best, the baseline, is always measured)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "predict.json"))
+    p.add_argument("--show", metavar="JSON", help="print the table of a saved run (adds the GFLOP/s columns if the "
+                                                   "run predates them) and exit")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_labels", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.show:
+        return _show(a.show)
+    a.paths = [p for p in PATHS if p in a.paths or p == "monai_best"]
     if a._child:
         what, _, tta = a._child.partition(":")
         res = (_export(a.variant, a.roi) if what == "export" else
@@ -229,23 +277,43 @@ def main(argv=None):
     from bsf_nnunet.network.cpu_engine import CACHE_ENV
     from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
 
+    peak = device_peak(a.device)
+    print(f"peak: {peak['how']}")
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, **{CACHE_ENV: os.path.join(tmp, "onnx")})
-        export = _child(a, "export", env) if a.device == "cpu" else None
+        export = (_child(a, "export", env) if a.device == "cpu" and any(p in ENGINE_PATHS for p in a.paths)
+                  else None)
         if export:
             print(f"ONNX export (once per model and window shape, cached): {export['export_s']:.1f} s; OpenVINO's "
                   f"first compilation (cached): {export['openvino_compile_s']:.1f} s")
         rows = []
-        print(f"{'tta':>5s} {'path':17s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s}")
+        print(HEADER)
         for tta in {"off": [False], "on": [True], "both": [False, True]}[a.tta]:
             rows.append(_row(a, tta, env, tmp))
+            _add_gflops(rows[-1], prediction_flops(a.variant, tuple(a.shape), tuple(a.roi), tta), peak["gflops"])
             _print_row(rows[-1])
     info = {"machine": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "native_bf16": cpu_has_native_bf16(), "device": a.device, "variant": a.variant, "shape": a.shape,
             "roi": a.roi, "reps": a.reps, "torch": torch.__version__, "monai": monai.__version__,
-            "export": export, "rows": rows}
+            "peak": peak, "export": export, "rows": rows}
     atomic_write_json(a.out, info)
     print(f"wrote {a.out}")
+    return 0
+
+
+def _show(path):
+    with open(path) as f:
+        info = json.load(f)
+    peak = info.get("peak") or device_peak(info["device"])  # runs before the GFLOP/s columns: this machine's peak
+    print(f"{path}: {info['variant']}, case {info['shape']}, ROI {info['roi']}, {info['machine']}\npeak: {peak['how']}")
+    if info.get("export"):
+        print(f"export: {json.dumps(info['export'])}")
+    print(HEADER)
+    for row in info["rows"]:
+        if "work" not in row:
+            _add_gflops(row, prediction_flops(info["variant"], tuple(info["shape"]), tuple(info["roi"]), row["tta"]),
+                        peak["gflops"])
+        _print_row(row)
     return 0
 
 

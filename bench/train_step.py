@@ -33,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _hw import cpu_peak, gflops_row, gpu_bf16_peak_tflops, native_cpu_bf16, run_child, train_step_flops  # noqa: E402
+from _hw import device_peak, gflops_row, native_cpu_bf16, run_child, train_step_flops  # noqa: E402
 
 ROWS = ("MONAI fp32", "MONAI best", "MONAI best + malloc", "ours", "ours compiled")
 # "MONAI best + malloc": MONAI best with the glibc setting that bsf-nnunet applies on CPU (bsf_nnunet.allocator), which
@@ -160,16 +160,6 @@ def _print_rows(variant, size, ck, rows):
               f"{r['mem_ratio_vs_monai_best']:6.2f} {r['gflops_per_s']:8.1f} {frac:>6s}{comp}")
 
 
-def _peak(device):
-    import torch
-
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        tflops = gpu_bf16_peak_tflops(name)
-        return {"gflops": (tflops or 0) * 1000, "how": f"{name}: dense bf16 peak {tflops} TFLOP/s (data sheet)"}
-    return cpu_peak()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["small"])
@@ -200,7 +190,7 @@ def main(argv=None):
     from bsf_nnunet.network import BSFSwinUNETR
     from bsf_nnunet.planning.presets import variant_arch_kwargs
 
-    peak = _peak(a.device)
+    peak = device_peak(a.device)
     print(f"peak: {peak['how']}")
     print(f"batch {a.batch}, {a.device}, ours with {a.attention} attention; median of {a.rounds} x {a.reps} steps "
           f"after {a.warmup} warm-up; speed-up = MONAI s / row s")

@@ -28,11 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigurationError
+
 ENGINE_ENV = "BSF_CPU_ENGINE"
 CACHE_ENV = "BSF_CACHE_DIR"
 ENGINES = ("openvino", "onnxruntime", "torch")  # the default is the first one installed
 ENGINE_ALIASES = {"ov": "openvino", "ort": "onnxruntime", "onnx": "onnxruntime"}
 ONNX_OPSET = 18
+EXPORT_REVISION = 2  # bumped whenever the exported graph changes for the same weights (part of the file name)
 ARCH_ATTRIBUTES = ("merging", "axis_order")
 
 _printed = set()
@@ -57,8 +60,8 @@ def cpu_engine_choice() -> str:
         return next(e for e in ENGINES if engine_installed(e))
     env = ENGINE_ALIASES.get(env, env)
     if env not in ENGINES:
-        raise ValueError(f"{ENGINE_ENV}={env!r}: use openvino or onnxruntime (ONNX-based CPU inference; the default "
-                         "is the first one installed) or torch (PyTorch fp32, the exact reference path)")
+        raise ConfigurationError(f"{ENGINE_ENV}={env!r}: use openvino or onnxruntime (ONNX-based CPU inference; the "
+                                 "default is the first one installed) or torch (PyTorch fp32, the exact reference)")
     if not engine_installed(env):
         _print_once(f"{ENGINE_ENV}={env} but {env} is not installed (pip install {env}): predicting with PyTorch on "
                     "CPU")
@@ -87,7 +90,7 @@ def weights_version(network: nn.Module) -> tuple:
 def model_digest(network: nn.Module, shape: tuple) -> str:
     """sha256 of the weights, architecture, input shape and exporter versions: the cached ONNX file's name."""
     h = hashlib.sha256()
-    meta = [type(network).__qualname__, tuple(shape), torch.__version__, ONNX_OPSET]
+    meta = [type(network).__qualname__, tuple(shape), torch.__version__, ONNX_OPSET, EXPORT_REVISION]
     meta += [getattr(network, a, None) for a in ARCH_ATTRIBUTES]
     h.update(repr(meta).encode())
     for name, t in network.state_dict().items():
