@@ -25,6 +25,7 @@ each engine with ``ours_torch``. Writes bench/results/predict.json (or --out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -131,7 +132,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
     out = out.reshape(NUM_CLASSES, *shape)
     if labels_out:
         np.save(labels_out, out.argmax(0).to(torch.uint8).cpu().numpy())
-    if getattr(getattr(ours, "cpu_engine", None), "failed", None):
+    if getattr(ours.cpu_engine, "failed", None):  # None for PyTorch and MONAI's network
         extra["engine_failed"] = ours.cpu_engine.failed
     peak = (torch.cuda.max_memory_allocated() / 1024 ** 3 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
@@ -157,8 +158,9 @@ def _export(variant, roi):
     return res
 
 
-def prediction_flops(variant, shape, roi, tta) -> dict:
-    """Floating-point work of one prediction: one window's forward x the sliding-window count x 8 with mirroring."""
+@functools.lru_cache(maxsize=None)
+def _window_work(variant, shape, roi) -> tuple:
+    """(FLOPs of one window's forward, number of sliding windows): counted once per case, whatever the TTA rows."""
     import math
 
     import torch
@@ -169,7 +171,12 @@ def prediction_flops(variant, shape, roi, tta) -> dict:
     with torch.no_grad():
         window = count_flops(ours.torch_forward, torch.zeros(1, 4, *roi, device="meta"))
     padded = [max(s, r) for s, r in zip(shape, roi)]  # both predictors pad a smaller image up to the ROI
-    windows = math.prod(len(s) for s in compute_steps_for_sliding_window(padded, list(roi), 0.5))
+    return window, math.prod(len(s) for s in compute_steps_for_sliding_window(padded, list(roi), 0.5))
+
+
+def prediction_flops(variant, shape, roi, tta) -> dict:
+    """Floating-point work of one prediction: one window's forward x the sliding-window count x 8 with mirroring."""
+    window, windows = _window_work(variant, tuple(shape), tuple(roi))
     return {"window_gflop": window / 1e9, "windows": windows, "gflop": window * windows * (8 if tta else 1) / 1e9}
 
 
