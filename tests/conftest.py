@@ -23,7 +23,10 @@ SLOW_FIRST = ("test_e2e_nnunet.py::test_plan_train_predict_find_best_ensemble",
               "test_demo.py::test_demo_smallest_settings",
               "test_fidelity.py::test_paper_path_stage1_to_predict",
               "test_reliability.py::test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights",
-              "test_reliability.py::test_sigterm_saves_and_continues_and_nan_loss_stops_with_last_checkpoint_intact",
+              "test_reliability.py::test_nan_loss_stops_with_last_checkpoint_intact",
+              "test_preemption.py::test_group_stop_mid_epoch_saves_and_c_continues_as_if_uninterrupted",
+              "test_preemption.py::test_group_stop_during_final_validation_then_val",
+              "test_preemption.py::test_group_stop_through_the_local_executor_is_stopped_then_continued",
               "test_lowdata.py::test_lowdata_end_to_end_with_toy_trainers",
               "test_cluster.py::test_cv_run_local_two_folds_then_find_best",
               "test_e2e_nnunet.py::test_region_based_training_and_validation",
@@ -122,6 +125,46 @@ CI_TRAINERS = textwrap.dedent('''
         def save_checkpoint(self, filename):
             _maybe_hang_in_save()
             super().save_checkpoint(filename)
+
+
+    class BSFTrainer_CIstop(BSFTrainer_CIkill):
+        """For the stop-signal tests: appends each computed training step (epoch, step, case keys, loss) to
+        $CI_STEPS_LOG; at epoch $CI_MARK_EPOCH, step $CI_MARK_STEP it writes $CI_MARKER and makes the later steps of
+        that epoch last 1 s more (a signal then lands mid-epoch). With $CI_SLOW_VALIDATION the final validation's
+        forward passes write $CI_MARKER and last 3 s more."""
+        bsf_recipe = dict(BSFTrainer_CIkill.bsf_recipe, num_epochs=2, num_iterations_per_epoch=4)
+
+        def train_step(self, batch):
+            import json
+
+            computed = not self._bsf_replay
+            out = super().train_step(batch)
+            step = len(self._bsf_epoch_outputs) - 1
+            if computed and os.environ.get("CI_STEPS_LOG"):
+                with open(os.environ["CI_STEPS_LOG"], "a") as f:
+                    f.write(json.dumps([self.current_epoch, step, [str(k) for k in batch["keys"]],
+                                        float(out["loss"])]) + "\\n")
+            mark = (int(os.environ.get("CI_MARK_EPOCH", -1)), int(os.environ.get("CI_MARK_STEP", -1)))
+            if computed and self.current_epoch == mark[0] and step >= mark[1]:
+                if step == mark[1]:
+                    with open(os.environ["CI_MARKER"], "w") as f:
+                        f.write("training")
+                time.sleep(1.0)
+            return out
+
+        def perform_actual_validation(self, save_probabilities=False):
+            if os.environ.get("CI_SLOW_VALIDATION"):
+                net = self.network
+                forward = net.forward
+
+                def slow_forward(*args, **kwargs):
+                    with open(os.environ["CI_MARKER"], "w") as f:
+                        f.write("validation")
+                    time.sleep(3.0)
+                    return forward(*args, **kwargs)
+
+                net.forward = slow_forward
+            super().perform_actual_validation(save_probabilities)
 
 
     class BSFTrainer_CInan(BSFTrainer_CIkill):

@@ -211,9 +211,25 @@ FAKE_TRAIN = textwrap.dedent('''\
         print("Traceback: fake training error", flush=True)
         sys.exit(3)
     open(os.path.join(out, "checkpoint_final.pth"), "w").close()
+    if os.environ.get("FAKE_SKIP_FINAL_VALIDATION") and "--val" not in sys.argv:
+        sys.exit(0)  # as BSFTrainer_ToyFast: trained, no final validation
     os.makedirs(os.path.join(out, "validation"), exist_ok=True)
     open(os.path.join(out, "validation", "summary.json"), "w").write("{}")
 ''')
+
+
+def test_job_validates_after_a_trainer_that_skips_the_final_validation(tmp_path, monkeypatch):
+    """Issue #27: a trainer without final validation ends with checkpoint_final.pth only; the job runs --val for the
+    summary the study reads, and counts as finished only then."""
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    out = tmp_path / "fold_5"
+    monkeypatch.setenv("FAKE_SKIP_FINAL_VALIDATION", "1")
+    cmd = TrainCommand([sys.executable, str(tmp_path / "fake_train.py"), "-device", "cpu", "-pretrained_weights",
+                        "w.pth", "--out", str(out)], str(out), "finetune")
+    assert cmd() == str(out)
+    assert (out / "calls.txt").read_text().splitlines() == [f"-device cpu -pretrained_weights w.pth --out {out}",
+                                                            f"-device cpu --val --out {out}"]
+    assert (out / "validation" / "summary.json").is_file()
 
 
 def test_local_job_at_time_limit_saves_and_is_requeued_with_c(tmp_path, monkeypatch):
@@ -390,9 +406,10 @@ def test_cv_slurm_submits_folds_then_find_best_after_them(env, slurm, capsys):
 
 def test_cv_run_local_two_folds_then_find_best(nnunet_env, prepared, run):
     """Real trainings: folds 1 and 2 (one validation case each) as local jobs side by side, then
-    find_best_configuration's choice."""
+    find_best_configuration's choice. The trainer skips the final validation after training (as BSFTrainer_ToyFast):
+    the job runs --val --npz for the validation that find_best_configuration reads."""
     dataset_id, _, _ = prepared("toy1")
-    tr = "BSFTrainer_CIfast"
+    tr = "BSFTrainer_CIdemo"
     out = run(["bsf-nnunet", "cv", "run", "-d", dataset_id, "-tr", tr, "--folds", "1", "2", "--device", "cpu",
                "--executor", "local", "--max-parallel", "2"], nnunet_env)
     assert "wrote nnU-Net's default 5-fold split" in out

@@ -89,3 +89,48 @@ def test_trainer_classes_pickle_to_workers(method):
     p.join(120)
     assert p.exitcode == 0
     assert q.get(timeout=5) == "bsf_nnunet.training.bsf_trainer.BSFTrainer_Toy"
+
+
+class _ImportsOnAttributeAccess(type(os)):
+    """A module that imports another module whenever an attribute it lacks is read, as a lazily loaded module
+    (importlib.util.LazyLoader) runs its imports on the first attribute access."""
+
+    def __getattr__(self, name):
+        import importlib
+
+        n = len([k for k in sys.modules if k.startswith("_bsf_lazy_child")])
+        sys.modules[f"_bsf_lazy_child{n}"] = type(os)(f"_bsf_lazy_child{n}")
+        importlib.invalidate_caches()
+        raise AttributeError(name)
+
+
+def test_info_finds_trainers_as_nnunet_train_does_despite_lazy_modules(capsys, monkeypatch):
+    """Issue #27: nnU-Net's lookup iterates sys.modules reading each module's __file__; a lazy module imported
+    earlier in the process changes sys.modules during that loop. nnUNetv2_train never has one, so `info` must not
+    report the failure that this process would meet."""
+    from nnunetv2.utilities.find_class_by_name import temporarily_cleanup_imports_from_path
+
+    from bsf_nnunet.cli import info
+
+    monkeypatch.setitem(sys.modules, "_bsf_lazy_parent", _ImportsOnAttributeAccess("_bsf_lazy_parent"))
+    with pytest.raises(RuntimeError, match="dictionary changed size during iteration"):
+        with temporarily_cleanup_imports_from_path(os.path.dirname(__file__)):  # the mechanism, confirmed
+            pass
+    assert info.run(None) == 0
+    out = capsys.readouterr().out
+    assert "trainer discovery: OK, nnUNetv2_train -tr BSFTrainer finds bsf_nnunet.training.bsf_trainer.BSFTrainer" \
+        in out, out
+    for k in [k for k in sys.modules if k.startswith("_bsf_lazy_child")]:
+        del sys.modules[k]
+
+
+def test_info_reports_a_real_discovery_failure(tmp_path):
+    """A trainer folder whose module cannot be imported makes nnUNetv2_train's lookup fail: info says so, with the
+    end of nnU-Net's message."""
+    from bsf_nnunet.cli import info
+
+    mine = tmp_path / "my_trainers"
+    mine.mkdir()
+    (mine / "my_trainer.py").write_text("import not_a_module_bsf_xyz\n")
+    ok, what = info.check_discovery(dict(os.environ, nnUNet_extTrainer=str(mine)))
+    assert not ok and "not_a_module_bsf_xyz" in what, what

@@ -331,6 +331,26 @@ def test_run_with_injected_runner_restartable(env):
     assert not seen and all(j.status == "done" for j in jobs)
 
 
+def test_run_validates_after_a_trainer_that_skips_the_final_validation(env):
+    """Issue #27: the sequential runner follows a training that ended without validation/summary.json (e.g.
+    BSFTrainer_ToyFast) with --val, so the fold is done and the report finds its test-set Dice."""
+    make_preprocessed(env, 10)
+    create_splits(42, [1.0], repeats=1, out=quiet)  # fold 5
+    seen = []
+
+    def fast_train(cmd, log, environ):
+        seen.append(" ".join(cmd[5:]))
+        folder = _fold(env, cmd[cmd.index("-tr") + 1], cmd[3])
+        _touch(folder / "checkpoint_final.pth")
+        if "--val" in cmd:
+            _touch(folder / "validation" / "summary.json")
+        return 0
+
+    jobs = ld_runner.run_lowdata(42, ["T_scratch"], runner=fast_train, out=quiet)
+    assert seen == ["T_scratch -p nnUNetPlans -device cuda", "T_scratch -p nnUNetPlans -device cuda --val"]
+    assert ld_runner.job_status(jobs[0].output_folder, jobs[0].kind) == "done"
+
+
 def test_run_failure_names_fold_and_log(env, monkeypatch, capsys):
     make_preprocessed(env, 10)
     create_splits(42, [1.0], repeats=1, out=quiet)
@@ -582,7 +602,9 @@ def test_report_names_stage2_mode(env):
 
 def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_path):
     """splits -> run as local jobs, two at a time (real nnUNetv2_train: the fold's own stage 2 and the scratch
-    baseline together, then the fine-tuning from that stage 2) -> status at each step -> report."""
+    baseline together, then the fine-tuning from that stage 2) -> status at each step -> report. The trainers skip
+    nnU-Net's final validation after training, as the fast demo trainers (BSFTrainer_ToyFast) do: the study runs
+    --val for the test-set summary it reports (issue #27)."""
     import glob
     import io
     from pathlib import Path
@@ -591,7 +613,7 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_pat
     dataset_id, full, _ = prepared("toy1")  # 6 training cases
     run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "--repeats", "1",
          "--test-fraction", "0.34", "--seed", "0"], env)  # fold 5: 2 of the 4 non-test cases; fold 6: for shared
-    trainers = ["BSFTrainer_CIfast", "BSFTrainer_CIfast_scratch"]
+    trainers = ["BSFTrainer_CIdemo", "BSFTrainer_CIdemo_scratch"]
     pre = "BSFPretrainTrainer_CIfast"
     status = ["bsf-nnunet", "lowdata", "status", "-d", dataset_id, "--trainers", *trainers, "--pretrain-trainer", pre]
     rows = json.loads(run(status + ["--json"], env))
@@ -613,10 +635,15 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_pat
     stage2 = os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_5", "checkpoint_final.pth")
     assert os.path.isfile(stage2) and not os.path.isdir(os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres",
                                                                       "fold_6"))
-    (log_file,) = glob.glob(os.path.join(results, f"{trainers[0]}__nnUNetPlans__3d_fullres", "fold_5",
-                                         "training_log_*.txt"))
-    log = Path(log_file).read_text()
+    log_files = glob.glob(os.path.join(results, f"{trainers[0]}__nnUNetPlans__3d_fullres", "fold_5",
+                                       "training_log_*.txt"))
+    assert len(log_files) == 2  # the training, then its --val
+    log = "".join(Path(f).read_text() for f in log_files)
     assert f"Initialised from {stage2}" in log  # the fine-tuning starts from the fold's own stage 2
+    assert "skips the final validation after training" in log  # ... and the study validated it with --val:
+    for tr in trainers:
+        fold = os.path.join(results, f"{tr}__nnUNetPlans__3d_fullres", "fold_5")
+        assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
     # a second run has nothing left to do
     out = run(["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", *trainers, "--device", "cpu",
                "--dry-run", "--pretrain-trainer", pre], env)

@@ -1,9 +1,10 @@
 """What a job runs: one stock ``nnUNetv2_train`` command, as ``lowdata run --dry-run`` prints it.
 
 The command is chosen when the job starts, from the training's folder (``runner.command_for``): a requeued or
-resubmitted job continues with ``--c``, a trained one without validation runs ``--val``, a finished one does
-nothing. On pre-emption or at the time limit submitit calls ``checkpoint``: the training is asked to save
-(SIGUSR1, the trainers save ``checkpoint_latest.pth`` and exit) and the same ``TrainCommand`` is requeued.
+resubmitted job continues with ``--c``, a trained one without validation runs ``--val`` (also right after a
+trainer that skips nnU-Net's final validation), a finished one does nothing. On pre-emption or at the time limit
+submitit calls ``checkpoint``: the training is asked to save (SIGUSR1, the trainers save ``checkpoint_latest.pth``
+and exit) and the same ``TrainCommand`` is requeued.
 """
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..lowdata.runner import FoldLock, command_for, executable, job_status
+from ..lowdata.runner import FoldLock, StopSignals, command_for, executable, job_status, run_to_measure
 
 END_MARK = "bsf-nnunet: the training process exited with code"
+# printed when a training exited 0 before its end (a stop signal: it saved checkpoint_latest.pth): the job is
+# "stopped", not "failed", and the next `run` continues it with --c
+STOP_MARK = "bsf-nnunet: the training stopped before its end and saved its state"
+
+
+def was_stopped(log_lines: List[str]) -> bool:
+    """Whether a job's log (its lines up to the training's exit) ends with a stop, not a failure."""
+    return any(line.startswith(STOP_MARK) for line in log_lines[-5:])
 
 
 def _ignore_submitit_signal() -> None:
@@ -59,15 +68,17 @@ class TrainCommand:
             raise RuntimeError(f"Another process holds {self.lock}: it is training {self.output_folder} (e.g. a "
                                f"sequential `run`). Run `run` again once it has finished.")
         try:
-            rc = self._run(argv)
+            with StopSignals() as stop:  # a stop signal: the training saves; no --val after it
+                self._stop = stop
+                rc = run_to_measure(argv, self.fresh_cmd, self.output_folder, self.kind, self._run, stop)
         finally:
             if lock is not None:
                 lock.release()
         if rc != 0:
             raise RuntimeError(f"{shlex.join(argv)} exited with code {rc} (its output is above in this log).")
         if job_status(self.output_folder, self.kind) != "done":
-            raise RuntimeError(f"{shlex.join(argv)} stopped before the end (pre-empted, or BSF_STOP_AFTER_EPOCH); "
-                               f"checkpoint_latest.pth is kept and the next `run` continues it with --c.")
+            print(f"{STOP_MARK} (a stop signal, or BSF_STOP_AFTER_EPOCH): {shlex.join(argv)}; the next `run` "
+                  "continues it with --c (or validates it with --val).", flush=True)
         return self.output_folder
 
     def _run(self, argv: List[str]) -> int:
@@ -75,6 +86,8 @@ class TrainCommand:
         sys.stderr.flush()
         self._proc = subprocess.Popen(executable(argv), stderr=subprocess.STDOUT,
                                       preexec_fn=_ignore_submitit_signal)
+        if getattr(self, "_stop", None) is not None:
+            self._stop.child = self._proc
         # poll, not wait(): checkpoint() polls the same process from a signal handler
         while self._proc.poll() is None:
             time.sleep(1.0)
@@ -98,4 +111,5 @@ class TrainCommand:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_proc", None)  # a requeued job starts its own process
+        state.pop("_stop", None)
         return state

@@ -136,7 +136,7 @@ def _local_state(entry: dict) -> str:
 
 def log_tail(entry: dict, lines: int = 15) -> List[str]:
     """The last lines of a job's log up to the training's exit (submitit's own traceback after it is left out)."""
-    from .command import END_MARK
+    from .command import END_MARK, STOP_MARK
 
     path = entry.get("log", "")
     if not path or not os.path.isfile(path):
@@ -144,4 +144,6 @@ def log_tail(entry: dict, lines: int = 15) -> List[str]:
     with open(path, encoding="utf-8", errors="replace") as f:
         text = [line.rstrip("\n") for line in f.readlines()]
     ends = [i for i, line in enumerate(text) if line.startswith(END_MARK)]
+    if ends and ends[-1] + 1 < len(text) and text[ends[-1] + 1].startswith(STOP_MARK):
+        ends[-1] += 1  # the job's own verdict: stopped, not failed
     return text[:ends[-1] + 1][-lines:] if ends else text[-lines:]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..lowdata.common import results_dir
-from ..lowdata.runner import Job, TrainingFailed, describe, job_status
-from .command import TrainCommand
+from ..lowdata.runner import Job, StopSignals, TrainingFailed, describe, job_status
+from .command import TrainCommand, was_stopped
 from .executors import ACTIVE, job_folder, job_states, log_tail, make_executor, submit
 from .options import ClusterOptions
 from .registry import Registry, job_key
@@ -28,6 +28,7 @@ class Outcome:
     ids: Dict[str, str] = field(default_factory=dict)  # key -> id of its queued, running or new job
     submitted: List[str] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)  # local: failed in this run
+    stopped: List[str] = field(default_factory=list)  # local: stopped by a signal in this run (saved; run continues)
     skipped: List[str] = field(default_factory=list)
     done: int = 0
 
@@ -53,6 +54,7 @@ def _summary(jobs: Sequence[Job], outcome: Outcome, opts: ClusterOptions, dry_ru
     out(f"{len(jobs)} trainings: {outcome.done} already done, {verb} {len(outcome.submitted)}"
         + (f", {active} already queued or running" if active > 0 else "")
         + (f", {len(outcome.skipped)} skipped" if outcome.skipped else "")
+        + (f", {len(outcome.stopped)} stopped (saved; run again to continue them)" if outcome.stopped else "")
         + (f", {len(outcome.failed)} failed" if outcome.failed else ""))
     if opts.executor == "slurm" and outcome.submitted and not dry_run:
         out("Follow them with `bsf-nnunet lowdata status -d ...` (or `cv status`); `run` again resubmits what failed.")
@@ -79,10 +81,17 @@ def _needed_key(dataset_name: str, job: Job) -> Optional[str]:
     return job_key(dataset_name, os.path.dirname(job.needs))
 
 
-def _report_ended(head: str, entry: dict, out: Out) -> None:
-    tail = "\n".join("    " + line for line in log_tail(entry))
+def _report_ended(head: str, entry: dict, out: Out) -> bool:
+    """Say how a job that left its training unfinished ended; True when it was stopped (saved), not failed."""
+    lines = log_tail(entry)
+    if was_stopped(lines):
+        out(f"{head}: its {entry['executor']} job {entry['job_id']} was stopped (a stop signal; it saved its state: "
+            f"{entry.get('log')}); it continues from there")
+        return True
+    tail = "\n".join("    " + line for line in lines)
     out(f"{head}: its {entry['executor']} job {entry['job_id']} ended without finishing the training; the end of "
         f"its log {entry.get('log')}:\n{tail}")
+    return False
 
 
 def _active_note(entry: dict, state: str, registry_path: str) -> str:
@@ -178,11 +187,17 @@ def _run_local(jobs: Sequence[Job], opts: ClusterOptions, name: str, device: str
         else:
             pending.append(job)
     running: Dict[str, _Running] = {}
-    while pending or running:
-        _start_ready(pending, running, pool, per, slots, opts, name, heads, outcome, out)
-        if running:
-            time.sleep(poll_s)
-        _collect_finished(running, pool, heads, outcome, out)
+    with StopSignals() as stop:  # a stop signal: the running jobs save and stop, no new one starts
+        while pending or running:
+            if stop.received and pending:
+                out(f"Received {stop.received}: {len(pending)} training(s) not started; run the same command again "
+                    "to continue.")
+                pending.clear()
+            _start_ready(pending, running, pool, per, slots, opts, name, heads, outcome, out)
+            stop.children = [p for p in (getattr(r.sjob, "_process", None) for r in running.values()) if p]
+            if running:
+                time.sleep(poll_s)
+            _collect_finished(running, pool, heads, outcome, out)
     return outcome
 
 
@@ -242,6 +257,5 @@ def _collect_finished(running: Dict[str, _Running], pool: List[int], heads: Dict
         if job_status(r.job.output_folder, r.job.kind) == "done":
             out(f"{heads[key]}: finished ({time.time() - r.start:.0f} s)")
             continue
-        outcome.failed.append(key)
-        _report_ended(heads[key], {"executor": "local", "job_id": r.sjob.job_id, "log": str(r.sjob.paths.stdout)},
-                      out)
+        entry = {"executor": "local", "job_id": r.sjob.job_id, "log": str(r.sjob.paths.stdout)}
+        (outcome.stopped if _report_ended(heads[key], entry, out) else outcome.failed).append(key)

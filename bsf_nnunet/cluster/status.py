@@ -1,5 +1,6 @@
-"""Per fold and trainer: done / running / queued / failed / interrupted / not started (/ unknown), from the results
-folders and the states of the jobs in ``jobs.json``."""
+"""Per fold and trainer: done / running / queued / stopped / failed / interrupted / not started (/ unknown), from the
+results folders and the states of the jobs in ``jobs.json``. A stopped job saved its state on a stop signal (the next
+``run`` continues it); a failed one ended with an error."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ from typing import Callable, List, Sequence
 
 from ..lowdata.common import fmt_fraction
 from ..lowdata.runner import Job
+from .command import was_stopped
 from .executors import ACTIVE, job_states, log_tail
 from .registry import Registry, job_key
 
-STATUSES = ("done", "running", "queued", "failed", "interrupted", "not started", "unknown")
+STATUSES = ("done", "running", "queued", "stopped", "failed", "interrupted", "not started", "unknown")
 
 
 def collect(jobs: Sequence[Job], dataset_name: str) -> List[dict]:
@@ -33,8 +35,8 @@ def _status(folder_status: str, entry, state) -> str:
         return "done"
     if state in ACTIVE or state == "unknown":
         return state
-    if entry is not None:
-        return "failed"  # its job ended, the training did not finish
+    if entry is not None:  # its job ended, the training did not finish: stopped (a signal, saved) or failed
+        return "stopped" if was_stopped(log_tail(entry)) else "failed"
     return "interrupted" if folder_status in ("resume", "validate") else "not started"
 
 

@@ -1,9 +1,10 @@
 """Train every low-data fold with every trainer by calling ``nnUNetv2_train`` in subprocesses.
 
 Restartable at any time: a fold with ``checkpoint_final.pth`` is skipped (or only validated, with ``--val``, when its
-``validation/summary.json`` is missing), a fold with ``checkpoint_latest.pth``/``checkpoint_best.pth`` is continued
-with ``--c``, others start fresh. Each (trainer, fold) holds an flock while it runs, so several ``lowdata run``
-processes (e.g. one per GPU) share the work without training a fold twice.
+``validation/summary.json`` is missing, also right after a trainer that skips nnU-Net's final validation), a fold
+with ``checkpoint_latest.pth``/``checkpoint_best.pth`` is continued with ``--c``, others start fresh. Each (trainer,
+fold) holds an flock while it runs, so several ``lowdata run`` processes (e.g. one per GPU) share the work without
+training a fold twice.
 
 Stage 2 (``--stage2``, see ``stage2.py``): by default every low-data fold is first pretrained on its own training
 cases (the pretrained trainer's ``BSFPretrainTrainer*`` on the same fold, ``-pretrained_weights`` = the stage-1
@@ -13,12 +14,15 @@ pretraining fails loudly instead of falling back to random initialisation). A pr
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -132,6 +136,63 @@ def command_for(fresh: List[str], status: str) -> List[str]:
     return cmd
 
 
+def run_to_measure(first_cmd: List[str], fresh: List[str], folder: str, kind: str,
+                   run: Callable[[List[str]], int], stop: Optional["StopSignals"] = None) -> int:
+    """Run ``first_cmd``, then ``--val`` when the training ended with ``checkpoint_final.pth`` but without the
+    validation a study reads (``validation/summary.json``, and the .npz files for cross-validation): trainers such as
+    BSFTrainer_ToyFast skip nnU-Net's final validation after training. Returns the first non-zero exit code, else 0.
+    A training that stopped early (a stop signal, seen by ``stop``) is left as it is: the next run continues it."""
+    rc = run(list(first_cmd))
+    if rc == 0 and "--val" not in first_cmd and job_status(folder, kind) == "validate" \
+            and not (stop and stop.received):
+        rc = run(command_for(fresh, "validate"))
+    return rc
+
+
+class StopSignals:
+    """While this process runs trainings: a stop signal (SIGTERM, SIGUSR1) is recorded and passed on to the running
+    trainings (``children``: their processes), which save and exit 0; no further training starts. A signal sent to the
+    whole process group reaches the trainings directly too: the trainers act on the first one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.children: list = []  # the running trainings' processes (subprocess.Popen)
+        self._old = {}
+
+    @property
+    def child(self):
+        return self.children[-1] if self.children else None
+
+    @child.setter
+    def child(self, process) -> None:
+        self.children = [process]
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(OSError):
+                    child.send_signal(signum)
+
+    def __enter__(self) -> "StopSignals":
+        global _ACTIVE_STOP
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        _ACTIVE_STOP = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE_STOP
+        _ACTIVE_STOP = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+_ACTIVE_STOP: Optional[StopSignals] = None  # subprocess_runner hands its training process to it
+
+
 def _check_trainers_and_device(trainers: Sequence[str], device: str) -> None:
     if not trainers:
         raise ValueError("--trainers needs at least one trainer, e.g. --trainers BSFTrainer BSFTrainer_scratch.")
@@ -212,6 +273,8 @@ def subprocess_runner(cmd: List[str], log: str, env: dict) -> int:
         lf.flush()
         p = subprocess.Popen(executable(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace", bufsize=1)
+        if _ACTIVE_STOP is not None:
+            _ACTIVE_STOP.child = p
         try:
             for line in p.stdout:
                 sys.stdout.write(line)
@@ -287,13 +350,19 @@ def run_sequential(jobs: Sequence[Job], dry_run: bool = False, runner: Optional[
     """Run (or list) the jobs one after the other in this process; returns the counts done / run / busy."""
     runner = runner or subprocess_runner
     env = dict(os.environ if env is None else env)
-    counts = {"done": 0, "run": 0, "busy": 0}
-    for i, job in enumerate(jobs, 1):
-        counts[_do_job(job, f"[{i}/{len(jobs)}] {describe(job)}", dry_run, runner, env, out)] += 1
+    counts = {"done": 0, "run": 0, "busy": 0, "stopped": 0}
+    with StopSignals() as stop:
+        for i, job in enumerate(jobs, 1):
+            if stop.received:
+                out(f"Received {stop.received}: the remaining trainings are not started; run the same command again "
+                    "to continue.")
+                break
+            counts[_do_job(job, f"[{i}/{len(jobs)}] {describe(job)}", dry_run, runner, env, out, stop)] += 1
     n_pre = sum(j.kind == "pretrain" for j in jobs)
     verb = "would run" if dry_run else "ran"
     out(f"{len(jobs)} trainings{f' ({n_pre} of them stage-2 pretrainings)' if n_pre else ''}: {counts['done']} "
         f"already done, {verb} {counts['run']}"
+        + (f", {counts['stopped']} stopped (saved; run again to continue)" if counts["stopped"] else "")
         + (f", {counts['busy']} busy in another process" if counts["busy"] else ""))
     return counts
 
@@ -333,8 +402,9 @@ def _note_weights(mode: str, weights: Optional[str], trainers: Sequence[str], ou
             "line of the training logs.")
 
 
-def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: Callable[[str], None]) -> str:
-    """Run (or list) one job; returns 'done', 'run' or 'busy'. Raises TrainingFailed on a failure."""
+def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: Callable[[str], None],
+            stop: Optional[StopSignals] = None) -> str:
+    """Run (or list) one job; returns 'done', 'run', 'stopped' or 'busy'. Raises TrainingFailed on a failure."""
     if job.status == "done":
         out(f"{head}: done, skipped ({job.output_folder}/checkpoint_final.pth)")
         return "done"
@@ -356,7 +426,8 @@ def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: 
             out(f"{head}: done meanwhile, skipped")
             return "done"
         out(f"{head}: {what}\n  {job.command_line}\n  log: {job.log}")
-        rc = runner(list(job.cmd), job.log, env)
+        rc = run_to_measure(job.cmd, job.fresh_cmd, job.output_folder, job.kind,
+                            lambda cmd: runner(cmd, job.log, env), stop)
     finally:
         lock.release()
     if rc != 0:
@@ -366,4 +437,9 @@ def _do_job(job: Job, head: str, dry_run: bool, runner: Runner, env: dict, out: 
             f"{job.trainer} failed (exit code {rc}). Log: {job.log}; nnU-Net's own log: "
             f"{job.output_folder}/training_log_*.txt. Fix the cause and run the same command again: finished "
             f"steps are skipped and this one continues from its last checkpoint.")
+    if job_status(job.output_folder, job.kind) != "done":  # exit code 0 before the end: a stop, saved
+        why = f"received {stop.received}" if stop is not None and stop.received else "a stop signal or " \
+            "BSF_STOP_AFTER_EPOCH"
+        out(f"{head}: stopped before its end ({why}); it saved its state and the next run continues it")
+        return "stopped"
     return "run"

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pydoc
-import signal
-import threading
 import weakref
 
 import torch
@@ -31,9 +29,9 @@ from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
 from .lr import WarmupCosineLR
 from .predict_checks import install_prediction_input_checks, record_training_orientations
+from .preemption import STOP_AFTER_EPOCH_ENV, PreemptionMixin, StopRequested  # noqa: F401 (STOP_AFTER_EPOCH_ENV)
 
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
-STOP_AFTER_EPOCH_ENV = "BSF_STOP_AFTER_EPOCH"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
 # what nnUNetv2_train --c may continue from, newest first (checkpoint_final.pth ends a training)
 RESUMABLE_CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_best.pth")
@@ -129,7 +127,7 @@ def saved_arch_kwargs(checkpoint: dict, configuration: str) -> dict:
     return dict((conf.get("architecture") or {}).get("arch_kwargs") or {})
 
 
-class BSFTrainer(nnUNetTrainer):
+class BSFTrainer(PreemptionMixin, nnUNetTrainer):
     """Small variant (depths 2-2-6-2, 64.1 M parameters): the paper's best model (BF-S 64M)."""
 
     bsf_variant = "small"
@@ -247,7 +245,8 @@ class BSFTrainer(nnUNetTrainer):
         release_free_cpu_memory()  # the training steps' freed blocks (kept for reuse on CPU) are not needed now
         configure_cpu_engine(_unwrap(self.network))
         try:
-            super().perform_actual_validation(save_probabilities)
+            # a stop signal ends it at once (checkpoint_final.pth is complete; --val validates again)
+            self._run_final_validation(lambda: super(BSFTrainer, self).perform_actual_validation(save_probabilities))
         finally:
             configure_cpu_engine(_unwrap(self.network), "torch")
 
@@ -393,6 +392,7 @@ class BSFTrainer(nnUNetTrainer):
         _unwrap(self.network).load_state_dict(strip_prefix(checkpoint["network_weights"], "module."))
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
+        self._take_partial_epoch(checkpoint["logging"])  # a stop in the middle of an epoch: its finished steps
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
@@ -431,57 +431,22 @@ class BSFTrainer(nnUNetTrainer):
     def on_train_start(self):
         from .guards import before_training
 
+        self._install_preemption_handlers()  # before the augmentation workers fork (they inherit it)
         before_training(self)  # one run per fold (a lock), finite raw images
         if not self.was_initialized:
             self.initialize()
         self._maybe_chain_pretraining()
         record_training_orientations(self)  # into plans.json, for nnUNetv2_predict's orientation check
         super().on_train_start()
-        self._install_preemption_handlers()
 
-    # ------------------------------------------------------------------ pre-emption
-    def _install_preemption_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (cluster pre-emption): finish the current iteration, save, exit 0; --c continues."""
-        self._bsf_stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return
+    def run_training(self):
+        """nnU-Net's training loop; a stop signal before the first step of this run finished ends it at once."""
+        try:
+            super().run_training()
+        except StopRequested as stop:
+            self._stopped_while_starting(stop)
 
-        def handler(signum, frame):
-            self._bsf_stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
-    def _stop_now(self, reason: str) -> None:
-        # checkpoints store current_epoch + 1 as the epoch to run next: after an epoch (counter already advanced)
-        # that is the next epoch; in the middle of one it is the unfinished epoch, redone after --c
-        self.current_epoch -= 1
-        self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        self.current_epoch += 1
-        self.print_to_log_file(f"{reason}: saved checkpoint_latest.pth and stopped. Continue with the same "
-                               "nnUNetv2_train command plus --c.")
-        self._shut_down_dataloaders()
-        raise SystemExit(0)
-
-    def _shut_down_dataloaders(self) -> None:
-        """Stop the augmentation workers and join their threads, as nnU-Net's ``on_train_end`` does. Exiting with
-        them still running lets the interpreter tear down under live threads (an abort, exit code -6, seen once in
-        CI after a stop)."""
-        for loader in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
-            finish = getattr(loader, "_finish", None)
-            if finish is not None:
-                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-                    finish()
-
-    def _check_stop(self, end_of_epoch: bool) -> None:
-        sig = getattr(self, "_bsf_stop_signal", None)
-        if sig:
-            self._stop_now(f"Received {sig}")
-        env = os.environ.get(STOP_AFTER_EPOCH_ENV)
-        if end_of_epoch and env not in (None, "") and self.current_epoch - 1 >= int(env) \
-                and self.current_epoch < self.num_epochs:
-            self._stop_now(f"{STOP_AFTER_EPOCH_ENV}={env} reached")
-
+    # ------------------------------------------------------------------ pre-emption (preemption.py)
     def on_epoch_end(self):
         super().on_epoch_end()
         self._check_stop(end_of_epoch=True)
@@ -551,6 +516,7 @@ class BSFTrainer(nnUNetTrainer):
         return tuple(streams)
 
     def on_train_epoch_start(self):
+        self._start_epoch_record()
         if self.bsf_seed is not None:
             self._seed_epoch()
         if self.bsf_freeze_encoder_epochs:
@@ -613,6 +579,9 @@ class BSFTrainer(nnUNetTrainer):
         """nnU-Net's step (bf16 autocast on CUDA where supported and on CPUs with native bf16, loss in fp32,
         clipping at 12) that refuses non-finite losses and gradients and explains out-of-memory errors."""
         self._check_stop(end_of_epoch=False)
+        replayed = self._skipped_step()  # after --c from a stop in the middle of an epoch: its finished steps
+        if replayed is not None:
+            return replayed
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         if isinstance(target, list):
@@ -644,9 +613,10 @@ class BSFTrainer(nnUNetTrainer):
                 if not torch.isfinite(grad_norm):
                     self._unhealthy("The gradient norm", grad_norm.item())
                 self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+        return self._note_step({"loss": loss.detach().cpu().numpy()})
 
     def validation_step(self, batch: dict) -> dict:
+        self._check_stop(end_of_epoch=False)
         with _autocast_dtype(self.device.type, self.bsf_amp_dtype):
             return super().validation_step(batch)
 

@@ -11,6 +11,7 @@ batch's position in the run alone, with nnU-Net's augmentation workers too (see 
 """
 from __future__ import annotations
 
+import multiprocessing
 import random
 
 import numpy as np
@@ -22,6 +23,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nn
 
 from ..datasets.check import preprocessed_case_error
 from ..errors import BSFError
+from .preemption import ignore_stop_signals
 
 
 class PreprocessedCaseError(BSFError, RuntimeError):
@@ -68,6 +70,8 @@ class SeededDataLoader(nnUNetDataLoader):
     def set_thread_id(self, thread_id):
         """Called in each worker process before its first batch."""
         super().set_thread_id(thread_id)
+        if multiprocessing.parent_process() is not None:  # a worker process (never the trainer's own)
+            ignore_stop_signals()  # a stop signal to the whole process group: the trainer stops and shuts us down
         self.bsf_next = self.bsf_start + int(thread_id)
         # a forked worker that uses torch's inherited intra-op thread pool deadlocks (nnU-Net's own augmenter also
         # sets 1 thread in its workers; batchgenerators' MultiThreadedAugmenter does not)

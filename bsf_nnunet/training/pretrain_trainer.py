@@ -30,6 +30,7 @@ from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
 from .lr import WarmupCosineLR
+from .preemption import PARTIAL_EPOCH_KEY
 from .ssl_data import SSLCropLoader
 
 SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1")
@@ -204,6 +205,7 @@ class BSFPretrainTrainer(BSFTrainer):
     def on_train_start(self):
         from .guards import before_training
 
+        self._install_preemption_handlers()
         before_training(self)  # one run per fold (a lock), finite raw images
         if not self.was_initialized:
             self.initialize()
@@ -222,7 +224,6 @@ class BSFPretrainTrainer(BSFTrainer):
         self.global_step = self.current_epoch * self.num_iterations_per_epoch
         self.print_to_log_file(f"Self-supervised pretraining, stage {self.bsf_stage}"
                                + (f" (parent: {self.bsf_parent})" if self.bsf_parent else ""))
-        self._install_preemption_handlers()
 
     def _view_generator(self, epoch: int, val: bool) -> torch.Generator:
         rank = dist.get_rank() if self.is_ddp else 0
@@ -231,6 +232,7 @@ class BSFPretrainTrainer(BSFTrainer):
         return g
 
     def on_train_epoch_start(self):
+        self._start_epoch_record()
         self.network.train()
         self.dataloader_train.set_epoch(self.current_epoch)
         self._gen_train = self._view_generator(self.current_epoch, False)
@@ -256,6 +258,13 @@ class BSFPretrainTrainer(BSFTrainer):
 
     def train_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
+        replayed = self._skipped_step()  # after --c from a stop in the middle of an epoch: its finished steps
+        if replayed is not None:
+            from ..ssl.views import make_views
+
+            make_views(torch.from_numpy(batch["data"]), self._gen_train)  # the finished step's random draws
+            self.global_step += 1
+            return replayed
         self.lr_scheduler.step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         with self._oom_guard():
@@ -277,7 +286,7 @@ class BSFPretrainTrainer(BSFTrainer):
                                    "a lower learning rate.")
         self.optimizer.step()
         self.global_step += 1
-        return {"loss": total.detach().cpu().numpy(), **{k: float(v) for k, v in parts.items()}}
+        return self._note_step({"loss": total.detach().cpu().numpy(), **{k: float(v) for k, v in parts.items()}})
 
     def _reduce(self, values):
         m = float(np.mean(values))
@@ -298,6 +307,7 @@ class BSFPretrainTrainer(BSFTrainer):
         self._gen_val = self._view_generator(self.current_epoch, True)
 
     def validation_step(self, batch: dict) -> dict:
+        self._check_stop(end_of_epoch=False)
         total, parts = self._forward_losses(batch, self._gen_val)
         return {"loss": total.detach().cpu().numpy(), **{k: float(v) for k, v in parts.items()}}
 
@@ -366,7 +376,8 @@ class BSFPretrainTrainer(BSFTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0 or self.disable_checkpointing:
             return
-        log = {k: [float(x) if not isinstance(x, list) else [float(y) for y in x] for x in v]
+        log = {k: v if k == PARTIAL_EPOCH_KEY else [float(x) if not isinstance(x, list) else [float(y) for y in x]
+                                                    for x in v]
                for k, v in self.logger.local_logger.my_fantastic_logging.items()}
         checkpoint = {
             "network_weights": self._module.state_dict(),
@@ -402,6 +413,7 @@ class BSFPretrainTrainer(BSFTrainer):
         self.current_epoch = int(ckpt["current_epoch"])
         self.global_step = int(ckpt.get("global_step", self.current_epoch * self.num_iterations_per_epoch))
         self._best_ema = ckpt.get("_best_ema")
+        self._take_partial_epoch(ckpt.get("logging"))  # a stop in the middle of an epoch: its finished steps
         for k, v in ckpt.get("logging", {}).items():
             self.logger.local_logger.my_fantastic_logging[k] = list(v)
         self.bsf_stage = meta.get("stage", self.bsf_stage)

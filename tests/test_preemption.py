@@ -1,0 +1,137 @@
+"""Stop signals as clusters send them (issue #33): SIGTERM to the whole process group of a training, augmentation
+workers on, in the middle of an epoch, during the final validation, and through `lowdata run --executor local`.
+Each ends within 30 s with exit code 0, the last consistent state saved, no partial files and a log line; --c (or
+--val) then finishes the training."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+TRAINER = "BSFTrainer_CIstop"
+STOP_WITHIN_S = 30
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _start(cmd, env):
+    """``cmd`` in a process group of its own (as a cluster job step), its output in a pipe."""
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(marker, p, timeout=600):
+    t0 = time.time()
+    while not os.path.exists(marker):
+        if p.poll() is not None:
+            raise AssertionError(f"ended (rc {p.returncode}) before {marker} appeared:\n{p.stdout.read()[-5000:]}")
+        if time.time() - t0 > timeout:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError(f"{marker} did not appear within {timeout} s")
+        time.sleep(0.1)
+
+
+def _stop_group(p, sig=signal.SIGTERM):
+    """Signal every process of p's group; (return code, seconds until p exited, output)."""
+    t0 = time.time()
+    os.killpg(p.pid, sig)
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return p.returncode, time.time() - t0, out
+
+
+def _no_partial_files(folder):
+    left = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".tmp")]
+    assert not left, left
+
+
+def _steps(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _env(nnunet_env, tmp_path, **extra):
+    # augmentation workers on (they get the signal too); fp32 for the resume comparison
+    return dict(nnunet_env, nnUNet_n_proc_DA="2", BSF_CPU_BF16="0", CI_MARKER=str(tmp_path / "marker"), **extra)
+
+
+def test_group_stop_mid_epoch_saves_and_c_continues_as_if_uninterrupted(nnunet_env, prepared, run, tmp_path,
+                                                                        resumed_like_straight):
+    dataset_id, full, _ = prepared("toy1")
+    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
+    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{TRAINER}__nnUNetPlans__3d_fullres", "fold_0")
+    straight_log, stopped_log = str(tmp_path / "straight.jsonl"), str(tmp_path / "stopped.jsonl")
+
+    run(cmd, _env(nnunet_env, tmp_path, CI_STEPS_LOG=straight_log))  # reference: 2 epochs x 4 steps, no stop
+    straight = _load(os.path.join(fold, "checkpoint_final.pth"))
+    os.rename(fold, fold + "_straight")
+
+    env = _env(nnunet_env, tmp_path, CI_STEPS_LOG=stopped_log, CI_MARK_EPOCH="1", CI_MARK_STEP="1")
+    p = _start(cmd, env)
+    _wait_for(env["CI_MARKER"], p)  # epoch 1 has finished 2 of its 4 steps; each later step takes 1 s more
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
+    assert "Received SIGTERM: saved checkpoint_latest.pth after " in out and "of epoch 1's 4 training steps" in out
+    assert "One or more background workers are no longer alive" not in out and "Traceback" not in out, out[-4000:]
+    latest = _load(os.path.join(fold, "checkpoint_latest.pth"))
+    assert latest["current_epoch"] == 1 and not os.path.exists(os.path.join(fold, "checkpoint_final.pth"))
+    _no_partial_files(fold)
+    done_before = len(_steps(stopped_log))
+    assert 6 <= done_before < 8  # epoch 0, then 2 or 3 steps of epoch 1
+
+    out = run(cmd + ["--c"], env | {"CI_MARK_EPOCH": "-1"})
+    assert f"Continuing epoch 1 after its {done_before - 4} finished training steps" in out
+    resumed = _load(os.path.join(fold, "checkpoint_final.pth"))
+    # every step computed once, on the same cases as the uninterrupted run, at the same losses (up to CPU rounding)
+    got, want = _steps(stopped_log), _steps(straight_log)
+    assert [s[:3] for s in got] == [s[:3] for s in want]
+    assert torch.allclose(torch.tensor([s[3] for s in got]), torch.tensor([s[3] for s in want]), rtol=2e-3)
+    resumed_like_straight(straight, resumed, latest)
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+
+
+def test_group_stop_during_final_validation_then_val(nnunet_env, prepared, run, tmp_path):
+    dataset_id, full, _ = prepared("toy1")
+    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu"]
+    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{TRAINER}__nnUNetPlans__3d_fullres", "fold_1")
+    env = _env(nnunet_env, tmp_path, CI_SLOW_VALIDATION="1")
+    p = _start(cmd, env)
+    _wait_for(env["CI_MARKER"], p)  # the first forward pass of the final validation
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
+    assert "Received SIGTERM during the final validation: checkpoint_final.pth is complete" in out, out[-4000:]
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert not os.path.exists(os.path.join(fold, "validation"))  # nothing half-validated is left
+    _no_partial_files(fold)
+    run(cmd + ["--val"], dict(env, CI_SLOW_VALIDATION=""))
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+
+
+def test_group_stop_through_the_local_executor_is_stopped_then_continued(nnunet_env, prepared, run, tmp_path):
+    dataset_id, full, _ = prepared("toy1")
+    run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "--repeats", "1",
+         "--test-fraction", "0.34", "--seed", "0"], nnunet_env)  # fold 5
+    trainer = f"{TRAINER}_scratch"
+    ext = os.path.join(nnunet_env["nnUNet_extTrainer"], "ci_trainers.py")
+    with open(ext, "a") as f:
+        f.write(f"\n\nclass {trainer}({TRAINER}):\n    bsf_use_pretraining = False\n")
+    env = _env(nnunet_env, tmp_path, CI_MARK_EPOCH="0", CI_MARK_STEP="1")
+    lowdata = ["bsf-nnunet", "lowdata", "run", "-d", dataset_id, "--trainers", trainer, "--device", "cpu",
+               "--executor", "local"]
+    p = _start(lowdata, env)
+    _wait_for(env["CI_MARKER"], p)
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S + 10, (rc, took, out[-4000:])  # + the local job's own start/stop
+    assert "1 trainings: 0 already done, ran 1, 1 stopped (saved; run again to continue them)" in out, out[-4000:]
+    status = ["bsf-nnunet", "lowdata", "status", "-d", dataset_id, "--trainers", trainer, "--json"]
+    assert [r["status"] for r in json.loads(run(status, env))] == ["stopped"]
+    out = run(lowdata, dict(env, CI_MARK_EPOCH="-1"))
+    assert "was stopped (a stop signal; it saved its state" in out and "ran 1" in out
+    assert [r["status"] for r in json.loads(run(status, env))] == ["done"]
