@@ -12,7 +12,9 @@ from bsf_nnunet.errors import BSFError
 from bsf_nnunet.lowdata.runner import TrainingFailed
 
 # control flow for one bad case, caught where raised (see bsf_nnunet/errors.py)
-INTERNAL = {"bsf_nnunet.evaluation.common.CaseError", "bsf_nnunet.datasets.convert.CaseProblem"}
+# control flow, never shown to a user: StopRequested (a BaseException) always ends as SystemExit(0) with a log line
+INTERNAL = {"bsf_nnunet.evaluation.common.CaseError", "bsf_nnunet.datasets.convert.CaseProblem",
+            "bsf_nnunet.training.preemption.StopRequested"}
 
 
 def _package_exceptions():
