@@ -98,7 +98,9 @@ def test_a_stop_shuts_the_augmentation_workers_down(tmp_path):
 
     saved = []
     trainer = SimpleNamespace(current_epoch=1, output_folder=str(tmp_path), dataloader_train=augmenter,
-                              dataloader_val=None, save_checkpoint=saved.append, print_to_log_file=print)
+                              dataloader_val=None, save_checkpoint=saved.append, print_to_log_file=print,
+                              logger=SimpleNamespace(local_logger=SimpleNamespace(my_fantastic_logging={})),
+                              num_iterations_per_epoch=2, _bsf_epoch_outputs=None)
     trainer._shut_down_dataloaders = lambda: BSFTrainer._shut_down_dataloaders(trainer)
     with pytest.raises(SystemExit):
         BSFTrainer._stop_now(trainer, "test stop")

@@ -122,7 +122,7 @@ class PreemptionMixin:
         return None
 
     # ------------------------------------------------------------------ saving
-    def _stop_now(self, reason: str, mid_epoch: bool) -> None:
+    def _stop_now(self, reason: str, mid_epoch: bool = False) -> None:
         """Save checkpoint_latest.pth (an unfinished epoch: with its finished steps), shut the workers down, exit 0."""
         log = self.logger.local_logger.my_fantastic_logging
         partial = list(self._bsf_epoch_outputs or []) if mid_epoch else None
