@@ -23,6 +23,7 @@ A log line says which of these happened. submitit's own requeue signal (USR2) is
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -50,6 +51,15 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _signal_in_forked_child(signum) -> None:
+    """A forked child inherited the trainer's handler. A process-pool worker still ends on the SIGTERM that
+    ``Pool.terminate()`` sends it (nnU-Net's pools are terminated so); an augmentation worker leaves the stop to the
+    trainer, which shuts it down."""
+    if "PoolWorker" in multiprocessing.current_process().name:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 class PreemptionMixin:
     """Stop-signal handling shared by BSFTrainer and BSFPretrainTrainer (see the module docstring).
 
@@ -74,7 +84,8 @@ class PreemptionMixin:
 
         def handler(signum, frame):
             if os.getpid() != trainer_pid:
-                return  # a forked child (augmentation worker, process pool): the trainer stops and ends it
+                _signal_in_forked_child(signum)
+                return
             name = signal.Signals(signum).name
             self._bsf_stop_signal = name
             if self._bsf_stop_at_once:
