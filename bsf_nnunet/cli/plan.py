@@ -16,6 +16,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 2; the trainer lowers it "
                                                                   "if it does not fit the device)")
     p.add_argument("--plans-name", default=None, help="plans identifier (default BSFPlans)")
+    p.add_argument("--normalization", choices=("zscore", "robust"), default=None,
+                   help="intensity normalization of every channel: zscore (nnU-Net's) or robust (median and IQR of "
+                        "the head after clipping to its 0.5-99.5 percentiles: for whole-head images whose scalp "
+                        "brightness varies; docs/robustness.md)")
     p.add_argument("-np", "--num-processes", type=int, default=4)
     p.add_argument("--no-preprocess", action="store_true", help="only write the plans file")
     p.set_defaults(func=run)
@@ -29,5 +33,5 @@ def run(args) -> int:
         get_variant(args.variant)
     plan_dataset(args.dataset, variant=args.variant, patch_size=args.patch, spacing=args.spacing,
                  plans_name=args.plans_name, batch_size=args.batch_size, num_processes=args.num_processes,
-                 preprocess=not args.no_preprocess)
+                 preprocess=not args.no_preprocess, normalization=args.normalization)
     return 0

@@ -18,8 +18,9 @@ from .swin_config import check_user_patch, derive_swin_configuration
 
 
 def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Sequence[int], batch_size: int,
-                   merging: str = "legacy") -> tuple:
-    """Return (new plans, notes): ``plans`` with only a Swin-UNETR 3d_fullres configuration, renamed."""
+                   merging: str = "legacy", normalization: Optional[str] = None) -> tuple:
+    """Return (new plans, notes): ``plans`` with only a Swin-UNETR 3d_fullres configuration, renamed; with
+    ``normalization`` (a key of ``normalization.SCHEMES``) every channel is normalised with that scheme."""
     if "3d_fullres" not in plans.get("configurations", {}):
         raise ConfigurationError(
             f"The plans {plans.get('plans_name')!r} have no 3d_fullres configuration "
@@ -35,6 +36,12 @@ def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Seque
                                                     memory_budget_gb=math.inf)
     notes += derived_notes
     conf["data_identifier"] = f"{plans_name}_3d_fullres"
+    if normalization is not None:
+        from .normalization import SCHEMES
+
+        if normalization not in SCHEMES:
+            raise ConfigurationError(f"--normalization {normalization!r}: use one of {', '.join(SCHEMES)}.")
+        conf["normalization_schemes"] = [SCHEMES[normalization]] * len(conf["normalization_schemes"])
     new = dict(plans)
     new["plans_name"] = plans_name
     new["configurations"] = {"3d_fullres": conf}
@@ -44,7 +51,7 @@ def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Seque
 def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Optional[Sequence[int]] = None,
                  spacing: Optional[Sequence[float]] = None, plans_name: Optional[str] = None,
                  batch_size: Optional[int] = None, num_processes: int = 4, preprocess: bool = True,
-                 verbose: bool = True) -> str:
+                 verbose: bool = True, normalization: Optional[str] = None) -> str:
     """Fingerprint (if needed), plan and preprocess ``dataset_id``; return the path of the written plans file."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -80,12 +87,12 @@ def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Opt
     plans_file = os.path.join(str(nnUNet_preprocessed), dataset_name, plans_id + ".json")
     with open(plans_file) as f:
         plans = json.load(f)
-    new, notes = make_bsf_plans(plans, plans_name, variant, patch_size, batch_size)
+    new, notes = make_bsf_plans(plans, plans_name, variant, patch_size, batch_size, normalization=normalization)
     atomic_write_json(plans_file, new, indent=4)
     if verbose:
         c = new["configurations"]["3d_fullres"]
         print(f"Wrote {plans_file}: 3d_fullres spacing {c['spacing']}, patch {c['patch_size']}, batch "
-              f"{c['batch_size']}, variant {variant}")
+              f"{c['batch_size']}, variant {variant}, normalization {', '.join(c['normalization_schemes'])}")
         for n in notes:
             print(f"  note: {n}")
     if preprocess:

@@ -6,6 +6,8 @@ Which trainer builds which variant is registered in ``plans/variants.json`` (``p
 from .bsf_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer,
     BSFTrainer_Big,
+    BSFTrainer_DR,
+    BSFTrainer_DR_scratch,
     BSFTrainer_freeze50,
     BSFTrainer_imported,
     BSFTrainer_Large,
@@ -16,6 +18,8 @@ from .bsf_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer_Toy_scratch,
     BSFTrainer_ToyFast,
     BSFTrainer_ToyFast_scratch,
+    BSFTrainer_ToyFastDR,
+    BSFTrainer_ToyFastDR_scratch,
 )
 from .pretrain_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFPretrainTrainer,

@@ -142,6 +142,9 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
     bsf_pretrain_trainer = "BSFPretrainTrainer"
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
     bsf_final_validation = True  # False: a training run skips nnU-Net's final validation (--val still runs it)
+    # SynthSeg-style intensity randomization of the training patches (domain_randomization.py); None: decided by
+    # BSF_DOMAIN_RANDOMIZATION (off unless set to 1)
+    bsf_domain_randomization = None
     bsf_seed = 12345  # each epoch reseeds python/numpy/torch from (seed, fold, epoch): --c repeats the same stream
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 50, "save_every": 5}
@@ -515,6 +518,23 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
             next(s)  # start the workers (nnU-Net does the same; the stream reserves this batch for it)
         return tuple(streams)
 
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, **kwargs):
+        """nnU-Net's training transforms, with intensity domain randomization after the spatial transform when
+        ``bsf_domain_randomization`` (or ``BSF_DOMAIN_RANDOMIZATION=1``) asks for it."""
+        from .domain_randomization import DOMAIN_RANDOMIZATION_ENV, with_domain_randomization
+
+        transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
+                                                           mirror_axes, do_dummy_2d_data_aug, **kwargs)
+        wanted = self.bsf_domain_randomization
+        if wanted is None:
+            wanted = bool(env_switch(DOMAIN_RANDOMIZATION_ENV, "use 1 (randomize intensities) or 0"))
+        if wanted:
+            transforms = with_domain_randomization(transforms)
+            self.print_to_log_file("  intensity domain randomization on (synthetic images from the labels, per-label "
+                                   "contrast remapping, bias field)")
+        return transforms
+
     def on_train_epoch_start(self):
         self._start_epoch_record()
         if self.bsf_seed is not None:
@@ -661,6 +681,19 @@ class BSFTrainer_imported(BSFTrainer):
     """Results folders written by ``bsf-nnunet import-model`` (the network is rebuilt from their plans)."""
 
 
+class BSFTrainer_DR(BSFTrainer):
+    """Small variant with intensity domain randomization: for data from other scanners and sites than the training
+    data (docs/robustness.md)."""
+
+    bsf_domain_randomization = True
+
+
+class BSFTrainer_DR_scratch(BSFTrainer_DR):
+    """BSFTrainer_DR from random initialisation (its baseline)."""
+
+    bsf_use_pretraining = False
+
+
 class BSFTrainer_Toy(BSFTrainer):
     """Feature size 12, depths 1-1-1-1: for tests, demos and quick checks (minutes on a CPU)."""
 
@@ -694,6 +727,16 @@ class BSFTrainer_ToyFast(BSFTrainer_Toy):
 
 
 class BSFTrainer_ToyFast_scratch(BSFTrainer_ToyFast):
+    bsf_use_pretraining = False
+
+
+class BSFTrainer_ToyFastDR(BSFTrainer_ToyFast):
+    """BSFTrainer_ToyFast with intensity domain randomization (the demo's --fast profile on other sources)."""
+
+    bsf_domain_randomization = True
+
+
+class BSFTrainer_ToyFastDR_scratch(BSFTrainer_ToyFastDR):
     bsf_use_pretraining = False
 
 
