@@ -27,6 +27,7 @@ SLOW_FIRST = ("test_e2e_nnunet.py::test_plan_train_predict_find_best_ensemble",
               "test_preemption.py::test_group_stop_mid_epoch_saves_and_c_continues_as_if_uninterrupted",
               "test_preemption.py::test_group_stop_during_final_validation_then_val",
               "test_preemption.py::test_group_stop_through_the_local_executor_is_stopped_then_continued",
+              "test_preemption.py::test_group_stop_mid_epoch_of_pretraining_then_c",
               "test_lowdata.py::test_lowdata_end_to_end_with_toy_trainers",
               "test_cluster.py::test_cv_run_local_two_folds_then_find_best",
               "test_e2e_nnunet.py::test_region_based_training_and_validation",
@@ -127,29 +128,33 @@ CI_TRAINERS = textwrap.dedent('''
             super().save_checkpoint(filename)
 
 
+    def _ci_step_log(trainer, computed, out, keys):
+        """For the stop-signal tests: append a computed training step (epoch, step, case keys, loss) to
+        $CI_STEPS_LOG; at epoch $CI_MARK_EPOCH, step $CI_MARK_STEP write $CI_MARKER and make the later steps of
+        that epoch last 1 s more (a signal then lands mid-epoch)."""
+        import json
+
+        step = len(trainer._bsf_epoch_outputs) - 1
+        if computed and os.environ.get("CI_STEPS_LOG"):
+            with open(os.environ["CI_STEPS_LOG"], "a") as f:
+                f.write(json.dumps([trainer.current_epoch, step, keys, float(out["loss"])]) + "\\n")
+        mark = (int(os.environ.get("CI_MARK_EPOCH", -1)), int(os.environ.get("CI_MARK_STEP", -1)))
+        if computed and trainer.current_epoch == mark[0] and step >= mark[1]:
+            if step == mark[1]:
+                with open(os.environ["CI_MARKER"], "w") as f:
+                    f.write("training")
+            time.sleep(1.0)
+
+
     class BSFTrainer_CIstop(BSFTrainer_CIkill):
-        """For the stop-signal tests: appends each computed training step (epoch, step, case keys, loss) to
-        $CI_STEPS_LOG; at epoch $CI_MARK_EPOCH, step $CI_MARK_STEP it writes $CI_MARKER and makes the later steps of
-        that epoch last 1 s more (a signal then lands mid-epoch). With $CI_SLOW_VALIDATION the final validation's
-        forward passes write $CI_MARKER and last 3 s more."""
+        """Stop-signal tests (_ci_step_log); with $CI_SLOW_VALIDATION the final validation's forward passes write
+        $CI_MARKER and last 3 s more."""
         bsf_recipe = dict(BSFTrainer_CIkill.bsf_recipe, num_epochs=2, num_iterations_per_epoch=4)
 
         def train_step(self, batch):
-            import json
-
             computed = not self._bsf_replay
             out = super().train_step(batch)
-            step = len(self._bsf_epoch_outputs) - 1
-            if computed and os.environ.get("CI_STEPS_LOG"):
-                with open(os.environ["CI_STEPS_LOG"], "a") as f:
-                    f.write(json.dumps([self.current_epoch, step, [str(k) for k in batch["keys"]],
-                                        float(out["loss"])]) + "\\n")
-            mark = (int(os.environ.get("CI_MARK_EPOCH", -1)), int(os.environ.get("CI_MARK_STEP", -1)))
-            if computed and self.current_epoch == mark[0] and step >= mark[1]:
-                if step == mark[1]:
-                    with open(os.environ["CI_MARKER"], "w") as f:
-                        f.write("training")
-                time.sleep(1.0)
+            _ci_step_log(self, computed, out, [str(k) for k in batch["keys"]])
             return out
 
         def perform_actual_validation(self, save_probabilities=False):
@@ -188,6 +193,17 @@ CI_TRAINERS = textwrap.dedent('''
         def save_checkpoint(self, filename):
             _maybe_hang_in_save()
             super().save_checkpoint(filename)
+
+
+    class BSFPretrainTrainer_CIstop(BSFPretrainTrainer_CI):
+        """Stop-signal tests of pretraining (_ci_step_log)."""
+        bsf_recipe = dict(BSFPretrainTrainer_CI.bsf_recipe, num_epochs=2, num_iterations_per_epoch=4, save_every=1)
+
+        def train_step(self, batch):
+            computed = not self._bsf_replay
+            out = super().train_step(batch)
+            _ci_step_log(self, computed, out, [])
+            return out
 
 
     class BSFPretrainTrainer_CIddp(BSFPretrainTrainer_CI):

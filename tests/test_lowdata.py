@@ -656,3 +656,27 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_pat
     assert {(r["trainer"], float(r["fraction"])) for r in rows} == {(t, 0.5) for t in trainers}
     md = (report_dir / "lowdata_report.md").read_text()
     assert f"stage 2 of {trainers[0]}: per-fold (each fraction's own training cases, as the original study)" in md
+
+
+def test_device_auto_and_a_missing_cuda_is_one_clear_line(env, capsys, monkeypatch):
+    """Issue #32: --device auto (the default) picks CUDA where PyTorch sees it, else the CPU (logged); --device cuda
+    on a machine without CUDA is one line naming the fix, before anything runs."""
+    from bsf_nnunet import devices
+
+    lines = []
+    monkeypatch.setattr(devices, "_cuda_available", lambda: False)
+    assert devices.resolve_device("auto", out=lines.append) == "cpu" and "sees no CUDA GPU" in lines[-1]
+    assert devices.resolve_device("auto", "slurm", out=lines.append) == "cuda"  # the jobs' nodes, not this one
+    assert devices.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(devices, "_cuda_available", lambda: True)
+    assert devices.resolve_device("auto", out=lines.append) == "cuda"
+    monkeypatch.setattr(devices, "_cuda_available", lambda: False)
+    make_preprocessed(env, 10)
+    create_splits(42, [1.0], repeats=1, out=quiet)
+    assert cli("lowdata", "run", "-d", "42", "--trainers", "T_scratch", "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "--device cuda, but PyTorch sees no CUDA GPU on this machine" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert cli("lowdata", "run", "-d", "42", "--trainers", "T_scratch", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "device: cpu (--device auto" in out and "-device cpu" in out

@@ -135,3 +135,29 @@ def test_group_stop_through_the_local_executor_is_stopped_then_continued(nnunet_
     out = run(lowdata, dict(env, CI_MARK_EPOCH="-1"))
     assert "was stopped (a stop signal; it saved its state" in out and "ran 1" in out
     assert [r["status"] for r in json.loads(run(status, env))] == ["done"]
+
+
+def test_group_stop_mid_epoch_of_pretraining_then_c(nnunet_env, prepared, run, tmp_path):
+    """Self-supervised pretraining behaves the same: saved after the last finished step, --c replays the finished
+    steps (their random views too) and computes the others as an uninterrupted run does."""
+    dataset_id, full, _ = prepared("ssl2")
+    trainer = "BSFPretrainTrainer_CIstop"
+    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "all", "-tr", trainer, "-device", "cpu"]
+    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{trainer}__nnUNetPlans__3d_fullres", "fold_all")
+    straight_log, stopped_log = str(tmp_path / "straight.jsonl"), str(tmp_path / "stopped.jsonl")
+    run(cmd, _env(nnunet_env, tmp_path, CI_STEPS_LOG=straight_log))
+    os.rename(fold, fold + "_straight")
+
+    env = _env(nnunet_env, tmp_path, CI_STEPS_LOG=stopped_log, CI_MARK_EPOCH="1", CI_MARK_STEP="1")
+    p = _start(cmd, env)
+    _wait_for(env["CI_MARKER"], p)
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
+    assert "Received SIGTERM: saved checkpoint_latest.pth after " in out and "Traceback" not in out, out[-4000:]
+    assert _load(os.path.join(fold, "checkpoint_latest.pth"))["current_epoch"] == 1
+    _no_partial_files(fold)
+    run(cmd + ["--c"], env | {"CI_MARK_EPOCH": "-1"})
+    got, want = _steps(stopped_log), _steps(straight_log)
+    assert [s[:2] for s in got] == [s[:2] for s in want]  # every step once
+    assert torch.allclose(torch.tensor([s[3] for s in got]), torch.tensor([s[3] for s in want]), rtol=2e-3)
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))

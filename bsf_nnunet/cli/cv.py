@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..cluster.options import add_executor_arguments
+from ..devices import DEVICE_CHOICES
 
 
 def register(sub) -> None:
@@ -21,7 +22,8 @@ def register(sub) -> None:
                                   "them (afterok); if every fold is done already it runs here. Exit code 1 when a "
                                   "training fails.")
     _common(q)
-    q.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    q.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES),
+                   help="auto (default): cuda where PyTorch sees a GPU, else cpu (with --executor slurm: cuda)")
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     add_executor_arguments(q)
     q.set_defaults(func=_run)
@@ -52,11 +54,13 @@ def _no_step(args) -> int:
 def _run(args) -> int:
     from ..cluster.cv import run_cv
     from ..cluster.options import import_submitit, options_from_args
+    from ..devices import resolve_device
 
     opts = options_from_args(args)
     if opts.executor != "sequential":
         import_submitit()
-    run_cv(args.dataset, args.configuration, args.trainers, args.plans, args.folds, args.device, opts, args.dry_run)
+    device = resolve_device(args.device, opts.executor)
+    run_cv(args.dataset, args.configuration, args.trainers, args.plans, args.folds, device, opts, args.dry_run)
     return 0
 
 

@@ -36,7 +36,8 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="bsf_demo", help="folder for everything the demo writes (default ./bsf_demo; "
                                                          "re-running reuses finished steps)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): cuda where PyTorch sees a GPU, else cpu")
     p.add_argument("--fast", action="store_true", help="fewer cases and iterations (< 10 minutes on 2 CPU cores)")
     p.add_argument("--source", default="multi", choices=["multi", "icbm", "synthetic"],
                    help="multi (default): three real sources, one held out (needs the [demo] extra); icbm: ICBM152 "
@@ -258,11 +259,8 @@ def run(args) -> int:
     profile = dict(PROFILES["fast" if args.fast else "full"])
     if args.trainers:
         profile.update(pretrain=args.trainers[0], finetune=args.trainers[1], scratch=args.trainers[2])
-    if args.device == "cuda":
-        import torch
+    from ..devices import resolve_device
 
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu.")
-    Demo(args.workdir, args.device, profile, args.source).run()
+    Demo(args.workdir, resolve_device(args.device), profile, args.source).run()
     return 0
 

@@ -5,6 +5,7 @@ import os
 import sys
 
 from ..cluster.options import add_executor_arguments
+from ..devices import DEVICE_CHOICES
 from ..lowdata.stage2 import MODES as STAGE2_MODES
 
 DEFAULT_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -59,7 +60,8 @@ def _add_run(sp) -> None:
     q.add_argument("-c", "--configuration", default="3d_fullres")
     q.add_argument("-p", "--plans", default="nnUNetPlans")
     q.add_argument("--folds", type=int, nargs="+", default=None, help="only these low-data folds")
-    q.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    q.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES),
+                   help="auto (default): cuda where PyTorch sees a GPU, else cpu (with --executor slurm: cuda)")
     q.add_argument("--stage2", choices=list(STAGE2_MODES), default=None,
                    help="stage 2 (self-supervised pretraining on this dataset) of the pretrained trainers: per-fold "
                         "(default): the trainer's BSFPretrainTrainer* on every low-data fold's own training cases "
@@ -134,10 +136,13 @@ def _splits(args) -> int:
 
 
 def _run(args) -> int:
+    from ..cluster.options import options_from_args
+    from ..devices import resolve_device
     from ..lowdata.runner import run_lowdata
     from ..weights.hub import is_hub_spec, resolve_checkpoint
     from ..weights.loader import UNSAFE_PICKLE_ENV
 
+    args.device = resolve_device(args.device, options_from_args(args).executor)
     executor = _executor(args)  # checked before anything is downloaded or run
     weights = args.pretrained_weights
     if weights and is_hub_spec(weights) and not args.dry_run:

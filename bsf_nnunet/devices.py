@@ -1,0 +1,48 @@
+"""``--device auto|cuda|cpu|mps`` of the bsf-nnunet commands that start trainings (``lowdata run``, ``cv run``,
+``demo``): ``auto`` (the default) is CUDA where PyTorch sees a GPU and the CPU otherwise; asking for a device that
+is not there is one clear error, not a stack trace from torch in the middle of a training."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .errors import ConfigurationError
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_device(requested: str, executor: str = "sequential", out: Callable[[str], None] = print) -> str:
+    """The nnUNetv2_train -device for ``requested``. With ``--executor slurm`` the trainings run on other machines:
+    ``auto`` means cuda there (the usual GPU partition) and nothing is checked here."""
+    if requested not in DEVICE_CHOICES:
+        raise ConfigurationError(f"--device {requested!r}: use one of {', '.join(DEVICE_CHOICES)}.")
+    if executor == "slurm":
+        if requested == "auto":
+            out("device: cuda (--device auto with --executor slurm: the jobs run on the cluster's GPU nodes; pass "
+                "--device cpu for CPU-only jobs)")
+            return "cuda"
+        return requested
+    if requested == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+        out(f"device: {device} (--device auto: PyTorch {'sees' if device == 'cuda' else 'sees no'} CUDA GPU here)")
+        return device
+    if requested == "cuda" and not _cuda_available():
+        import torch
+
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigurationError(f"--device cuda, but PyTorch sees no CUDA GPU on this machine (torch "
+                                 f"{torch.__version__}, {build}). Use --device auto or cpu, or run where a GPU is.")
+    if requested == "mps" and not _mps_available():
+        raise ConfigurationError("--device mps, but PyTorch sees no Apple GPU (MPS) here. Use --device auto or cpu.")
+    return requested
