@@ -17,7 +17,7 @@ import ctypes
 import ctypes.util
 from typing import Optional
 
-from .errors import env_switch
+from .settings import value
 
 MALLOC_ENV = "BSF_CPU_MALLOC"
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -41,8 +41,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 def cpu_malloc_wanted() -> bool:
     """``BSF_CPU_MALLOC``: ``0`` keeps the C library's defaults; unset or ``1`` tunes it."""
-    return env_switch(MALLOC_ENV, "use 1 (reuse freed memory, the default on CPU) or 0 (the C library's "
-                                  "defaults)") is not False
+    return value(MALLOC_ENV)
 
 
 def tune_cpu_allocator() -> str:

@@ -1,19 +1,18 @@
-"""The base of bsf-nnunet's errors (a leaf: it imports nothing else of the package), and :func:`env_switch`, the one
-reader of on/off environment variables (``BSF_CPU_MALLOC``, ``BSF_CPU_BF16``, ``BSF_CPU_ATTN_RECOMPUTE``), whose
-unusable values are configuration errors.
+"""The base of bsf-nnunet's errors (a leaf: it imports nothing else of the package). The ``BSF_*`` environment
+variables are read by ``settings.py``; their unusable values are configuration errors.
 
 Every error that reaches the user derives from :class:`BSFError` and keeps its built-in base for code that catches
 that (``class ConfigurationError(BSFError, ValueError)``, ``class DiskFullError(BSFError, OSError)``). The message
 names the file or case; most messages already say what to do, the others pass ``hint=``. ``bsf-nnunet`` prints
 any of them as ``bsf-nnunet CMD: error: MESSAGE`` and exits with the error's :attr:`~BSFError.exit_code`.
 
-Two exceptions stay outside on purpose, being control flow that never reaches the user: ``CaseError``
+Three exceptions stay outside on purpose, being control flow that never reaches the user: ``CaseError``
 (``bsf_nnunet.evaluation.common``) and ``CaseProblem`` (``bsf_nnunet.datasets.convert``) mark one bad case; they
 are caught where they are raised and the case is reported in the summary while the other cases go on.
+``StopRequested`` (``bsf_nnunet.training.preemption``) ends a training on a stop signal as SystemExit(0).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 
@@ -41,19 +40,6 @@ class ConfigurationError(BSFError, ValueError):
 
 ON_VALUES = ("1", "on", "true", "yes")
 OFF_VALUES = ("0", "off", "false", "no")
-
-
-def env_switch(name: str, usage: str) -> Optional[bool]:
-    """The on/off environment variable ``name``: True or False, None when unset or empty. Any other value raises a
-    ConfigurationError ``NAME='value': usage``."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    if value in ON_VALUES:
-        return True
-    if value in OFF_VALUES:
-        return False
-    raise ConfigurationError(f"{name}={value!r}: {usage}")
 
 
 def format_error(message: str, hint: Optional[str] = None) -> str:

@@ -27,17 +27,9 @@ DEFAULT_DIST_TIMEOUT_S = 1800  # rank 0 unpacks the dataset while the others wai
 
 def dist_timeout() -> datetime.timedelta:
     """How long a collective waits for the other ranks (``BSF_DIST_TIMEOUT`` seconds, default 1800)."""
-    from .errors import ConfigurationError
+    from .settings import value
 
-    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip() or str(DEFAULT_DIST_TIMEOUT_S)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigurationError(f"{DIST_TIMEOUT_ENV}={raw!r}: give the seconds a collective operation may wait for "
-                                 f"the other ranks, e.g. {DIST_TIMEOUT_ENV}=600 (default {DEFAULT_DIST_TIMEOUT_S}).")
-    return datetime.timedelta(seconds=seconds)
+    return datetime.timedelta(seconds=value(DIST_TIMEOUT_ENV))
 
 
 def _process_gone(pid: int) -> bool:

@@ -67,6 +67,10 @@ def run(args) -> int:
         v = get_variant(n)
         print(f"  {trainers[n][0]:18s} {n:6s} fs {v['feature_size']:3d} depths {v['depths']} heads "
               f"{v['num_heads']} {v['params_m']} M")
+    from ..settings import table
+
+    print("settings (environment variables: current value, default, what it does):")
+    print(table())
     print(f"nnUNet_extTrainer = {os.environ.get('nnUNet_extTrainer', '') or '(unset)'}")
     t0 = time.perf_counter()
     ok, what = check_discovery()

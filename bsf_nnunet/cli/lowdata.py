@@ -1,7 +1,6 @@
 """``bsf-nnunet lowdata``: the low-data fine-tuning study (BrainSegFounder's Figure 5), see docs/lowdata.md."""
 from __future__ import annotations
 
-import os
 import sys
 
 from ..cluster.options import add_executor_arguments
@@ -147,7 +146,9 @@ def _run(args) -> int:
     weights = args.pretrained_weights
     if weights and is_hub_spec(weights) and not args.dry_run:
         # bsf:NAME / hf://: downloaded once here; the trainers recognise a published file by its place in the cache
-        unsafe = os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true")
+        from ..settings import value
+
+        unsafe = value(UNSAFE_PICKLE_ENV)
         weights = resolve_checkpoint(weights, allow_unsafe_pickle=unsafe).path
     run_lowdata(args.dataset, args.trainers, args.configuration, args.plans, folds=args.folds, device=args.device,
                 dry_run=args.dry_run, pretrained_weights=weights, stage2=args.stage2,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 SPEC_HELP = "bsf:NAME (bsf-nnunet weights list) or hf://OWNER/REPO/FILE[@REVISION]"
@@ -74,10 +73,11 @@ def _list(args) -> int:
 
 
 def _pull(args) -> int:
+    from ..settings import value
     from ..weights.hub import resolve_checkpoint
     from ..weights.loader import UNSAFE_PICKLE_ENV
 
-    unsafe = args.allow_unsafe_pickle or os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true")
+    unsafe = args.allow_unsafe_pickle or value(UNSAFE_PICKLE_ENV)
     resolved = resolve_checkpoint(args.spec, revision=args.revision, allow_unsafe_pickle=unsafe)
     if resolved.entry is not None:
         print(f"{resolved.entry.spec}: channels {', '.join(resolved.entry.channels)}; use: {resolved.entry.use}",

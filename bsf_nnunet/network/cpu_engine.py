@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigurationError
+from ..settings import value
 
 ENGINE_ENV = "BSF_CPU_ENGINE"
 CACHE_ENV = "BSF_CACHE_DIR"
 ENGINES = ("openvino", "onnxruntime", "torch")  # the default is the first one installed
-ENGINE_ALIASES = {"ov": "openvino", "ort": "onnxruntime", "onnx": "onnxruntime"}
 ONNX_OPSET = 18
 EXPORT_REVISION = 2  # bumped whenever the exported graph changes for the same weights (part of the file name)
 ARCH_ATTRIBUTES = ("merging", "axis_order")
@@ -56,13 +55,9 @@ def engine_installed(engine: str) -> bool:
 
 def cpu_engine_choice() -> str:
     """``BSF_CPU_ENGINE`` (``openvino``, ``onnxruntime`` or ``torch``); by default the first of them installed."""
-    env = os.environ.get(ENGINE_ENV, "").strip().lower()
-    if env in ("", "auto"):
+    env = value(ENGINE_ENV)  # openvino | onnxruntime | torch | auto (aliases ov, ort)
+    if env == "auto":
         return next(e for e in ENGINES if engine_installed(e))
-    env = ENGINE_ALIASES.get(env, env)
-    if env not in ENGINES:
-        raise ConfigurationError(f"{ENGINE_ENV}={env!r}: use openvino or onnxruntime (ONNX-based CPU inference; the "
-                                 "default is the first one installed) or torch (PyTorch fp32, the exact reference)")
     if not engine_installed(env):
         _print_once(f"{ENGINE_ENV}={env} but {env} is not installed (pip install {env}): predicting with PyTorch on "
                     "CPU")
@@ -80,7 +75,7 @@ def configure_cpu_engine(network: nn.Module, choice: Optional[str] = None) -> nn
 
 
 def default_cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "bsf_nnunet", "onnx")
+    return value(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "bsf_nnunet", "onnx")
 
 
 def weights_version(network: nn.Module) -> tuple:

@@ -36,7 +36,7 @@ from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAtte
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import env_switch
+from ..settings import value
 
 MERGING_MODES = ("legacy", "fixed")
 ATTENTION_MODES = ("auto", "sdpa", "monai")
@@ -114,8 +114,7 @@ def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
 
 def cpu_attention_recompute_wanted() -> bool:
     """``BSF_CPU_ATTN_RECOMPUTE``: unset or ``1`` recomputes attention matrices in CPU training; ``0`` keeps them."""
-    return env_switch(RECOMPUTE_ENV, "use 1 (recompute attention matrices in the backward pass, the default for "
-                                     "CPU training) or 0 (keep them, MONAI's way)") is not False
+    return value(RECOMPUTE_ENV)
 
 
 def _attention_of_windows(q, k, v, bias, mask, first: int):

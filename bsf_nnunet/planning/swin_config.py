@@ -9,7 +9,6 @@ of 32, never below 64.
 from __future__ import annotations
 
 import math
-import os
 from copy import deepcopy
 from typing import Optional, Sequence
 
@@ -67,12 +66,11 @@ def estimate_training_memory_gb(variant: str, patch_size: Sequence[int], batch_s
 
 def default_memory_budget_gb(device_type: str = "cpu") -> float:
     """Memory the training may use: ``BSF_MEMORY_GB`` if set, else 90% of the GPU or 70% of available RAM."""
-    env = os.environ.get("BSF_MEMORY_GB")
-    if env:
-        try:
-            return float(env)
-        except ValueError:
-            raise ConfigurationError(f"BSF_MEMORY_GB must be a number of GiB, got {env!r}.") from None
+    from ..settings import value
+
+    budget = value("BSF_MEMORY_GB")
+    if budget is not None:
+        return budget
     if device_type == "cuda":
         import torch
 

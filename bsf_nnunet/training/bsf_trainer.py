@@ -21,8 +21,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from .. import settings
 from ..allocator import release_free_cpu_memory, tune_cpu_allocator
-from ..errors import BSFError, ConfigurationError, env_switch
+from ..errors import BSFError, ConfigurationError
 from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
 from ..planning.presets import get_variant, variant_trainers
@@ -76,7 +77,7 @@ def cpu_has_native_bf16() -> bool:
 def cpu_bf16_enabled() -> bool:
     """bf16 autocast for CPU training: ``BSF_CPU_BF16=1``/``0`` decides; by default on where the CPU has native bf16
     (measured 1.7x faster per training step of the Small variant, see docs/performance.md)."""
-    chosen = env_switch(CPU_BF16_ENV, "use 1 (bf16 autocast on CPU) or 0 (fp32)")
+    chosen = settings.value(CPU_BF16_ENV)
     return cpu_has_native_bf16() if chosen is None else chosen
 
 
@@ -108,7 +109,7 @@ def _autocast_dtype(device_type: str, dtype):
 
 
 def _unsafe_pickle_allowed() -> bool:
-    return os.environ.get(UNSAFE_PICKLE_ENV, "") in ("1", "true")
+    return settings.value(UNSAFE_PICKLE_ENV)
 
 
 def _plain_arch(value):
@@ -193,7 +194,7 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         for n in notes:
             self.print_to_log_file(f"  note: {n}")
         if self.device.type == "cpu":
-            why = (f"{CPU_BF16_ENV} is set" if os.environ.get(CPU_BF16_ENV, "").strip()
+            why = (f"{CPU_BF16_ENV} is set" if settings.is_set(CPU_BF16_ENV)
                    else "this CPU has native bf16" if cpu_has_native_bf16() else "this CPU has no native bf16")
             self.print_to_log_file(
                 f"  precision: bf16 autocast ({why}; {CPU_BF16_ENV}=0 trains in fp32)"
@@ -291,7 +292,7 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         2 -> fine-tuning chain."""
         from ..weights import parse_channel_list
 
-        given = os.environ.get(PRETRAINED_CHANNELS_ENV)
+        given = settings.value(PRETRAINED_CHANNELS_ENV)
         given = parse_channel_list(given) if given else None
         if given is not None and recorded:
             if [str(c) for c in recorded] != given:
@@ -528,7 +529,7 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
                                                            mirror_axes, do_dummy_2d_data_aug, **kwargs)
         wanted = self.bsf_domain_randomization
         if wanted is None:
-            wanted = bool(env_switch(DOMAIN_RANDOMIZATION_ENV, "use 1 (randomize intensities) or 0"))
+            wanted = bool(settings.value(DOMAIN_RANDOMIZATION_ENV))
         if wanted:
             transforms = with_domain_randomization(transforms)
             self.print_to_log_file("  intensity domain randomization on (synthetic images from the labels, per-label "

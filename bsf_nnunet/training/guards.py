@@ -177,7 +177,9 @@ def check_raw_images(raw_folder: str, stamp_folder: str, log: Log, retrain_hint:
     """Refuse (:class:`RawDataError`) if a raw training file of the dataset in ``raw_folder`` has NaN/Inf voxels or
     cannot be read; a clean result is stamped in ``stamp_folder`` and not checked again while the files stay the
     same. ``retrain_hint``: the preprocessing command to run after a repair."""
-    if os.environ.get(SKIP_RAW_CHECK_ENV, "").strip() in ("1", "true", "yes"):
+    from ..settings import value
+
+    if value(SKIP_RAW_CHECK_ENV):
         log(f"Raw-image NaN/Inf check skipped ({SKIP_RAW_CHECK_ENV} is set).")
         return
     if not os.path.isfile(os.path.join(raw_folder, "dataset.json")):

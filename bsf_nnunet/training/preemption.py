@@ -110,9 +110,10 @@ class PreemptionMixin:
         sig = self._stop_signal_everywhere()
         if sig:
             self._stop_now(f"Received {sig}", mid_epoch=not end_of_epoch)
-        env = os.environ.get(STOP_AFTER_EPOCH_ENV)
-        if end_of_epoch and env not in (None, "") and self.current_epoch - 1 >= int(env) \
-                and self.current_epoch < self.num_epochs:
+        from ..settings import value
+
+        env = value(STOP_AFTER_EPOCH_ENV) if end_of_epoch else None
+        if env is not None and self.current_epoch - 1 >= env and self.current_epoch < self.num_epochs:
             self._stop_now(f"{STOP_AFTER_EPOCH_ENV}={env} reached", mid_epoch=False)
 
     def _start_epoch_record(self) -> None:
