@@ -1,5 +1,6 @@
 """Stop signals as clusters send them (issue #33): SIGTERM to the whole process group of a training, augmentation
-workers on, in the middle of an epoch, during the final validation, and through `lowdata run --executor local`.
+workers on, in the middle of an epoch, then during the final validation of the continued run, in pretraining, and
+through `lowdata run --executor local`.
 Each ends within 30 s with exit code 0, the last consistent state saved, no partial files and a log line; --c (or
 --val) then finishes the training."""
 import json
@@ -62,7 +63,7 @@ def _env(nnunet_env, tmp_path, **extra):
     return dict(nnunet_env, nnUNet_n_proc_DA="2", BSF_CPU_BF16="0", CI_MARKER=str(tmp_path / "marker"), **extra)
 
 
-def test_group_stop_mid_epoch_saves_and_c_continues_as_if_uninterrupted(nnunet_env, prepared, run, tmp_path,
+def test_group_stop_mid_epoch_then_during_the_final_validation(nnunet_env, prepared, run, tmp_path,
                                                                         resumed_like_straight):
     dataset_id, full, _ = prepared("toy1")
     cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
@@ -86,31 +87,23 @@ def test_group_stop_mid_epoch_saves_and_c_continues_as_if_uninterrupted(nnunet_e
     done_before = len(_steps(stopped_log))
     assert 6 <= done_before < 8  # epoch 0, then 2 or 3 steps of epoch 1
 
-    out = run(cmd + ["--c"], env | {"CI_MARK_EPOCH": "-1"})
+    # --c continues at the next step and finishes the training; during its final validation, a second stop
+    os.remove(env["CI_MARKER"])
+    p = _start(cmd + ["--c"], env | {"CI_MARK_EPOCH": "-1", "CI_SLOW_VALIDATION": "1"})
+    _wait_for(env["CI_MARKER"], p)  # the first forward pass of the final validation
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
     assert f"Continuing epoch 1 after its {done_before - 4} finished training steps" in out
+    assert "Received SIGTERM during the final validation: checkpoint_final.pth is complete" in out, out[-4000:]
+    assert not os.path.exists(os.path.join(fold, "validation"))  # nothing half-validated is left
+    _no_partial_files(fold)
     resumed = _load(os.path.join(fold, "checkpoint_final.pth"))
     # every step computed once, on the same cases as the uninterrupted run, at the same losses (up to CPU rounding)
     got, want = _steps(stopped_log), _steps(straight_log)
     assert [s[:3] for s in got] == [s[:3] for s in want]
     assert torch.allclose(torch.tensor([s[3] for s in got]), torch.tensor([s[3] for s in want]), rtol=2e-3)
     resumed_like_straight(straight, resumed, latest)
-    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
-
-
-def test_group_stop_during_final_validation_then_val(nnunet_env, prepared, run, tmp_path):
-    dataset_id, full, _ = prepared("toy1")
-    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu"]
-    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{TRAINER}__nnUNetPlans__3d_fullres", "fold_1")
-    env = _env(nnunet_env, tmp_path, CI_SLOW_VALIDATION="1")
-    p = _start(cmd, env)
-    _wait_for(env["CI_MARKER"], p)  # the first forward pass of the final validation
-    rc, took, out = _stop_group(p)
-    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
-    assert "Received SIGTERM during the final validation: checkpoint_final.pth is complete" in out, out[-4000:]
-    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
-    assert not os.path.exists(os.path.join(fold, "validation"))  # nothing half-validated is left
-    _no_partial_files(fold)
-    run(cmd + ["--val"], dict(env, CI_SLOW_VALIDATION=""))
+    run(cmd + ["--val"], env)
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
 
 
