@@ -52,12 +52,15 @@ def ignore_stop_signals() -> None:
 
 
 def _signal_in_forked_child(signum) -> None:
-    """A forked child inherited the trainer's handler. A process-pool worker still ends on the SIGTERM that
-    ``Pool.terminate()`` sends it (nnU-Net's pools are terminated so); an augmentation worker leaves the stop to the
-    trainer, which shuts it down."""
-    if "PoolWorker" in multiprocessing.current_process().name:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    """A forked child inherited the trainer's handler. An augmentation worker (batchgenerators' ``Process-N``)
+    leaves the stop to the trainer, which shuts it down; any other child, e.g. a process-pool worker that
+    ``Pool.terminate()`` ends with SIGTERM (nnU-Net's pools are closed so), takes the signal's default action. A
+    child that has not finished starting still carries its parent's process name: it takes the default too (a pool
+    terminated right after its work would otherwise wait forever for such a worker)."""
+    if multiprocessing.current_process().name.startswith("Process-"):
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 class PreemptionMixin:
