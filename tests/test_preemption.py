@@ -63,6 +63,50 @@ def _env(nnunet_env, tmp_path, **extra):
     return dict(nnunet_env, nnUNet_n_proc_DA="2", BSF_CPU_BF16="0", CI_MARKER=str(tmp_path / "marker"), **extra)
 
 
+def _loop():
+    while True:
+        time.sleep(0.05)
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_children_of_the_trainer_get_the_default_action_except_augmentation_workers():
+    """A forked process-pool worker must still end on Pool.terminate()'s SIGTERM (a worker still starting, or blocked
+    in a lock, would never run an inherited Python handler: nnU-Net's pools then hung on exit); augmentation workers
+    forked inside children_leave_stops_to_the_trainer ignore the signal, the trainer stops them."""
+    import multiprocessing
+
+    from bsf_nnunet.training.preemption import STOP_SIGNALS, PreemptionMixin, children_leave_stops_to_the_trainer
+
+    old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    trainer = PreemptionMixin()
+    trainer.print_to_log_file = print
+    try:
+        trainer._install_preemption_handlers()
+        fork = multiprocessing.get_context("fork")
+        for _ in range(10):
+            with fork.Pool(3) as pool:  # terminate() on exit: hangs if a worker ignores SIGTERM
+                assert pool.map(_double, range(3)) == [0, 2, 4]
+        with children_leave_stops_to_the_trainer():
+            worker = fork.Process(target=_loop)
+            worker.start()
+        other = fork.Process(target=_loop)
+        other.start()
+        time.sleep(0.5)
+        for p in (worker, other):
+            os.kill(p.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.is_alive() and not other.is_alive()
+        assert trainer._bsf_stop_signal is None  # the children's signals never reached the trainer
+        worker.kill()
+        worker.join()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def test_group_stop_mid_epoch_then_during_the_final_validation(nnunet_env, prepared, run, tmp_path,
                                                                         resumed_like_straight):
     dataset_id, full, _ = prepared("toy1")

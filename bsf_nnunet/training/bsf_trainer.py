@@ -30,7 +30,12 @@ from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
 from .lr import WarmupCosineLR
 from .predict_checks import install_prediction_input_checks, record_training_orientations
-from .preemption import STOP_AFTER_EPOCH_ENV, PreemptionMixin, StopRequested  # noqa: F401 (STOP_AFTER_EPOCH_ENV)
+from .preemption import (  # noqa: F401 (STOP_AFTER_EPOCH_ENV)
+    STOP_AFTER_EPOCH_ENV,
+    PreemptionMixin,
+    StopRequested,
+    children_leave_stops_to_the_trainer,
+)
 
 PRETRAINED_CHANNELS_ENV = "BSF_PRETRAINED_CHANNELS"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
@@ -485,11 +490,11 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-        from .data import SeededDataLoader, start_augmenter
 
         n_proc = get_allowed_n_proc_DA()
         if self.bsf_seed is None or n_proc == 0:
-            return super().get_dataloaders()
+            with children_leave_stops_to_the_trainer():  # nnU-Net's workers start in there
+                return super().get_dataloaders()
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         patch = self.configuration_manager.patch_size
@@ -508,6 +513,12 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         ds_tr, ds_val = self.get_tr_and_val_datasets()
         plan = ((ds_tr, initial_patch, tr_transforms, self.num_iterations_per_epoch, n_proc),  # as nnU-Net
                 (ds_val, patch, val_transforms, self.num_val_iterations_per_epoch, max(1, n_proc // 2)))
+        with children_leave_stops_to_the_trainer():  # the workers fork when their first batch is asked for
+            return self._start_streams(plan, fold, rank, patch, lm)
+
+    def _start_streams(self, plan, fold, rank, patch, lm):
+        from .data import SeededDataLoader, start_augmenter
+
         streams = []
         for stream, (ds, first_patch, transforms, per_epoch, procs) in enumerate(plan):
             loader = SeededDataLoader(ds, self.batch_size, first_patch, patch, lm,

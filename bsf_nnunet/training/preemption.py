@@ -2,8 +2,9 @@
 
 Clusters signal every process of a job, not only the trainer's: SLURM at the time limit (``--signal``), on
 pre-emption and on ``scancel``; ``timeout`` and a terminal signal the whole process group. So the augmentation workers
-get the signal too. They ignore it (:func:`ignore_stop_signals`, called in each worker; forked workers also inherit the
-trainer's handler, which only records the signal), and the trainer shuts them down itself when it stops.
+get the signal too. They ignore it (they are forked inside :func:`children_leave_stops_to_the_trainer`, and
+:func:`ignore_stop_signals` runs in each), and the trainer shuts them down itself when it stops. Every other child
+forked from the trainer (process pools) gets the signals' default action back right after the fork.
 
 What the trainer does with SIGTERM or SIGUSR1 depends on where it is:
 
@@ -23,7 +24,7 @@ A log line says which of these happened. submitit's own requeue signal (USR2) is
 """
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import shutil
 import signal
@@ -51,16 +52,29 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _signal_in_forked_child(signum) -> None:
-    """A forked child inherited the trainer's handler. An augmentation worker (batchgenerators' ``Process-N``)
-    leaves the stop to the trainer, which shuts it down; any other child, e.g. a process-pool worker that
-    ``Pool.terminate()`` ends with SIGTERM (nnU-Net's pools are closed so), takes the signal's default action. A
-    child that has not finished starting still carries its parent's process name: it takes the default too (a pool
-    terminated right after its work would otherwise wait forever for such a worker)."""
-    if multiprocessing.current_process().name.startswith("Process-"):
-        return
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+# What a process forked from the trainer does with stop signals: the default action (a process-pool worker must end on
+# the SIGTERM of Pool.terminate(); a child blocked in a lock would never run a Python handler), or, while the
+# augmentation workers start (children_leave_stops_to_the_trainer), ignore them.
+_CHILD_DISPOSITION = [signal.SIG_DFL]
+_AT_FORK_REGISTERED = []
+
+
+def _reset_stop_signals_in_child() -> None:
+    """Runs in every child forked from this process, right after the fork: the trainer's handler is not inherited."""
+    for sig in STOP_SIGNALS:
+        if getattr(signal.getsignal(sig), "bsf_trainer_handler", False):
+            signal.signal(sig, _CHILD_DISPOSITION[0])
+
+
+@contextlib.contextmanager
+def children_leave_stops_to_the_trainer():
+    """Processes forked inside this block (augmentation workers) ignore stop signals from the first instant: the
+    trainer stops and shuts them down."""
+    _CHILD_DISPOSITION[0] = signal.SIG_IGN
+    try:
+        yield
+    finally:
+        _CHILD_DISPOSITION[0] = signal.SIG_DFL
 
 
 class PreemptionMixin:
@@ -84,10 +98,14 @@ class PreemptionMixin:
         self._bsf_handlers_installed = True
 
         trainer_pid = os.getpid()
+        if not _AT_FORK_REGISTERED:
+            os.register_at_fork(after_in_child=_reset_stop_signals_in_child)
+            _AT_FORK_REGISTERED.append(True)
 
         def handler(signum, frame):
-            if os.getpid() != trainer_pid:
-                _signal_in_forked_child(signum)
+            if os.getpid() != trainer_pid:  # a child that kept the handler after all: the default action
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
                 return
             name = signal.Signals(signum).name
             self._bsf_stop_signal = name
@@ -95,6 +113,7 @@ class PreemptionMixin:
                 self._bsf_stop_at_once = False  # once: a second signal must not interrupt the shutdown
                 raise StopRequested(name)
 
+        handler.bsf_trainer_handler = True
         for sig in STOP_SIGNALS:
             signal.signal(sig, handler)
 
@@ -170,8 +189,6 @@ class PreemptionMixin:
         """Stop the augmentation workers and join their threads, as nnU-Net's ``on_train_end`` does. Exiting with
         them still running lets the interpreter tear down under live threads (an abort, exit code -6, seen once in
         CI after a stop)."""
-        import contextlib
-
         for loader in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
             finish = getattr(loader, "_finish", None)
             if finish is not None:
