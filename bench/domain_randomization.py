@@ -63,7 +63,7 @@ def training_transforms(patch, domain_randomization: bool):
     from bsf_nnunet.training.bsf_trainer import BSFTrainer
 
     fake = SimpleNamespace(bsf_domain_randomization=domain_randomization, print_to_log_file=lambda *a, **k: None)
-    rotation = ((-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi),) * 3
+    rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)  # as nnU-Net configures it for 3D
     return BSFTrainer.get_training_transforms(fake, tuple(patch), rotation, None, (0, 1, 2), False)
 
 

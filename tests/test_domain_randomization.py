@@ -96,7 +96,7 @@ def _trainer(switch):
 def test_trainer_switch_puts_it_right_after_the_spatial_transform(monkeypatch):
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-    args = ((64, 64, 64), ((-0.5, 0.5),) * 3, None, (0, 1, 2), False)
+    args = ((64, 64, 64), (-0.5, 0.5), None, (0, 1, 2), False)
     names = [type(t).__name__ for t in _trainer(True)(*args).transforms]
     assert names[names.index(SpatialTransform.__name__) + 1] == "DomainRandomization"
     assert "DomainRandomization" not in [type(t).__name__ for t in _trainer(False)(*args).transforms]
