@@ -202,6 +202,8 @@ def test_recomputed_attention_under_block_checkpointing_and_eval():
     ours(x).sum().backward()
     ref(x).sum().backward()
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+        # fp32 summation order differs between recomputed and kept matrices: tolerance relative to the gradient's scale
+        scale = float(q.grad.abs().max())
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale + 1e-6), n
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
