@@ -22,7 +22,6 @@ import socket
 import sys
 
 DIST_TIMEOUT_ENV = "BSF_DIST_TIMEOUT"
-DEFAULT_DIST_TIMEOUT_S = 1800  # rank 0 unpacks the dataset while the others wait at a barrier: minutes on big data
 
 
 def dist_timeout() -> datetime.timedelta:

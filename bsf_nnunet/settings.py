@@ -73,6 +73,7 @@ SETTINGS = (
     Setting("BSF_ALLOW_UNSAFE_PICKLE", "switch", False, "load checkpoints that need arbitrary unpickling (only "
             "files you trust)"),
     Setting("BSF_SKIP_RAW_CHECK", "switch", False, "skip the trainers' one-time NaN/Inf check of the raw images"),
+    # rank 0 unpacks the dataset while the others wait at a barrier: minutes on big data
     Setting("BSF_DIST_TIMEOUT", "float", 1800.0, "seconds a multi-process collective waits for the other ranks"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}

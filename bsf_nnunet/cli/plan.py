@@ -17,9 +17,9 @@ def register(sub) -> None:
                                                                   "if it does not fit the device)")
     p.add_argument("--plans-name", default=None, help="plans identifier (default BSFPlans)")
     p.add_argument("--normalization", choices=("zscore", "robust"), default=None,
-                   help="intensity normalization of every channel: zscore (nnU-Net's) or robust (median and IQR of "
-                        "the head after clipping to its 0.5-99.5 percentiles: for whole-head images whose scalp "
-                        "brightness varies; docs/robustness.md)")
+                   help="intensity normalization of every channel: zscore (nnU-Net's) or robust (z-score with the "
+                        "mean and standard deviation of the centre of the head, after clipping to the 0.5-99.5 "
+                        "percentiles: for whole-head images whose scalp brightness varies; docs/robustness.md)")
     p.add_argument("-np", "--num-processes", type=int, default=4)
     p.add_argument("--no-preprocess", action="store_true", help="only write the plans file")
     p.set_defaults(func=run)

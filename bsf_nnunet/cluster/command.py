@@ -87,7 +87,7 @@ class TrainCommand:
         self._proc = subprocess.Popen(executable(argv), stderr=subprocess.STDOUT,
                                       preexec_fn=_ignore_submitit_signal)
         if getattr(self, "_stop", None) is not None:
-            self._stop.child = self._proc
+            self._stop.children = [self._proc]
         # poll, not wait(): checkpoint() polls the same process from a signal handler
         while self._proc.poll() is None:
             time.sleep(1.0)

@@ -161,14 +161,6 @@ class StopSignals:
         self.children: list = []  # the running trainings' processes (subprocess.Popen)
         self._old = {}
 
-    @property
-    def child(self):
-        return self.children[-1] if self.children else None
-
-    @child.setter
-    def child(self, process) -> None:
-        self.children = [process]
-
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
         for child in self.children:
@@ -274,7 +266,7 @@ def subprocess_runner(cmd: List[str], log: str, env: dict) -> int:
         p = subprocess.Popen(executable(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace", bufsize=1)
         if _ACTIVE_STOP is not None:
-            _ACTIVE_STOP.child = p
+            _ACTIVE_STOP.children = [p]
         try:
             for line in p.stdout:
                 sys.stdout.write(line)
