@@ -1,4 +1,4 @@
-"""How far can any model score on the demo's held-out source? (issue #19; needs the [demo] extra, ~1 minute)
+"""How far can any model score on the demo's held-out sources? (issues #19, #28; needs the [demo] extra, ~1 minute)
 
 The demo's sources are population templates in MNI space with tissue maps made by different pipelines. Two
 measurements, no training involved:
@@ -19,6 +19,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from bsf_nnunet.datasets.demo_data import HELD_OUT, SOURCES, TRAIN_VARIANTS, load_variant, probs_to_label
+from bsf_nnunet.datasets.heldout_sources import HELDOUT_SOURCES
 from bsf_nnunet.dice import dice
 
 
@@ -64,7 +65,7 @@ def best_intensity_rule(image: np.ndarray, label: np.ndarray) -> tuple[float, tu
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    names = [s for s, skull in TRAIN_VARIANTS if not skull] + [HELD_OUT]
+    names = [s for s, skull in TRAIN_VARIANTS if not skull] + list(HELD_OUT)
     sources = {n: load_variant(n, False, 2.0) for n in dict.fromkeys(names)}
     rules = {}
     print("1. Does each source's label follow its own image? (best two-threshold intensity rule, fitted to it)\n")
@@ -75,18 +76,30 @@ def main() -> None:
         score, q = best_intensity_rule(src.image, label)
         rules[name] = q
         shares = [float((label == c).sum() / (label > 0).sum()) for c in (1, 2, 3)]
-        role = "held out" if name == HELD_OUT else "training"
+        role = "held out" if name in HELD_OUT else "training"
         print(f"| {name} | {role} | {' / '.join(f'{s:.2f}' for s in shares)} | {score:.3f} | "
               f"{q[0]:.2f} / {q[1]:.2f} |")
+    for held_name in HELD_OUT:
+        compare_with_training(sources, rules, held_name)
+    print(f"\nSources: {', '.join(f'{k} ({where(k)})' for k in sources)}")
 
-    held = sources[HELD_OUT]
+
+def where(name: str) -> str:
+    if name in SOURCES:
+        return SOURCES[name].package
+    return f"{HELDOUT_SOURCES[name].dist}=={HELDOUT_SOURCES[name].version}"
+
+
+def compare_with_training(sources: dict, rules: dict, held_name: str) -> None:
+    """Measurement 2 for one held-out source: the training sources' labels and fitted rules on it."""
+    held = sources[held_name]
     ref = probs_to_label(held.tissue_probs)
     brain = ref > 0
-    print(f"\n2. Do the training sources label the held-out source ({HELD_OUT}) alike?\n")
+    print(f"\n2. Do the training sources label the held-out source ({held_name}) alike?\n")
     print("| training source | what is compared | CSF | GM | WM | GM/WM mean |")
     print("|---|---|---|---|---|---|")
     for name in sources:
-        if name == HELD_OUT:
+        if name in HELD_OUT:
             continue
         rows = [("its labels at the same MNI positions", dice_per_class(labels_at(sources[name], held), ref))]
         t1, t2 = np.quantile(held.image[brain], rules[name])
@@ -94,7 +107,6 @@ def main() -> None:
                      dice_per_class(threshold_label(held.image, brain, t1, t2), ref)))
         for what, d in rows:
             print(f"| {name} | {what} | {d[0]:.3f} | {d[1]:.3f} | {d[2]:.3f} | {np.mean(d[1:]):.3f} |")
-    print(f"\nSources: {', '.join(f'{k} ({SOURCES[k].package})' for k in sources)}")
 
 
 if __name__ == "__main__":

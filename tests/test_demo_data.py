@@ -330,34 +330,41 @@ def test_whole_head_case_keeps_skull_as_background():
 
 def _fake_variant(name, skull, spacing):
     src = _phantom4()
-    scale = {"spm_avg152": 1.0, "icbm152": 0.9, "cat12_ixi555": 0.8}[name]
+    scale = {"spm_avg152": 1.0, "icbm152": 0.9, "cat12_ixi555": 0.8, "fsaverage6": 0.7, "mni152_fsl": 0.6}[name]
     src = dd.DemoSource(src.image * scale, src.tissue_probs, src.affine)
     return _with_skull(src) if skull else src
 
 
 def test_multi_source_build_layout(tmp_path, monkeypatch):
-    assert dd.HELD_OUT not in {s for s, _ in dd.TRAIN_VARIANTS} and dd.HELD_OUT in dd.SOURCES
+    train_names = {s for s, _ in dd.TRAIN_VARIANTS}
+    assert len(dd.HELD_OUT) >= 3 and not train_names & set(dd.HELD_OUT)
+    assert sum(dd.is_whole_head(s) for s in dd.HELD_OUT) >= 2          # whole-head held-out sources
     assert any(sk and dd.SOURCES[s].whole_head for s, sk in dd.TRAIN_VARIANTS)
     assert any(not sk for s, sk in dd.TRAIN_VARIANTS if dd.SOURCES[s].whole_head)   # same head, skull-stripped
     assert all(dd.SOURCES[s].licence for s in dd.SOURCES)
-    monkeypatch.setattr(dd, "_check_sources_installed", lambda key: None)
+    monkeypatch.setattr(dd, "_check_sources_installed", lambda key, held=(): None)
     monkeypatch.setattr(dd, "load_variant", _fake_variant)
     p = dd.build_demo_dataset(tmp_path, num_train=3, num_test=1, source="multi", num_heldout=2,
                               case_kwargs={"elastic_mm": 0.0})
-    held = [f"{dd.HELDOUT_PREFIX}{dd.HELD_OUT}_{i:03d}" for i in range(2)]
+    held = [f"{dd.HELDOUT_PREFIX}{n}_{i:03d}" for n in dd.HELD_OUT for i in range(2)]
     assert sorted(f.name for f in (p / "labelsTs").iterdir()) == sorted([f"{c}.nii.gz" for c in held]
                                                                        + ["test_000.nii.gz"])
-    assert not any(dd.HELD_OUT in f.name for f in (p / "imagesTr").iterdir())
+    assert [dd.heldout_source_of(c) for c in held] == [n for n in dd.HELD_OUT for _ in range(2)]
+    assert dd.heldout_source_of(held[0] + "_0000.nii.gz") == dd.HELD_OUT[0]
+    assert not any(n in f.name for n in dd.HELD_OUT for f in (p / "imagesTr").iterdir())
     assert [dd.case_source("multi", 0, i) for i in range(3)] == list(dd.TRAIN_VARIANTS)
-    assert dd.case_source("multi", 2, 0)[0] == dd.HELD_OUT
-    # held-out case 0 is the untouched source; training cases come from the training variants
-    _, ref = _sitk_read(p / "labelsTs" / f"{held[0]}.nii.gz")
-    np.testing.assert_array_equal(ref, dd.probs_to_label(_fake_variant(dd.HELD_OUT, False, 4).tissue_probs).T)
+    assert dd.case_source("multi", 2, 2, dd.heldout_cases(2)) == (dd.HELD_OUT[1], True)
+    # held-out case 0 of each source is the untouched source; training cases come from the training variants
+    for n in dd.HELD_OUT:
+        _, ref = _sitk_read(p / "labelsTs" / f"{dd.HELDOUT_PREFIX}{n}_000.nii.gz")
+        np.testing.assert_array_equal(ref, dd.probs_to_label(_fake_variant(n, False, 4).tissue_probs).T)
     _, case0 = _sitk_read(p / "imagesTr" / "case_000_0000.nii.gz")
     assert case0.max() > 0.85                                          # skull-on variant: bright shell present
     js = json.loads((p / "dataset.json").read_text())
-    assert all(k in js["reference"] for k in dd.SOURCES) and dd.HELD_OUT in js["description"]
-    assert json.loads((p / dd.BUILD_RECORD).read_text())["num_heldout"] == 2
+    assert all(k in js["reference"] for k in list(dd.SOURCES) + list(dd.HELD_OUT))
+    assert all(n in js["description"] for n in dd.HELD_OUT)
+    record = json.loads((p / dd.BUILD_RECORD).read_text())
+    assert record["num_heldout"] == 2 and record["held_out"] == list(dd.HELD_OUT)
 
 
 def test_missing_multi_source_package(monkeypatch, tmp_path):

