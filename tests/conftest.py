@@ -410,3 +410,50 @@ def prepared(nnunet_env, _prepared_root):
 
 
 PY = sys.executable
+
+
+def write_fake_heldout_wheels(folder) -> dict:
+    """Small stand-ins for the held-out sources' wheels in ``folder`` (same names and members, a phantom head
+    inside: FreeSurfer MGH T1 + aseg codes on one grid; FSL NIfTI T1 on a grid twice as coarse as its FAST labels).
+    Returns {source: the demo classes 0..3 of its labels on the label grid}."""
+    import gzip
+    import zipfile
+
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    from bsf_nnunet.datasets.demo_data import probs_to_label, synthetic_source
+    from bsf_nnunet.datasets.heldout_sources import HELDOUT_SOURCES
+
+    src = synthetic_source(spacing=6.0, margin_mm=18.0)
+    classes = probs_to_label(src.tissue_probs)
+    brain = classes > 0
+    scalp = ndimage.binary_dilation(brain, iterations=2) & ~ndimage.binary_dilation(brain)
+    image = np.where(brain, src.image, 0.0) + np.where(scalp, 1.6, 0.0)        # a scalp brighter than WM
+    aseg = np.choose(classes, [0, 4, 3, 2]).astype(np.int32)
+    out = {}
+    for name, spec in HELDOUT_SOURCES.items():
+        path = os.path.join(folder, f"{spec.dist.replace('-', '_')}-{spec.version}-py3-none-any.whl")
+        with zipfile.ZipFile(path, "w") as z:
+            if spec.t1.endswith(".mgz"):
+                z.writestr(spec.t1, gzip.compress(nib.MGHImage(image.astype(np.float32), src.affine).to_bytes()))
+                z.writestr(spec.labels, gzip.compress(nib.MGHImage(aseg, src.affine).to_bytes()))
+            else:
+                coarse = src.affine.copy()
+                coarse[:3, :3] *= 2                                  # coarse voxel i = fine voxel 2i
+                small = image[::2, ::2, ::2][: classes.shape[0] // 2, : classes.shape[1] // 2, : classes.shape[2] // 2]
+                z.writestr(spec.t1, gzip.compress(nib.Nifti1Image(small.astype(np.float32), coarse).to_bytes()))
+                z.writestr(spec.labels, gzip.compress(nib.Nifti1Image(classes.astype(np.int16), src.affine).to_bytes()))
+        out[name] = classes
+    return out
+
+
+@pytest.fixture
+def fake_heldout_wheels(tmp_path, monkeypatch):
+    """BSF_DATA_DIR pointing at small stand-ins of the held-out sources' wheels (no download)."""
+    folder = tmp_path / "bsf_data"
+    folder.mkdir()
+    classes = write_fake_heldout_wheels(str(folder))
+    monkeypatch.setenv("BSF_DATA_DIR", str(folder))
+    return folder, classes

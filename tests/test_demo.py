@@ -7,8 +7,9 @@ import json
 import os
 
 
-def test_demo_smallest_settings(nnunet_env, run, tmp_path):
+def test_demo_smallest_settings(nnunet_env, run, tmp_path, fake_heldout_wheels):
     env = {k: v for k, v in nnunet_env.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    env["BSF_DATA_DIR"] = str(fake_heldout_wheels[0])      # stand-ins of the held-out wheels: no download
     work = tmp_path / "demo"
     cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CIfast",
            "BSFTrainer_CIdemo", "BSFTrainer_CIdemo_scratch"]
@@ -16,22 +17,28 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path):
     if not multi:  # the [demo] extra brings the real sources; without it use the phantom
         cmd += ["--source", "synthetic"]
     out = run(cmd, env)
-    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990",
+    for shown in ("$ nnUNetv2_plan_and_preprocess -d 990", "normalised with RobustZScoreNormalization",
+                  "$ nnUNetv2_preprocess -d 990",
                   "$ nnUNetv2_train 990 3d_fullres all -tr BSFPretrainTrainer_CIfast", "-pretrained_weights",
                   "$ nnUNetv2_predict", "Dice on 2 in-source test cases", "Run time per step"):
         assert shown in out, shown
     summary = json.load(open(work / "demo_summary.json"))
-    tables = [summary["dice"]] + ([summary["heldout"]["dice"]] if multi else [])
+    tables = [summary["dice"]] + [h["dice"] for h in summary["heldout"].values()]
     for rows in tables:
         assert set(rows) == {"pretrained", "scratch", "trivial (majority class)"}
         assert all(0.0 <= v <= 1.0 for row in rows.values() for v in row.values())
-    if multi:  # the held-out source is reported on its own and never trained on
-        assert "held-out source icbm152" in out
-        assert summary["heldout"]["cases"] == ["heldout_icbm152_000.nii.gz"]
+    if multi:  # each held-out source is reported on its own and never trained on
+        assert sorted(summary["heldout"]) == ["fsaverage6", "icbm152", "mni152_fsl"]
+        for source, held in summary["heldout"].items():
+            assert f"held-out source {source} (" in out
+            assert held["cases"] == [f"heldout_{source}_000.nii.gz"]
+            assert held["whole_head"] == (source != "icbm152")
         train = os.listdir(work / "nnUNet_raw" / "Dataset990_BrainTissueDemo" / "imagesTr")
-        assert not any("icbm" in f for f in train)
+        assert not any(s in f for f in train for s in summary["heldout"])
     else:
-        assert summary["heldout"] is None
+        assert summary["heldout"] == {}
+    plans = json.load(open(work / "nnUNet_preprocessed" / "Dataset990_BrainTissueDemo" / "nnUNetPlans.json"))
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["RobustZScoreNormalization"]
     assert os.path.getsize(work / "demo_slices.png") > 10000
     # the user's own nnU-Net folders were never used
     assert not any(os.listdir(nnunet_env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))

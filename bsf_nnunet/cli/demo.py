@@ -23,12 +23,15 @@ DATASET_ID = 990
 DATASET_NAME = "Dataset990_BrainTissueDemo"
 CLASSES = {1: "CSF", 2: "GM", 3: "WM"}
 PROFILES = {
-    # trainers (pretrain, fine-tune, scratch), training cases, labelled cases for fine-tuning, test cases
-    "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_Toy", scratch="BSFTrainer_Toy_scratch",
+    # trainers (pretrain, fine-tune, scratch), training cases, labelled cases for fine-tuning, test cases; the
+    # fine-tuning trainers randomize intensities per tissue (docs/robustness.md) so that the models hold up on
+    # whole-head images from other sources
+    "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_ToyDR", scratch="BSFTrainer_ToyDR_scratch",
                  num_train=8, num_labelled=3, num_test=2),
-    "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFast",
-                 scratch="BSFTrainer_ToyFast_scratch", num_train=6, num_labelled=3, num_test=2),
+    "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFastDR",
+                 scratch="BSFTrainer_ToyFastDR_scratch", num_train=6, num_labelled=3, num_test=2),
 }
+NORMALIZATION = "robust"   # RobustZScoreNormalization: independent of how bright the scalp is (docs/robustness.md)
 
 
 def register(sub) -> None:
@@ -42,13 +45,17 @@ def register(sub) -> None:
     p.add_argument("--source", default="multi", choices=["multi", "icbm", "synthetic"],
                    help="multi (default): three real sources, one held out (needs the [demo] extra); icbm: ICBM152 "
                         "2009a only (nilearn); synthetic: a phantom (no extra package)")
+    p.add_argument("--normalization", default=NORMALIZATION, choices=["robust", "zscore"],
+                   help="intensity normalization named in the plans: robust (default; z-score of the centre of the "
+                        "head, for whole-head images whose scalp brightness varies) or zscore (nnU-Net's)")
     p.add_argument("--trainers", nargs=3, default=None, metavar=("PRETRAIN", "FINETUNE", "SCRATCH"),
                    help=__import__("argparse").SUPPRESS)
     p.set_defaults(func=run)
 
 
 class Demo:
-    def __init__(self, workdir: str, device: str, profile: dict, source: str):
+    def __init__(self, workdir: str, device: str, profile: dict, source: str, normalization: str = NORMALIZATION):
+        self.normalization = normalization
         self.workdir = os.path.abspath(workdir)
         self.device = device
         self.p = profile
@@ -105,11 +112,35 @@ class Demo:
         self.times["dataset"] = time.time() - t
 
     def plan(self):
-        if os.path.isfile(os.path.join(self.pre, "nnUNetPlans.json")) and \
-                os.path.isdir(os.path.join(self.pre, "nnUNetPlans_3d_fullres")):
+        """nnU-Net's planning and preprocessing; with a normalization other than nnU-Net's the plans are written
+        first (``--no_pp``), the scheme is set in them, then ``nnUNetv2_preprocess`` runs."""
+        plans = os.path.join(self.pre, "nnUNetPlans.json")
+        if os.path.isfile(plans) and os.path.isdir(os.path.join(self.pre, "nnUNetPlans_3d_fullres")):
+            self._check_plans_normalization(plans)
             return self.skip("plan+preprocess", self.pre)
-        self.cmd(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"],
-                 "plan+preprocess")
+        plan_cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"]
+        if self.normalization == "zscore":
+            return self.cmd(plan_cmd, "plan+preprocess")
+        from ..planning.bsf_plans import set_plans_normalization
+
+        self.cmd(plan_cmd + ["--no_pp"], "plan+preprocess")
+        set_plans_normalization(plans, self.normalization)
+        print(f"\n[plans] {plans}: every channel normalised with {self._scheme()} "
+              f"(what `bsf-nnunet plan --normalization {self.normalization}` writes)", flush=True)
+        self.cmd(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], "plan+preprocess")
+
+    def _scheme(self) -> str:
+        from ..planning.normalization import SCHEMES
+
+        return SCHEMES[self.normalization]
+
+    def _check_plans_normalization(self, plans: str) -> None:
+        with open(plans) as f:
+            found = json.load(f)["configurations"]["3d_fullres"]["normalization_schemes"]
+        if set(found) != {self._scheme()}:
+            raise RuntimeError(f"{plans} normalises with {', '.join(sorted(set(found)))}, not {self._scheme()} "
+                               f"(--normalization {self.normalization}): use another --workdir, or the same "
+                               "--normalization as the run that made it")
 
     def splits(self):
         """Fold 0: fine-tune on a few labelled cases, validate on the other training cases."""
@@ -163,10 +194,10 @@ class Demo:
 
     def report(self, preds, total):
         """Dice per tissue class of each model in ``preds`` ({name: prediction folder}) and of a trivial baseline
-        on the test cases of the training sources and, separately, on the held-out source, printed with the run
+        on the test cases of the training sources and, separately, on each held-out source, printed with the run
         times (``total``: seconds before this step); writes demo_summary.json and demo_slices.png (the held-out
         case when there is one) and returns the summary."""
-        from ..datasets.demo_data import HELDOUT_PREFIX
+        from ..datasets.demo_data import HELDOUT_PREFIX, heldout_source_of, is_whole_head
 
         t = time.time()
         lab_dir = os.path.join(self.raw, "labelsTs")
@@ -177,21 +208,24 @@ class Demo:
         print(f"\nDice on {len(cases)} in-source test cases ({DATASET_NAME}, fine-tuned on {self.p['num_labelled']} "
               "labelled cases):")
         print(_dice_table(rows))
-        heldout = None
-        if held:
-            heldout = {"source": held[0][len(HELDOUT_PREFIX):-len("_000.nii.gz")], "cases": held,
-                       "dice": _dice_rows(lab_dir, held, preds)}
-            print(f"\nDice on {len(held)} case(s) of the held-out source {heldout['source']} (never seen in "
-                  "training or pretraining):")
-            print(_dice_table(heldout["dice"]))
-        png = self._save_slices(lab_dir, (held or cases)[0], preds)
+        heldout = {}
+        for source in dict.fromkeys(heldout_source_of(c) for c in held):
+            mine = [c for c in held if heldout_source_of(c) == source]
+            heldout[source] = {"cases": mine, "whole_head": is_whole_head(source),
+                               "dice": _dice_rows(lab_dir, mine, preds)}
+            print(f"\nDice on {len(mine)} case(s) of the held-out source {source} ("
+                  f"{'whole head' if is_whole_head(source) else 'brain only'}; never seen in training or "
+                  "pretraining):")
+            print(_dice_table(heldout[source]["dice"]))
+        shown = next((c for c in held if is_whole_head(heldout_source_of(c))), (held or cases)[0])
+        png = self._save_slices(lab_dir, shown, preds)
         self.times["evaluate"] = time.time() - t
         print("\nRun time per step:")
         for k, v in self.times.items():
             print(f"  {k:26s} {v:7.1f} s")
         print(f"  {'total':26s} {total + self.times['evaluate']:7.1f} s")
         summary = {"dice": rows, "heldout": heldout, "times_s": self.times, "workdir": self.workdir, "png": png,
-                   "profile": self.p, "device": self.device}
+                   "profile": self.p, "device": self.device, "normalization": self._scheme()}
         path = os.path.join(self.workdir, "demo_summary.json")
         atomic_write_json(path, summary)
         print(f"\nWrote {path}" + (f" and {png}" if png else ""))
@@ -261,6 +295,6 @@ def run(args) -> int:
         profile.update(pretrain=args.trainers[0], finetune=args.trainers[1], scratch=args.trainers[2])
     from ..devices import resolve_device
 
-    Demo(args.workdir, resolve_device(args.device), profile, args.source).run()
+    Demo(args.workdir, resolve_device(args.device), profile, args.source, args.normalization).run()
     return 0
 

@@ -37,15 +37,31 @@ def make_bsf_plans(plans: dict, plans_name: str, variant: str, patch_size: Seque
     notes += derived_notes
     conf["data_identifier"] = f"{plans_name}_3d_fullres"
     if normalization is not None:
-        from .normalization import SCHEMES
-
-        if normalization not in SCHEMES:
-            raise ConfigurationError(f"--normalization {normalization!r}: use one of {', '.join(SCHEMES)}.")
-        conf["normalization_schemes"] = [SCHEMES[normalization]] * len(conf["normalization_schemes"])
+        conf = with_normalization(conf, normalization)
     new = dict(plans)
     new["plans_name"] = plans_name
     new["configurations"] = {"3d_fullres": conf}
     return new, notes
+
+
+def with_normalization(conf: dict, normalization: str) -> dict:
+    """A copy of ``conf`` (one configuration of a plans file) whose every channel is normalised with scheme
+    ``normalization`` (a key of ``normalization.SCHEMES``: zscore, robust)."""
+    from .normalization import SCHEMES
+
+    if normalization not in SCHEMES:
+        raise ConfigurationError(f"--normalization {normalization!r}: use one of {', '.join(SCHEMES)}.")
+    return {**conf, "normalization_schemes": [SCHEMES[normalization]] * len(conf["normalization_schemes"])}
+
+
+def set_plans_normalization(plans_file: str, normalization: str) -> None:
+    """Rewrite ``plans_file`` so that every configuration normalises every channel with ``normalization``
+    (before preprocessing: nnUNetv2_preprocess, nnUNetv2_train and nnUNetv2_predict then all apply it)."""
+    with open(plans_file) as f:
+        plans = json.load(f)
+    plans["configurations"] = {name: (with_normalization(conf, normalization) if "normalization_schemes" in conf
+                                      else conf) for name, conf in plans["configurations"].items()}
+    atomic_write_json(plans_file, plans)
 
 
 def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Optional[Sequence[int]] = None,

@@ -16,6 +16,8 @@ from .bsf_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer_Tiny_scratch,
     BSFTrainer_Toy,
     BSFTrainer_Toy_scratch,
+    BSFTrainer_ToyDR,
+    BSFTrainer_ToyDR_scratch,
     BSFTrainer_ToyFast,
     BSFTrainer_ToyFast_scratch,
     BSFTrainer_ToyFastDR,

@@ -742,6 +742,16 @@ class BSFTrainer_ToyFast_scratch(BSFTrainer_ToyFast):
     bsf_use_pretraining = False
 
 
+class BSFTrainer_ToyDR(BSFTrainer_Toy):
+    """BSFTrainer_Toy with intensity domain randomization (the demo's long profile)."""
+
+    bsf_domain_randomization = True
+
+
+class BSFTrainer_ToyDR_scratch(BSFTrainer_ToyDR):
+    bsf_use_pretraining = False
+
+
 class BSFTrainer_ToyFastDR(BSFTrainer_ToyFast):
     """BSFTrainer_ToyFast with intensity domain randomization (the demo's --fast profile on other sources)."""
 
