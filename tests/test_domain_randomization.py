@@ -34,7 +34,7 @@ def _label_means(img, seg):
 
 @pytest.mark.parametrize("mode", ["synthetic", "remap"])
 def test_randomization_changes_intensities_per_label_and_never_the_labels(mode):
-    t = DomainRandomization(p_synthetic=1.0 if mode == "synthetic" else 0.0, p_remap=1.0, p_bias=0.5)
+    t = DomainRandomization(p_synthetic=1.0 if mode == "synthetic" else 0.0, p_remap=1.0, p_head=0.0, p_bias=0.5)
     img, seg = _sample()
     orders = set()
     for seed in range(12):
@@ -44,7 +44,8 @@ def test_randomization_changes_intensities_per_label_and_never_the_labels(mode):
         assert torch.equal(out["segmentation"], seg)  # the label map is identical
         x = out["image"]
         assert x.shape == img.shape and torch.isfinite(x).all()
-        assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3  # z-scored as nnU-Net's input
+        brain = x[0][seg[0] > 0]                 # z-scored over the brain, as the robust normalisation leaves it
+        assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-3
         means = _label_means(x, seg)
         orders.add(tuple(sorted(means, key=means.get)))
         for v in (1, 2, 3):  # each tissue stays one population (its own intensity), not a mixture
@@ -55,7 +56,7 @@ def test_randomization_changes_intensities_per_label_and_never_the_labels(mode):
 
 
 def test_remap_keeps_texture_within_a_label():
-    t = DomainRandomization(p_synthetic=0.0, p_remap=1.0, p_bias=0.0)
+    t = DomainRandomization(p_synthetic=0.0, p_remap=1.0, p_head=0.0, p_bias=0.0)
     img, seg = _sample()
     np.random.seed(3)
     out = t(image=img.clone(), segmentation=seg.clone())["image"]
@@ -63,6 +64,44 @@ def test_remap_keeps_texture_within_a_label():
     a, b = img[0][wm], out[0][wm]
     corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     assert abs(corr) > 0.99  # an affine map of the same voxels
+
+
+def test_head_mode_changes_only_the_head_around_the_brain():
+    """The 'head' mode moves the skull / scalp bands to random brightness (below the brain, or brighter than white
+    matter) and leaves the brain and the air exactly as the plans' normalisation gave them."""
+    t = DomainRandomization(p_synthetic=0.0, p_remap=0.0, p_head=1.0, p_paint=0.0)
+    img, seg = _sample()
+    scalp = (seg[0] == 0) & (img[0] > 1.0)
+    keep = (seg[0] != 0) | (img[0] < 0.3)                      # brain, padding and air
+    wm_mean, relations = float(img[0][seg[0] == 3].mean()), set()
+    for seed in range(20):
+        np.random.seed(seed)
+        out = t(image=img.clone(), segmentation=seg.clone())
+        x = out["image"][0]
+        assert torch.equal(out["segmentation"], seg) and torch.equal(x[keep], img[0][keep])
+        assert not torch.allclose(x[scalp], img[0][scalp])
+        relations.add(float(x[scalp].mean()) > wm_mean)
+    assert relations == {True, False}                          # the scalp is sometimes brighter than WM, sometimes not
+
+
+def test_head_mode_paints_a_head_around_a_skull_stripped_brain():
+    """A skull-stripped case (air right outside the brain) gets shells of CSF, skull and a scalp of random
+    brightness around the brain; the brain, the labels and the air further out stay as they were."""
+    t = DomainRandomization(p_synthetic=0.0, p_remap=0.0, p_head=1.0, p_paint=1.0)
+    img, seg = _sample()
+    img[0][(seg[0] == 0)] = 0.1                                      # no scalp: air only
+    brain = seg[0] > 0
+    near = torch.nn.functional.max_pool3d(brain[None, None].float(), 21, stride=1, padding=10)[0, 0] > 0
+    wm_mean, brighter = float(img[0][seg[0] == 3].mean()), set()
+    for seed in range(10):
+        np.random.seed(seed)
+        out = t(image=img.clone(), segmentation=seg.clone())
+        x = out["image"][0]
+        assert torch.equal(out["segmentation"], seg) and torch.equal(x[brain], img[0][brain])
+        painted = x != img[0]
+        assert 2000 < int(painted.sum()) and not (painted & ~near).any()   # shells of at most 10 voxels in all
+        brighter.add(float(x[painted].max()) > wm_mean)
+    assert brighter == {True, False}
 
 
 def test_same_seed_same_image():
@@ -78,8 +117,8 @@ def test_same_seed_same_image():
 
 def test_background_is_split_into_intensity_regions():
     img, seg = _sample()
-    regions, n = DomainRandomization(background_regions=3).regions(img[0], seg[0])
-    assert n == 5 + 2  # labels -1, 0, 1, 2, 3 and two more background bands
+    regions, n, first_band = DomainRandomization(background_regions=3).regions(img[0], seg[0])
+    assert n == 5 + 2 and first_band == 5  # labels -1, 0, 1, 2, 3 and two more background bands
     background = regions[seg[0] == 0]
     assert len(torch.unique(background)) == 2  # air and the bright band (the middle band is empty here)
     scalp = regions[2:6][seg[0, 2:6] == 0]  # the bright band: one region of its own

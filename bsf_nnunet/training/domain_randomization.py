@@ -33,54 +33,67 @@ DOMAIN_RANDOMIZATION_ENV = "BSF_DOMAIN_RANDOMIZATION"
 class DomainRandomization(BasicTransform):
     """See the module docstring. Intensities are drawn in a 0..1 range, then z-scored over the patch."""
 
-    def __init__(self, p_synthetic: float = 0.4, p_remap: float = 0.4, p_bias: float = 0.5,
+    def __init__(self, p_synthetic: float = 0.15, p_remap: float = 0.25, p_head: float = 0.4, p_bias: float = 0.5,
                  background_regions: int = 3, max_spread: float = 0.12, bias_strength: float = 0.4,
-                 bias_grid: int = 4):
+                 bias_grid: int = 4, head_range: tuple[float, float] = (-3.0, 4.0), p_paint: float = 0.7):
         super().__init__()
-        self.p_synthetic, self.p_remap, self.p_bias = p_synthetic, p_remap, p_bias
+        self.p_synthetic, self.p_remap, self.p_head, self.p_bias = p_synthetic, p_remap, p_head, p_bias
+        self.head_range, self.p_paint = head_range, p_paint
         self.background_regions, self.max_spread = int(background_regions), max_spread
         self.bias_strength, self.bias_grid = bias_strength, int(bias_grid)
 
     def get_parameters(self, **data_dict) -> dict:
         u = np.random.uniform()
-        mode = "synthetic" if u < self.p_synthetic else "remap" if u < self.p_synthetic + self.p_remap else None
-        return {"mode": mode, "bias": mode is not None and np.random.uniform() < self.p_bias}
+        edges = np.cumsum([self.p_synthetic, self.p_remap, self.p_head])
+        mode = ("synthetic", "remap", "head", None)[int(np.searchsorted(edges, u, side="right"))]
+        return {"mode": mode, "bias": mode is not None and np.random.uniform() < self.p_bias,
+                "paint": mode == "head" and np.random.uniform() < self.p_paint}
 
     def apply(self, data_dict, **params):
         if params["mode"] is None or data_dict.get("segmentation") is None:
             return data_dict
         image, seg = data_dict["image"], data_dict["segmentation"][0]
-        regions, n_regions = self.regions(image[0], seg)
+        regions, n_regions, first_band = self.regions(image[0], seg)
+        brain = seg > 0
         out = torch.empty_like(image)
         for c in range(image.shape[0]):
+            if params["mode"] == "head":
+                x = self.head_remapped(image[c], regions, first_band, brain)
+                out[c] = self.painted_head(x, (seg == 0) & (regions < first_band), brain) if params["paint"] else x
+                continue
             if params["mode"] == "synthetic":
                 x = self.synthetic(regions, n_regions)
             else:
                 x = self.remapped(image[c], regions, n_regions)
             if params["bias"]:
                 x = x * self.bias_field(x.shape, x.device)
-            out[c] = _zscore(x)
+            out[c] = _zscore(x, brain)
         data_dict["image"] = out
         return data_dict
 
     def regions(self, reference: torch.Tensor, seg: torch.Tensor):
-        """(region index per voxel, number of regions): one region per label value present (the padding -1
-        included), and the background (0) split into equal-width intensity bands of ``reference`` between its 1st
-        and 99th percentiles (air, dark skull / muscle, bright scalp and fat)."""
+        """(region index per voxel, number of regions, index of the first brighter background band): one region per
+        label value present (the padding -1 included), and the background (0) split into equal-width intensity bands
+        of ``reference`` between its 1st and 99th percentiles (air, dark skull / muscle, bright scalp and fat), unless
+        that range is narrower than the tissues' standard deviation (noisy air only); the darkest band keeps
+        the background's own index, the others are numbered from the third value on."""
         seg = seg.long()
         values, regions = torch.unique(seg, return_inverse=True)
-        n = len(values)
+        n = first_band = len(values)
         if self.background_regions > 1 and bool((values == 0).any()):
             background = seg == 0
             inside = reference[background]
             sample = inside[:: max(1, inside.numel() // 20000)].float()
             lo, hi = torch.quantile(sample, torch.tensor([0.01, 0.99]))  # equal-width bands between these
+            tissue = reference[seg > 0] if bool((seg > 0).any()) else reference.flatten()
+            if float(hi - lo) < float(tissue.float().std()):           # only noisy air: one background region
+                return regions, n, first_band
             edges = lo + (hi - lo) * torch.linspace(0, 1, self.background_regions + 1)[1:-1]
             band = torch.bucketize(inside.float(), edges)  # 0 .. background_regions - 1
             regions = regions.clone()
             regions[background] = torch.where(band == 0, regions[background], n + band - 1)
             n += self.background_regions - 1
-        return regions, n
+        return regions, n, first_band
 
     def synthetic(self, regions: torch.Tensor, n: int) -> torch.Tensor:
         """An image generated from the regions: per region N(mean, spread), means and spreads random."""
@@ -98,6 +111,44 @@ class DomainRandomization(BasicTransform):
         scales = torch.from_numpy(np.random.uniform(0.5, 1.5, n)).float()
         return targets[regions] + scales[regions] * (x - region_mean[regions])
 
+    def head_remapped(self, image: torch.Tensor, regions: torch.Tensor, first_band: int,
+                      brain: torch.Tensor) -> torch.Tensor:
+        """The real (already normalised) image with only the brighter background bands (skull, muscle, scalp, fat:
+        regions ``first_band`` and up) moved to random means of ``head_range`` brain standard deviations around
+        the brain's mean, keeping their texture; the brain and the darkest band (air) stay as they are, so the
+        tissues keep the values the plans' normalisation gives them."""
+        n = int(regions.max()) + 1
+        if n <= first_band:
+            return image
+        inside = image[brain] if bool(brain.any()) else image.flatten()
+        centre, spread = float(inside.mean()), max(float(inside.std()), 1e-6)
+        counts = torch.bincount(regions.flatten(), minlength=n).clamp_min(1).float()
+        region_mean = torch.bincount(regions.flatten(), weights=image.flatten().float(), minlength=n) / counts
+        targets = centre + spread * torch.from_numpy(np.random.uniform(*self.head_range, n)).float()
+        scales = torch.from_numpy(np.random.uniform(0.5, 1.5, n)).float()
+        moved = targets[regions] + scales[regions] * (image - region_mean[regions])
+        return torch.where(regions >= first_band, moved, image).to(image.dtype)
+
+    def painted_head(self, image: torch.Tensor, air: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """Paint, where there is air around the brain (a skull-stripped case), three shells of random thickness:
+        dark CSF and meninges, dark skull, and a scalp whose brightness is drawn from ``head_range`` (often
+        brighter than white matter); labels stay background. A whole-head case has its own skull there and is
+        left as it is."""
+        if not bool(brain.any()) or not bool(air.any()):
+            return image
+        inside = image[brain]
+        centre, spread = float(inside.mean()), max(float(inside.std()), 1e-6)
+        levels = (np.random.uniform(-3.0, -1.0), np.random.uniform(-3.5, -1.5), np.random.uniform(*self.head_range))
+        inner, out = brain[None, None].float(), image.clone()
+        for level, (lo, hi) in zip(levels, ((1, 2), (1, 3), (2, 5))):
+            t = int(np.random.randint(lo, hi + 1))
+            outer = F.max_pool3d(inner, 2 * t + 1, stride=1, padding=t)
+            shell = (outer[0, 0] > 0) & (inner[0, 0] == 0) & air
+            noise = 0.15 * spread * torch.randn(int(shell.sum()))
+            out[shell] = (centre + level * spread + noise).to(out.dtype)
+            inner = outer
+        return out
+
     def bias_field(self, shape, device) -> torch.Tensor:
         """A smooth multiplicative field: a coarse random grid, upsampled, exponentiated."""
         coarse = torch.from_numpy(np.random.normal(0, self.bias_strength / 2, (1, 1) + (self.bias_grid,) * len(shape)))
@@ -106,8 +157,11 @@ class DomainRandomization(BasicTransform):
         return torch.exp(field).to(device)
 
 
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / x.std().clamp_min(1e-6)
+def _zscore(x: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
+    """z-score with the statistics of the brain voxels (labels > 0) where the patch has some, as the robust
+    normalisation (the centre of the head) would give; else of the whole patch."""
+    ref = x[brain] if brain is not None and int(brain.sum()) > 100 else x
+    return (x - ref.mean()) / ref.std().clamp_min(1e-6)
 
 
 def with_domain_randomization(compose, transform: DomainRandomization = None):
