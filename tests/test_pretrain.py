@@ -31,7 +31,7 @@ def _ssl_loss_on_fixed_batch(state_dict, pre_folder):
     loader = SSLCropLoader(ds_cls(folder, ids), ids, [64, 64, 64], volumes_per_batch=4, crops_per_volume=1, seed=7)
     crops = torch.from_numpy(next(loader)["data"])
     torch.manual_seed(12345)  # BSFPretrainTrainer's initialisation (bsf_seed)
-    model = BSFSSLModel(2, **variant_arch_kwargs("toy"))
+    model = BSFSSLModel(2, axis_order="xyz", **variant_arch_kwargs("toy"))   # stage 1's default order
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.eval()
@@ -57,7 +57,9 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, 
     assert meta["stage"] == 1 and meta["parent"] is None
     assert meta["channel_names"] == ["T1", "FLAIR"] and meta["merging"] == "legacy"
     assert meta["arch_kwargs"]["feature_size"] == 12 and meta["patch_size"] == [64, 64, 64]
-    assert meta["axis_order"] == "zyx" and len(meta["spacing"]) == 3 and meta["normalization"]
+    # a stage 1 without weights computes in the official (x, y, z) order, and says so (issue #31)
+    assert meta["axis_order"] == "xyz" and len(meta["spacing"]) == 3 and meta["normalization"]
+    assert "stage 1 computes in the order of the official (x, y, z) crops" in out
     assert os.path.isfile(os.path.join(res, RES, "fold_all", "progress.png"))
     assert all(k in ck["logging"] for k in ("ssl_rot", "ssl_con", "ssl_rec", "val_losses"))
     for k in ("ssl_rot_acc", "ssl_con_top1", "val_ssl_rot_acc", "val_ssl_con_top1"):  # per epoch, train and val

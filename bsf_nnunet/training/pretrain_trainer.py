@@ -68,6 +68,10 @@ class BSFPretrainTrainer(BSFTrainer):
     bsf_warmup_steps = None  # None: bsf_warmup_fraction of all steps
     bsf_seed = 12345
     bsf_grad_clip = 12.0
+    # official stage 1 computes on MONAI's (x, y, z) crops (its contrastive token and rotation plane are taken in that
+    # order): a run that starts without weights uses it unless the plans' arch_kwargs name an axis_order; weights
+    # (-pretrained_weights, --c) bring their own
+    bsf_axis_order = "xyz"
     bsf_recipe = {"initial_lr": 4e-4, "weight_decay": 0.1, "num_epochs": 100, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 25, "save_every": 5}
 
@@ -120,6 +124,9 @@ class BSFPretrainTrainer(BSFTrainer):
         torch.manual_seed(self.bsf_seed)  # the same initial weights on every rank and in every run
         self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
                                                        self.num_input_channels, 0, False).to(self.device)
+        if "axis_order" not in self.configuration_manager.network_arch_init_kwargs and \
+                self.bsf_axis_order != self.network.axis_order:
+            self._set_axis_order(self.bsf_axis_order, "stage 1 computes in the order of the official (x, y, z) crops")
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             ids = [self.local_rank] if self.device.type == "cuda" else None
