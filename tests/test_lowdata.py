@@ -16,6 +16,8 @@ from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.lowdata import report as ld_report
 from bsf_nnunet.lowdata import runner as ld_runner
 from bsf_nnunet.lowdata import stage2 as ld_stage2
+from bsf_nnunet.lowdata.common import load_layout
+from bsf_nnunet.lowdata.runner import run_lowdata
 from bsf_nnunet.lowdata.splits import create_splits, make_layout
 
 DS = "Dataset042_Toy"
@@ -134,6 +136,32 @@ def test_splits_deterministic_and_seeded():
         return {(f["fraction"], f["repeat"]): f["train"] for f in lay["folds"]}
 
     assert all(key(d)[k] == v for k, v in key(a).items())
+
+
+def test_official_protocol_redraws_the_test_set_per_repeat(env):
+    """--redraw-test-per-repeat (issue #31.6): repeat r has its own test set (the 'val' of its folds in
+    splits_final.json), 20 % of all cases, disjoint from its training cases; subsets stay nested within a repeat;
+    no shared stage-2 fold (every case is a test case of some repeat), and lowdata run refuses --stage2 shared."""
+    cases = make_preprocessed(env, 20)
+    layout = create_splits(DS, [0.25, 1.0], repeats=3, out=quiet, redraw_test=True)
+    splits = json.loads(splits_path(env).read_text())
+    assert layout["test"] is None and layout["pretrain_fold"] is None
+    assert layout["settings"]["redraw_test_per_repeat"]
+    tests = {}
+    for fd in layout["folds"]:
+        s = splits[fd["fold"]]
+        assert sorted(s["val"]) == fd["test"] and len(fd["test"]) == 4 == fd["n_val"]
+        assert not set(s["train"]) & set(fd["test"]) and set(s["train"]) | set(fd["test"]) <= set(cases)
+        tests.setdefault(fd["repeat"], set()).add(tuple(fd["test"]))
+    assert all(len(t) == 1 for t in tests.values())                  # one test set per repeat, for every fraction
+    assert len({next(iter(t)) for t in tests.values()}) == 3           # a new one for every repeat
+    by = {(f["fraction"], f["repeat"]): set(f["train"]) for f in layout["folds"]}
+    assert all(by[(0.25, r)] < by[(1.0, r)] and len(by[(1.0, r)]) == 16 for r in range(3))
+    load_layout(DS)                                                    # the consistency check accepts it
+    with pytest.raises(ValueError, match="--stage2 shared.*redraw-test-per-repeat"):
+        run_lowdata(DS, ["BSFTrainer_Toy"], stage2="shared", pretrained_weights="x.pth", dry_run=True, out=quiet)
+    fixed = make_layout(cases, [0.25, 1.0], 3, 0.2, seed=0)
+    assert fixed["test"] is not None and all("test" not in f for f in fixed["folds"])
 
 
 def test_tiny_dataset_at_least_one_case_and_pretrain_fold():

@@ -40,6 +40,9 @@ def _add_splits(sp) -> None:
     q.add_argument("-c", "--configuration", default="3d_fullres",
                    help="configuration whose preprocessed cases are used (default 3d_fullres)")
     q.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    q.add_argument("--redraw-test-per-repeat", action="store_true",
+                   help="the official protocol: a new test set for every repeat (default: one fixed test set, so "
+                        "every fraction and repeat is scored on the same cases; docs/fidelity.md)")
     q.add_argument("--overwrite", action="store_true", help="replace a different existing low-data layout")
     q.set_defaults(func=_splits)
 
@@ -130,7 +133,7 @@ def _splits(args) -> int:
     from ..lowdata.splits import create_splits
 
     create_splits(args.dataset, args.fractions, args.repeats, args.test_fraction, args.seed, args.configuration,
-                  args.plans, overwrite=args.overwrite)
+                  args.plans, overwrite=args.overwrite, redraw_test=args.redraw_test_per_repeat)
     return 0
 
 

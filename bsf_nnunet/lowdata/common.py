@@ -84,11 +84,16 @@ def load_layout(dataset_name: str) -> dict:
     for fd in layout["folds"]:
         f = fd["fold"]
         if (f >= len(splits) or sorted(splits[f].get("train", [])) != sorted(fd["train"])
-                or sorted(splits[f].get("val", [])) != sorted(layout["test"])):
+                or sorted(splits[f].get("val", [])) != sorted(fold_test(layout, fd))):
             raise ValueError(f"Fold {f} of {splits_path} differs from the low-data layout in {path} (the split file "
                              f"was edited or replaced). Re-create the folds with `bsf-nnunet lowdata splits -d "
                              f"{dataset_name} --overwrite` (results of old low-data folds no longer match then).")
     return layout
+
+
+def fold_test(layout: dict, fold: dict) -> List[str]:
+    """The test cases (nnU-Net's 'val') of a low-data fold: its own when the layout redraws them per repeat."""
+    return list(fold["test"]) if fold.get("test") is not None else list(layout["test"])
 
 
 def finetune_folds(layout: dict) -> List[dict]:

@@ -22,6 +22,7 @@ from .common import (
     finetune_folds,
     fmt_fraction,
     fold_dir,
+    fold_test,
     load_layout,
     preprocessed_dir,
     read_json,
@@ -204,9 +205,9 @@ def _summary_warnings(summ: str, s: dict, test_cases: set) -> List[str]:
 
 def _read_folds(st: _Study) -> None:
     """Fill ``st.rows`` (one per trainer and fold with a summary.json), ``missing``, ``warnings`` and ``keys``."""
-    test_cases = set(st.layout["test"])
     for tr in st.trainers:
         for fd in st.folds:
+            test_cases = set(fold_test(st.layout, fd))
             folder = fold_dir(st.name, tr, st.plans, st.configuration, fd["fold"])
             summ = os.path.join(folder, "validation", "summary.json")
             if not os.path.isfile(summ):
@@ -375,7 +376,7 @@ def build_report(dataset, trainers: Optional[Sequence[str]] = None, configuratio
     _aggregate(st)
 
     mean_table = _mean_table(st)
-    png = _plot(trainers, st.fractions, st.summary, name, xscale, len(layout["test"]))
+    png = _plot(trainers, st.fractions, st.summary, name, xscale, len(fold_test(layout, layout["folds"][0])))
     out_dir = out_dir or os.path.join(results_dir(name), "lowdata_report")
     files = {"csv": os.path.join(out_dir, CSV_NAME), "md": os.path.join(out_dir, MD_NAME),
              "png": os.path.join(out_dir, PNG_NAME)}

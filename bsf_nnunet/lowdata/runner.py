@@ -322,6 +322,10 @@ def run_lowdata(dataset, trainers: Sequence[str], configuration: str = "3d_fullr
     ``bsf_nnunet.cluster``) gets the planned jobs instead of running them one after the other here.
     """
     mode = check_mode(stage2 or DEFAULT_MODE, pretrained_weights, pretrain_trainer)
+    if mode == "shared" and load_layout(resolve_dataset(dataset))["pretrain_fold"] is None:
+        raise ValueError("--stage2 shared pretrains once on all non-test cases, but this layout draws a new test set "
+                         "for every repeat (--redraw-test-per-repeat), so every case is a test case of some repeat. "
+                         "Use --stage2 per-fold (the default) or none.")
     if pretrained_weights and not dry_run and not os.path.isfile(pretrained_weights):
         raise ValueError(f"--pretrained-weights {pretrained_weights} does not exist; with --stage2 {mode} it is "
                          f"{weights_role(mode)}. Fix the path (docs/lowdata.md).")

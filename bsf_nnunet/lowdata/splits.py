@@ -10,6 +10,12 @@ Stage 2 (self-supervised pretraining, BSFPretrainTrainer) runs by default on eve
 fold's training cases only (``lowdata run --stage2 per-fold``, as the original study). For the alternative
 ``--stage2 shared`` (one pretraining on the images of all non-test cases, never the test set) the layout names a
 ``pretrain_fold``: the first 100 % fold, or, if the fractions do not include 1.0, one extra "pretrain" fold.
+
+``--redraw-test-per-repeat`` gives the official protocol instead (lab-smile/BrainSegFounder draws a new 20 % test set
+for every repeat): repeat r draws its own test set and orders the rest; each fold records its ``test`` cases. The
+default keeps one test set because then every fraction and repeat is scored on the same cases, so differences
+between fractions are not differences between test sets; with few cases the redrawn protocol mixes both. It has no
+shared stage-2 fold (every non-test pool differs).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from .common import (
     SPLITS_FILE,
     env_folder,
     fmt_fraction,
+    fold_test,
     preprocessed_dir,
     read_json,
     resolve_dataset,
@@ -137,11 +144,12 @@ def check_settings(fractions: Sequence[float], repeats: int, test_fraction: floa
 
 
 def make_layout(case_ids: Sequence[str], fractions: Sequence[float], repeats: int = 5, test_fraction: float = 0.2,
-                seed: int = 0, first_fold: int = CV_FOLDS) -> dict:
+                seed: int = 0, first_fold: int = CV_FOLDS, redraw_test: bool = False) -> dict:
     """The test set and the low-data folds (numbered from ``first_fold``) for the given cases; deterministic.
 
     The test set is drawn with the seed alone; repeat r orders the remaining cases with (seed, r), so adding
-    repeats or fractions later leaves the existing draws unchanged.
+    repeats or fractions later leaves the existing draws unchanged. ``redraw_test``: repeat r draws its own test set
+    with (seed, r) instead (the official protocol; each fold then carries its ``test``).
     """
     fractions = check_settings(fractions, repeats, test_fraction)
     cases = sorted(str(c) for c in case_ids)
@@ -151,6 +159,9 @@ def make_layout(case_ids: Sequence[str], fractions: Sequence[float], repeats: in
     if n < 2:
         raise ValueError(f"A low-data study needs at least 2 cases (1 test + 1 training); the dataset has {n}.")
     n_test = min(n - 1, max(1, int(math.floor(test_fraction * n + 0.5))))
+    if redraw_test:
+        return _redrawn_layout(cases, fractions, int(repeats), float(test_fraction), int(seed), int(first_fold),
+                               n_test)
     order = np.random.default_rng(np.random.SeedSequence([int(seed), 0])).permutation(n)
     test = sorted(cases[i] for i in order[:n_test])
     pool = sorted(cases[i] for i in order[n_test:])
@@ -181,6 +192,26 @@ def make_layout(case_ids: Sequence[str], fractions: Sequence[float], repeats: in
         "test": test,
         "folds": folds,
     }
+
+
+def _redrawn_layout(cases: List[str], fractions: List[float], repeats: int, test_fraction: float, seed: int,
+                    first_fold: int, n_test: int) -> dict:
+    """The official protocol: repeat r permutes all cases with (seed, 2, r); its first ``n_test`` are that repeat's
+    test set, the training subsets of every fraction are nested prefixes of the rest."""
+    orders = [np.random.default_rng(np.random.SeedSequence([seed, 2, r])).permutation(len(cases))
+              for r in range(repeats)]
+    folds, fold = [], first_fold
+    for fr in fractions:
+        for r, order in enumerate(orders):
+            test, rest = sorted(cases[i] for i in order[:n_test]), [cases[i] for i in order[n_test:]]
+            train = sorted(rest[:_n_of(fr, len(rest))])
+            folds.append({"fold": fold, "role": "finetune", "fraction": fr, "repeat": r, "n_train": len(train),
+                          "n_val": len(test), "train": train, "test": test})
+            fold += 1
+    return {"format_version": FORMAT_VERSION,
+            "settings": {"fractions": fractions, "repeats": repeats, "test_fraction": test_fraction, "seed": seed,
+                         "redraw_test_per_repeat": True},
+            "n_cases": len(cases), "first_fold": first_fold, "pretrain_fold": None, "test": None, "folds": folds}
 
 
 def _same_layout(a: dict, b: dict) -> bool:
@@ -235,16 +266,28 @@ def splits_text(base_text: str, base_folds: List[dict], new_folds: List[dict], p
 
 # ---------------------------------------------------------------------------------------------------- command
 def format_table(layout: dict, dataset_name: str = "") -> str:
-    rows = [f"Low-data folds{(' of ' + dataset_name) if dataset_name else ''}: test set {len(layout['test'])} cases "
-            f"(the 'val' of every fold below), {layout['n_cases'] - len(layout['test'])} cases to draw from, "
-            f"seed {layout['settings']['seed']}",
+    of = f"Low-data folds{(' of ' + dataset_name) if dataset_name else ''}: "
+    if layout["test"] is None:
+        n_test = layout["folds"][0]["n_val"]
+        head = (of + f"a new test set of {n_test} cases for every repeat (the official protocol; the 'val' of the "
+                f"folds of that repeat), {layout['n_cases'] - n_test} cases to draw from, seed "
+                f"{layout['settings']['seed']}")
+    else:
+        head = (of + f"test set {len(layout['test'])} cases (the 'val' of every fold below), "
+                f"{layout['n_cases'] - len(layout['test'])} cases to draw from, seed {layout['settings']['seed']}")
+    rows = [head,
             f"{'fold':>5}  {'fraction':>8}  {'repeat':>6}  {'n_train':>7}  {'n_val':>5}  role"]
     for f in layout["folds"]:
         rep = "-" if f["repeat"] is None else str(f["repeat"])
         rows.append(f"{f['fold']:>5}  {fmt_fraction(f['fraction']):>8}  {rep:>6}  {f['n_train']:>7}  {f['n_val']:>5}  "
                     f"{f['role']}")
-    rows.append(f"Stage-2 pretraining fold for `lowdata run --stage2 shared` (all non-test cases): "
-                f"{layout['pretrain_fold']} (the default, --stage2 per-fold, pretrains every fold on its own cases)")
+    if layout["pretrain_fold"] is None:
+        rows.append("No shared stage-2 fold (the test sets differ between repeats): use --stage2 per-fold (the "
+                    "default) or none")
+    else:
+        rows.append(f"Stage-2 pretraining fold for `lowdata run --stage2 shared` (all non-test cases): "
+                    f"{layout['pretrain_fold']} (the default, --stage2 per-fold, pretrains every fold on its own "
+                    "cases)")
     return "\n".join(rows)
 
 
@@ -365,7 +408,7 @@ def _write_layout(layout_path: str, layout: dict, old_layout: Optional[dict]) ->
 def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), repeats: int = 5,
                   test_fraction: float = 0.2, seed: int = 0, configuration: str = "3d_fullres",
                   plans: str = "nnUNetPlans", overwrite: bool = False,
-                  out: Callable[[str], None] = print) -> dict:
+                  out: Callable[[str], None] = print, redraw_test: bool = False) -> dict:
     """Write the low-data folds into splits_final.json (+ lowdata.json); returns the layout.
 
     Re-running with identical settings changes nothing; a different existing layout is refused unless
@@ -382,9 +425,10 @@ def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.
     base = _base_folds(name, cases, splits_path, layout_path, old_layout, overwrite)
     base_count = len(base.folds)
 
-    layout = make_layout(cases, fractions, repeats, test_fraction, seed, first_fold=base_count)
+    layout = make_layout(cases, fractions, repeats, test_fraction, seed, first_fold=base_count,
+                         redraw_test=redraw_test)
     layout.update(dataset=name, case_source=source, configuration=configuration, plans=plans)
-    ld_splits = [{"train": f["train"], "val": list(layout["test"])} for f in layout["folds"]]
+    ld_splits = [{"train": f["train"], "val": fold_test(layout, f)} for f in layout["folds"]]
     if not overwrite:
         _refuse_other_layout(old_layout, layout, base, ld_splits, splits_path, layout_path)
 
