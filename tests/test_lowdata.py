@@ -428,7 +428,7 @@ def test_default_stage2_is_per_fold_pretraining_before_each_finetune(env, capsys
     base = "nnUNetv2_train 42 3d_fullres {} -tr {} -p nnUNetPlans -device cpu"
     expected = []
     for f in (5, 6, 7, 8):
-        stage2 = _fold(env, "BSFPretrainTrainer", f) / "checkpoint_final.pth"
+        stage2 = _fold(env, "BSFPretrainTrainer", f) / "checkpoint_best.pth"   # the best reconstruction (#31.3)
         expected += [base.format(f, "BSFPretrainTrainer") + " -pretrained_weights /w/s1.pth",
                      base.format(f, "BSFTrainer") + f" -pretrained_weights {stage2}",
                      base.format(f, "BSFTrainer_scratch")]
@@ -660,9 +660,9 @@ def test_lowdata_end_to_end_with_toy_trainers(nnunet_env, prepared, run, tmp_pat
     rows = json.loads(run(status + ["--json"], env))
     assert [r["status"] for r in rows] == ["done"] * 3 and all(r["job"].startswith("local ") for r in rows)
     results = os.path.join(env["nnUNet_results"], full)
-    stage2 = os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_5", "checkpoint_final.pth")
-    assert os.path.isfile(stage2) and not os.path.isdir(os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres",
-                                                                      "fold_6"))
+    stage2 = os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_5", "checkpoint_best.pth")
+    assert os.path.isfile(stage2.replace("best", "final"))
+    assert not os.path.isdir(os.path.join(results, f"{pre}__nnUNetPlans__3d_fullres", "fold_6"))
     log_files = glob.glob(os.path.join(results, f"{trainers[0]}__nnUNetPlans__3d_fullres", "fold_5",
                                        "training_log_*.txt"))
     assert len(log_files) == 2  # the training, then its --val

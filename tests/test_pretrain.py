@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import torch
 
 RES = "BSFPretrainTrainer_CI__nnUNetPlans__3d_fullres"
@@ -98,7 +99,10 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, 
     assert "stage chaining from BSFPretrainTrainer_CIfast fold 0" in out
     tlog = open(glob.glob(os.path.join(res, "BSFTrainer_CI_chain__nnUNetPlans__3d_fullres", "fold_0",
                                        "training_log_*.txt"))[0]).read()
-    assert "Initialised from" in tlog
+    # from the checkpoint with the best validation reconstruction RMSE, as the official scripts (#31.3)
+    assert f"Initialised from {os.path.join(res, RES_FAST, 'fold_0', 'checkpoint_best.pth')}" in tlog
+    assert "New best validation reconstruction RMSE" in log
+    assert all(np.isfinite(s2["logging"]["val_ssl_rec_rmse"]))
 
 
 def test_ddp_two_gloo_ranks_stay_identical(nnunet_env, prepared, run, tmp_path):

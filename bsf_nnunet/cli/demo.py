@@ -180,8 +180,10 @@ class Demo:
         self.dataset()
         self.plan()
         self.splits()
-        pre_ckpt = os.path.join(self.res, f"{self.p['pretrain']}__nnUNetPlans__3d_fullres", "fold_all",
-                                "checkpoint_final.pth")
+        from ..training.handover import handover_checkpoint
+
+        pre_ckpt = handover_checkpoint(os.path.join(self.res, f"{self.p['pretrain']}__nnUNetPlans__3d_fullres",
+                                                    "fold_all"))
         self.train(self.p["pretrain"], "all", "pretrain (SSL)")
         self.train(self.p["finetune"], 0, "fine-tune pretrained", extra=["-pretrained_weights", pre_ckpt])
         self.train(self.p["scratch"], 0, "fine-tune scratch")

@@ -217,14 +217,16 @@ def plan_jobs(dataset, trainers: Sequence[str], configuration: str = "3d_fullres
 
 def _fold_jobs(study: _Study, fd: dict, trainers: Sequence[str], pretrainers: dict) -> List[Job]:
     """One fold: its stage-2 pretrainings (one per distinct stage-2 trainer), then the trainers in the given order."""
+    from ..training.handover import finished_checkpoint, handover_checkpoint  # (the trainers' package is heavy)
+
     pre = {p: _job(study, fd, p, "pretrain", study.weights) for p in dict.fromkeys(pretrainers.values())}
     jobs = list(pre.values())
     for tr in trainers:
         if is_scratch(tr):
             jobs.append(_job(study, fd, tr, "finetune", None))
         elif tr in pretrainers:  # starts from the fold's own stage 2
-            ckpt = os.path.join(pre[pretrainers[tr]].output_folder, "checkpoint_final.pth")
-            jobs.append(_job(study, fd, tr, "finetune", ckpt, needs=ckpt))
+            folder = pre[pretrainers[tr]].output_folder
+            jobs.append(_job(study, fd, tr, "finetune", handover_checkpoint(folder), needs=finished_checkpoint(folder)))
         else:
             jobs.append(_job(study, fd, tr, "finetune", study.weights))
     return jobs

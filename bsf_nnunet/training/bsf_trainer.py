@@ -419,9 +419,12 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
 
         if not nnUNet_results.is_set() or not self.bsf_pretrain_trainer:
             return None
+        from .handover import finished_checkpoint, handover_checkpoint
+
         folder = get_output_folder(self.plans_manager.dataset_name, self.bsf_pretrain_trainer,
                                    self.plans_manager.plans_name, self.configuration_name, self.fold)
-        return os.path.join(folder, "checkpoint_final.pth")
+        finished = finished_checkpoint(folder)
+        return handover_checkpoint(folder) if os.path.isfile(finished) else finished
 
     def _maybe_chain_pretraining(self) -> None:
         if self.current_epoch > 0 or self.bsf_pretrained_from is not None:

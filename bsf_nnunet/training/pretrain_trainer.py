@@ -29,11 +29,12 @@ from torch import nn
 from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
+from .handover import HANDOVER_CHECKPOINT
 from .lr import WarmupCosineLR
 from .preemption import PARTIAL_EPOCH_KEY
 from .ssl_data import SSLCropLoader
 
-SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1")
+SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1", "rec_rmse")
 SSL_LOG_KEYS = tuple(f"{prefix}ssl_{k}" for prefix in ("", "val_") for k in SSL_PARTS)
 
 
@@ -260,8 +261,10 @@ class BSFPretrainTrainer(BSFTrainer):
             rot, con, rec = self.network(x)
         n = crops.shape[0]
         rot, z1, z2, labels = rot.float(), con[:n].float(), con[n:].float(), torch.cat([v["rot1"], v["rot2"]])
-        total, parts = self.loss(rot, labels, z1, z2, rec.float(), torch.cat([v["target1"], v["target2"]]))
-        return total, {**parts, **ssl_metrics(rot, labels, z1, z2)}
+        target = torch.cat([v["target1"], v["target2"]])
+        total, parts = self.loss(rot, labels, z1, z2, rec.float(), target)
+        rmse = float(torch.sqrt(torch.mean((rec.detach().float() - target) ** 2)))  # the official best-model measure
+        return total, {**parts, **ssl_metrics(rot, labels, z1, z2), "rec_rmse": rmse}
 
     def train_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
@@ -335,11 +338,13 @@ class BSFPretrainTrainer(BSFTrainer):
         self.print_to_log_file(f"Epoch time: {log['epoch_end_timestamps'][e] - log['epoch_start_timestamps'][e]:.2f} s")
         if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        val = log["val_losses"][e] if len(log["val_losses"]) > e else log["train_losses"][e]
+        validated = len(log["val_ssl_rec_rmse"]) > e
+        val = log["val_ssl_rec_rmse"][e] if validated else log["ssl_rec_rmse"][e]
         if self._best_ema is None or val < self._best_ema:
             self._best_ema = float(val)
-            self.print_to_log_file(f"New best validation loss: {val:.4f}")
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+            self.print_to_log_file(f"New best {'validation' if validated else 'training'} reconstruction RMSE: "
+                                   f"{val:.4f} (saved as {HANDOVER_CHECKPOINT}, which the next stage starts from)")
+            self.save_checkpoint(os.path.join(self.output_folder, HANDOVER_CHECKPOINT))
         if self.local_rank == 0:
             from .progress import plot_ssl_progress
 
@@ -421,8 +426,11 @@ class BSFPretrainTrainer(BSFTrainer):
         self.global_step = int(ckpt.get("global_step", self.current_epoch * self.num_iterations_per_epoch))
         self._best_ema = ckpt.get("_best_ema")
         self._take_partial_epoch(ckpt.get("logging"))  # a stop in the middle of an epoch: its finished steps
+        log = self.logger.local_logger.my_fantastic_logging
         for k, v in ckpt.get("logging", {}).items():
-            self.logger.local_logger.my_fantastic_logging[k] = list(v)
+            log[k] = list(v)
+        for k in SSL_LOG_KEYS:  # measures added since the checkpoint was written: unknown for its epochs
+            log[k] = list(log.get(k, [])) + [float("nan")] * max(0, self.current_epoch - len(log.get(k, [])))
         self.bsf_stage = meta.get("stage", self.bsf_stage)
         self.bsf_parent = meta.get("parent", self.bsf_parent)
         if "rng" in ckpt:
