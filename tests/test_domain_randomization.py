@@ -86,12 +86,13 @@ def test_head_mode_changes_only_the_head_around_the_brain():
 
 def test_head_mode_paints_a_head_around_a_skull_stripped_brain():
     """A skull-stripped case (air right outside the brain) gets shells of CSF, skull and a scalp of random
-    brightness around the brain; the brain, the labels and the air further out stay as they were."""
+    brightness all around the brain, and blobs of tissue further out (face, neck); the brain and the labels stay."""
     t = DomainRandomization(p_synthetic=0.0, p_remap=0.0, p_head=1.0, p_paint=1.0)
     img, seg = _sample()
     img[0][(seg[0] == 0)] = 0.1                                      # no scalp: air only
     brain = seg[0] > 0
-    near = torch.nn.functional.max_pool3d(brain[None, None].float(), 21, stride=1, padding=10)[0, 0] > 0
+    shell = (torch.nn.functional.max_pool3d(brain[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0) & \
+        (seg[0] == 0)
     wm_mean, brighter = float(img[0][seg[0] == 3].mean()), set()
     for seed in range(10):
         np.random.seed(seed)
@@ -99,7 +100,7 @@ def test_head_mode_paints_a_head_around_a_skull_stripped_brain():
         x = out["image"][0]
         assert torch.equal(out["segmentation"], seg) and torch.equal(x[brain], img[0][brain])
         painted = x != img[0]
-        assert 2000 < int(painted.sum()) and not (painted & ~near).any()   # shells of at most 10 voxels in all
+        assert bool(painted[shell].all())                                 # the first shell is closed
         brighter.add(float(x[painted].max()) > wm_mean)
     assert brighter == {True, False}
 

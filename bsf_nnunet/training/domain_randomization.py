@@ -147,7 +147,21 @@ class DomainRandomization(BasicTransform):
             noise = 0.15 * spread * torch.randn(int(shell.sum()))
             out[shell] = (centre + level * spread + noise).to(out.dtype)
             inner = outer
-        return out
+        return self.clutter(out, air & (inner[0, 0] == 0), centre, spread)
+
+    def clutter(self, image: torch.Tensor, outside: torch.Tensor, centre: float, spread: float) -> torch.Tensor:
+        """Fill random smooth blobs of the air outside the painted head with tissue of random brightness (brain-like
+        included), as the face, neck and muscles of a whole-head scan: the network learns that only what lies
+        inside the skull is brain."""
+        if not bool(outside.any()):
+            return image
+        field = self.bias_field(image.shape, image.device).log()            # smooth, zero-mean
+        blobs = (field > np.random.uniform(0.0, 0.3)) & outside
+        levels = centre + spread * torch.from_numpy(np.random.uniform(*self.head_range, 2)).float()
+        which = self.bias_field(image.shape, image.device).log() > 0       # two kinds of tissue
+        texture = 0.2 * spread * torch.randn(image.shape)
+        filled = torch.where(which, levels[0], levels[1]) + texture
+        return torch.where(blobs, filled.to(image.dtype), image)
 
     def bias_field(self, shape, device) -> torch.Tensor:
         """A smooth multiplicative field: a coarse random grid, upsampled, exponentiated."""
