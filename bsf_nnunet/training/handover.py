@@ -1,9 +1,10 @@
 """Which checkpoint of a self-supervised run the next stage starts from.
 
-The official BrainSegFounder scripts hand over the checkpoint with the best validation reconstruction RMSE
-(``model_bestValRMSE.pt``), not the last one. ``BSFPretrainTrainer`` keeps that checkpoint as ``checkpoint_best.pth``
-(:data:`HANDOVER_CHECKPOINT`), and every chain (stage 1 -> stage 2 -> fine-tuning: the trainers' own chaining,
-``lowdata run``, the demo) starts from it once the run has finished (``checkpoint_final.pth`` written).
+The official BrainSegFounder scripts hand over ``model_bestValRMSE.pt``, the checkpoint with the lowest mean
+validation L1 reconstruction loss (despite its name, not an RMSE), not the last one. ``BSFPretrainTrainer`` keeps
+that checkpoint as ``checkpoint_best.pth`` (:data:`HANDOVER_CHECKPOINT`), and every chain (stage 1 -> stage 2 ->
+fine-tuning: the trainers' own chaining, ``lowdata run``, the demo) starts from it once the run has finished
+(``checkpoint_final.pth`` written).
 """
 from __future__ import annotations
 

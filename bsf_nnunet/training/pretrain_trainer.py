@@ -34,7 +34,7 @@ from .lr import WarmupCosineLR
 from .preemption import PARTIAL_EPOCH_KEY
 from .ssl_data import SSLCropLoader
 
-SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1", "rec_rmse")
+SSL_PARTS = ("rot", "con", "rec", "rot_acc", "con_top1")
 SSL_LOG_KEYS = tuple(f"{prefix}ssl_{k}" for prefix in ("", "val_") for k in SSL_PARTS)
 
 
@@ -261,10 +261,8 @@ class BSFPretrainTrainer(BSFTrainer):
             rot, con, rec = self.network(x)
         n = crops.shape[0]
         rot, z1, z2, labels = rot.float(), con[:n].float(), con[n:].float(), torch.cat([v["rot1"], v["rot2"]])
-        target = torch.cat([v["target1"], v["target2"]])
-        total, parts = self.loss(rot, labels, z1, z2, rec.float(), target)
-        rmse = float(torch.sqrt(torch.mean((rec.detach().float() - target) ** 2)))  # the official best-model measure
-        return total, {**parts, **ssl_metrics(rot, labels, z1, z2), "rec_rmse": rmse}
+        total, parts = self.loss(rot, labels, z1, z2, rec.float(), torch.cat([v["target1"], v["target2"]]))
+        return total, {**parts, **ssl_metrics(rot, labels, z1, z2)}
 
     def train_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
@@ -338,11 +336,12 @@ class BSFPretrainTrainer(BSFTrainer):
         self.print_to_log_file(f"Epoch time: {log['epoch_end_timestamps'][e] - log['epoch_start_timestamps'][e]:.2f} s")
         if (e + 1) % self.save_every == 0 and e != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        validated = len(log["val_ssl_rec_rmse"]) > e
-        val = log["val_ssl_rec_rmse"][e] if validated else log["ssl_rec_rmse"][e]
+        # the official best model (model_bestValRMSE.pt) is the one with the lowest validation L1 reconstruction loss
+        validated = len(log["val_ssl_rec"]) > e
+        val = log["val_ssl_rec"][e] if validated else log["ssl_rec"][e]
         if self._best_ema is None or val < self._best_ema:
             self._best_ema = float(val)
-            self.print_to_log_file(f"New best {'validation' if validated else 'training'} reconstruction RMSE: "
+            self.print_to_log_file(f"New best {'validation' if validated else 'training'} reconstruction loss: "
                                    f"{val:.4f} (saved as {HANDOVER_CHECKPOINT}, which the next stage starts from)")
             self.save_checkpoint(os.path.join(self.output_folder, HANDOVER_CHECKPOINT))
         if self.local_rank == 0:
