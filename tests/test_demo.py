@@ -11,7 +11,8 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path, fake_heldout_wheels):
     env = {k: v for k, v in nnunet_env.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     env["BSF_DATA_DIR"] = str(fake_heldout_wheels[0])      # stand-ins of the held-out wheels: no download
     work = tmp_path / "demo"
-    cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--trainers", "BSFPretrainTrainer_CIfast",
+    cmd = ["bsf-nnunet", "demo", "--fast", "--workdir", str(work), "--normalization", "robust",
+           "--trainers", "BSFPretrainTrainer_CIfast",
            "BSFTrainer_CIdemo", "BSFTrainer_CIdemo_scratch"]
     multi = all(importlib.util.find_spec(m) for m in ("nilearn", "spm_runtime", "deepmriprep"))
     if not multi:  # the [demo] extra brings the real sources; without it use the phantom

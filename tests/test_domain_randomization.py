@@ -85,7 +85,7 @@ def test_head_mode_changes_only_the_head_around_the_brain():
 
 
 def test_head_mode_paints_a_head_around_a_skull_stripped_brain():
-    """A skull-stripped case (air right outside the brain) gets shells of CSF, skull and a scalp of random
+    """A skull-stripped case (air right outside the brain) gets shells of skull and a scalp of random
     brightness all around the brain, and blobs of tissue further out (face, neck); the brain and the labels stay."""
     t = DomainRandomization(p_synthetic=0.0, p_remap=0.0, p_head=1.0, p_paint=1.0)
     img, seg = _sample()

@@ -23,15 +23,16 @@ DATASET_ID = 990
 DATASET_NAME = "Dataset990_BrainTissueDemo"
 CLASSES = {1: "CSF", 2: "GM", 3: "WM"}
 PROFILES = {
-    # trainers (pretrain, fine-tune, scratch), training cases, labelled cases for fine-tuning, test cases; the
-    # fine-tuning trainers randomize intensities per tissue (docs/robustness.md) so that the models hold up on
-    # whole-head images from other sources
-    "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_ToyDR", scratch="BSFTrainer_ToyDR_scratch",
+    # trainers (pretrain, fine-tune, scratch), training cases, labelled cases for fine-tuning, test cases. Domain
+    # randomization (BSFTrainer_ToyFastDR, BSFTrainer_ToyDR) did not raise the held-out scores at these training
+    # lengths (docs/robustness.md, bench/results/demo_heldout_*.json), so the profiles keep nnU-Net's augmentation
+    "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_Toy", scratch="BSFTrainer_Toy_scratch",
                  num_train=8, num_labelled=3, num_test=2),
-    "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFastDR",
-                 scratch="BSFTrainer_ToyFastDR_scratch", num_train=6, num_labelled=3, num_test=2),
+    "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFast",
+                 scratch="BSFTrainer_ToyFast_scratch", num_train=6, num_labelled=3, num_test=2),
 }
-NORMALIZATION = "robust"   # RobustZScoreNormalization: independent of how bright the scalp is (docs/robustness.md)
+# nnU-Net's z-score: the robust scheme scored the same or slightly lower on every held-out source (docs/robustness.md)
+NORMALIZATION = "zscore"
 
 
 def register(sub) -> None:
@@ -45,9 +46,9 @@ def register(sub) -> None:
     p.add_argument("--source", default="multi", choices=["multi", "icbm", "synthetic"],
                    help="multi (default): three real sources, one held out (needs the [demo] extra); icbm: ICBM152 "
                         "2009a only (nilearn); synthetic: a phantom (no extra package)")
-    p.add_argument("--normalization", default=NORMALIZATION, choices=["robust", "zscore"],
-                   help="intensity normalization named in the plans: robust (default; z-score of the centre of the "
-                        "head, for whole-head images whose scalp brightness varies) or zscore (nnU-Net's)")
+    p.add_argument("--normalization", default=NORMALIZATION, choices=["zscore", "robust"],
+                   help="intensity normalization named in the plans: zscore (default, nnU-Net's) or robust (z-score "
+                        "of the centre of the head, RobustZScoreNormalization; docs/robustness.md)")
     p.add_argument("--trainers", nargs=3, default=None, metavar=("PRETRAIN", "FINETUNE", "SCRATCH"),
                    help=__import__("argparse").SUPPRESS)
     p.set_defaults(func=run)

@@ -130,17 +130,17 @@ class DomainRandomization(BasicTransform):
         return torch.where(regions >= first_band, moved, image).to(image.dtype)
 
     def painted_head(self, image: torch.Tensor, air: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """Paint, where there is air around the brain (a skull-stripped case), three shells of random thickness:
-        dark CSF and meninges, dark skull, and a scalp whose brightness is drawn from ``head_range`` (often
-        brighter than white matter); labels stay background. A whole-head case has its own skull there and is
-        left as it is."""
+        """Paint, where there is air around the brain (a skull-stripped case), two shells of random thickness: a
+        dark skull (darker than CSF, which the labels count as brain) and a scalp whose brightness is drawn from
+        ``head_range`` (often brighter than white matter); labels stay background. A whole-head case has its own
+        skull there and is left as it is."""
         if not bool(brain.any()) or not bool(air.any()):
             return image
         inside = image[brain]
         centre, spread = float(inside.mean()), max(float(inside.std()), 1e-6)
-        levels = (np.random.uniform(-3.0, -1.0), np.random.uniform(-3.5, -1.5), np.random.uniform(*self.head_range))
+        levels = (np.random.uniform(-4.5, -2.5), np.random.uniform(*self.head_range))
         inner, out = brain[None, None].float(), image.clone()
-        for level, (lo, hi) in zip(levels, ((1, 2), (1, 3), (2, 5))):
+        for level, (lo, hi) in zip(levels, ((1, 3), (2, 5))):
             t = int(np.random.randint(lo, hi + 1))
             outer = F.max_pool3d(inner, 2 * t + 1, stride=1, padding=t)
             shell = (outer[0, 0] > 0) & (inner[0, 0] == 0) & air
