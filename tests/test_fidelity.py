@@ -95,3 +95,28 @@ def test_paper_path_stage1_to_predict(nnunet_env, prepared, run, tmp_path, monke
     predictor = nnUNetPredictor(device=torch.device("cpu"))
     predictor.initialize_from_trained_model_folder(os.path.join(res, FT), (0,), "checkpoint_final.pth")
     assert getattr(predictor.network, "_orig_mod", predictor.network).axis_order == "xyz"
+
+
+def test_official_schedule_lengths():
+    """BSFPretrainTrainer_official (issue #31.2): stage 1 100 000 steps at a constant lr 4e-4 without warm-up;
+    entering stage 2 switches to 50 000 steps, lr 6e-6, 500 warm-up steps then cosine decay."""
+    from bsf_nnunet.training import BSFPretrainTrainer, BSFPretrainTrainer_official
+    from bsf_nnunet.training.lr import warmup_cosine_lr
+
+    r = BSFPretrainTrainer_official.bsf_recipe
+    assert r["num_epochs"] * r["num_iterations_per_epoch"] == 100_000 and r["initial_lr"] == 4e-4
+    t = object.__new__(BSFPretrainTrainer_official)
+    t.__dict__.update(initial_lr=r["initial_lr"], num_epochs=r["num_epochs"], weight_decay=r["weight_decay"],
+                      num_iterations_per_epoch=r["num_iterations_per_epoch"], logged=[],
+                      network=torch.nn.Linear(2, 2))
+    t.print_to_log_file = lambda *a, **k: t.logged.append(" ".join(map(str, a)))
+    _, sched = BSFPretrainTrainer.configure_optimizers(t)
+    lrs = [warmup_cosine_lr(s, sched.initial_lr, sched.max_steps, sched.warmup_steps, decay=sched.decay)
+           for s in (0, 1, 50_000, 99_999)]
+    assert sched.warmup_steps == 0 and lrs == [4e-4] * 4                     # constant, no warm-up
+    BSFPretrainTrainer._enter_stage2(t, "stage1.pth")
+    s2 = t.lr_scheduler
+    assert t.num_epochs * t.num_iterations_per_epoch == 50_000 == s2.max_steps and s2.warmup_steps == 500
+    assert warmup_cosine_lr(499, 6e-6, 50_000, 500) < 6e-6 and s2.decay
+    assert warmup_cosine_lr(49_999, 6e-6, 50_000, 500, decay=s2.decay) < 1e-9  # decayed to ~0
+    assert "50000 steps" in t.logged[-1]

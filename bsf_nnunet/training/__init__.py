@@ -27,6 +27,7 @@ from .pretrain_trainer import (  # noqa: F401 (re-exported: __all__ below lists 
     BSFPretrainTrainer,
     BSFPretrainTrainer_Big,
     BSFPretrainTrainer_Large,
+    BSFPretrainTrainer_official,
     BSFPretrainTrainer_Tiny,
     BSFPretrainTrainer_Toy,
     BSFPretrainTrainer_ToyFast,

@@ -67,6 +67,7 @@ class BSFPretrainTrainer(BSFTrainer):
     # from a stage-1 checkpoint; None keeps the stage-1 recipe
     bsf_stage2_recipe = {"initial_lr": 6e-6, "warmup_steps": 500}
     bsf_warmup_steps = None  # None: bsf_warmup_fraction of all steps
+    bsf_lr_decay = True  # cosine decay after the warm-up; False: constant (the official stage 1 without --lrdecay)
     bsf_seed = 12345
     bsf_grad_clip = 12.0
     # official stage 1 computes on MONAI's (x, y, z) crops (its contrastive token and rotation plane are taken in that
@@ -156,10 +157,13 @@ class BSFPretrainTrainer(BSFTrainer):
         stage1_lr = self.initial_lr
         self.initial_lr = float(recipe["initial_lr"])
         self.bsf_warmup_steps = recipe.get("warmup_steps", self.bsf_warmup_steps)
+        self.num_epochs = int(recipe.get("num_epochs", self.num_epochs))
+        self.bsf_lr_decay = bool(recipe.get("lr_decay", self.bsf_lr_decay))
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.print_to_log_file(
             f"Stage-2 recipe (official BrainSegFounder stage 2): lr {self.initial_lr:g} (stage 1: {stage1_lr:g}), "
-            f"{self.lr_scheduler.warmup_steps} warm-up steps, weight decay {self.weight_decay:g}")
+            f"{self.lr_scheduler.warmup_steps} warm-up steps, weight decay {self.weight_decay:g}, "
+            f"{self.num_epochs * self.num_iterations_per_epoch} steps")
 
     def _build_loss(self):
         from ..ssl.losses import SSLLoss
@@ -178,7 +182,7 @@ class BSFPretrainTrainer(BSFTrainer):
             self.print_to_log_file(f"  {warmup} warm-up steps exceed half of this run's {total} steps: "
                                    f"warming up for {total // 2}")
             warmup = total // 2
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, total, int(warmup))
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, total, int(warmup), decay=self.bsf_lr_decay)
 
     @property
     def _module(self) -> nn.Module:
@@ -447,6 +451,17 @@ class BSFPretrainTrainer(BSFTrainer):
         if self.local_rank == 0:
             remove_stale_temporaries(self.output_folder, "checkpoint_")
         self.print_to_log_file("Pretraining done.")
+
+
+class BSFPretrainTrainer_official(BSFPretrainTrainer):
+    """The official schedule lengths (lab-smile/BrainSegFounder, docs/fidelity_review.md item 2): stage 1 100 000 steps
+    at a constant lr 4e-4 without warm-up (the README's command passes no --lrdecay); stage 2 (from a stage-1
+    checkpoint) 50 000 steps, lr 6e-6, 500 warm-up steps, then cosine decay (downstream/BraTS/ssl/launch.sh)."""
+
+    bsf_lr_decay = False
+    bsf_warmup_steps = 0
+    bsf_recipe = dict(BSFPretrainTrainer.bsf_recipe, num_epochs=400)           # 400 x 250 = 100 000 steps
+    bsf_stage2_recipe = {"initial_lr": 6e-6, "warmup_steps": 500, "num_epochs": 200, "lr_decay": True}  # 50 000
 
 
 class BSFPretrainTrainer_Toy(BSFPretrainTrainer):
