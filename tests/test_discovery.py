@@ -29,7 +29,8 @@ def lookup(python, env, cwd):
     assert p.returncode == 0, p.stdout[-4000:]
     found = [line.split() for line in p.stdout.splitlines() if line.startswith("FOUND")]
     assert [f[1] for f in found] == NAMES
-    assert all(f[2] == "bsf_nnunet.training.bsf_trainer" for f in found)
+    assert all(f[2] == ("bsf_nnunet.training.bsf_trainer" if f[1] == "BSFTrainer" else
+                        "bsf_nnunet.training.variants.finetune") for f in found)
     ext = [line for line in p.stdout.splitlines() if line.startswith("EXT")][0]
     return found, ext
 
@@ -88,7 +89,7 @@ def test_trainer_classes_pickle_to_workers(method):
     p.start()
     p.join(120)
     assert p.exitcode == 0
-    assert q.get(timeout=5) == "bsf_nnunet.training.bsf_trainer.BSFTrainer_Toy"
+    assert q.get(timeout=5) == "bsf_nnunet.training.variants.finetune.BSFTrainer_Toy"
 
 
 class _ImportsOnAttributeAccess(type(os)):

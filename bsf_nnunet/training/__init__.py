@@ -1,10 +1,14 @@
 """nnU-Net trainers of bsf-nnunet. nnU-Net discovers them through the shims in ``trainers/``.
 
-Which trainer builds which variant is registered in ``plans/variants.json`` (``planning.presets.variant_trainers``);
-``__all__`` lists every trainer class defined here.
+The bases are ``bsf_trainer.BSFTrainer`` (fine-tuning) and ``pretrain_trainer.BSFPretrainTrainer`` (self-supervised
+stages); every other trainer is a variant in ``variants/`` that changes a few class attributes. Which trainer builds
+which network variant is registered in ``plans/variants.json`` (``planning.presets.variant_trainers``); ``__all__``
+lists every trainer class. Importing the package applies bsf-nnunet's hooks into nnU-Net (``nnunet_hooks``).
 """
-from .bsf_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
-    BSFTrainer,
+from . import nnunet_hooks
+from .bsf_trainer import BSFTrainer
+from .pretrain_trainer import BSFPretrainTrainer  # noqa: F401 (re-exported: __all__ below lists it)
+from .variants.finetune import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer_Big,
     BSFTrainer_DR,
     BSFTrainer_DR_scratch,
@@ -23,8 +27,7 @@ from .bsf_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer_ToyFastDR,
     BSFTrainer_ToyFastDR_scratch,
 )
-from .pretrain_trainer import (  # noqa: F401 (re-exported: __all__ below lists them)
-    BSFPretrainTrainer,
+from .variants.pretrain import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFPretrainTrainer_Big,
     BSFPretrainTrainer_Large,
     BSFPretrainTrainer_official,
@@ -32,6 +35,8 @@ from .pretrain_trainer import (  # noqa: F401 (re-exported: __all__ below lists 
     BSFPretrainTrainer_Toy,
     BSFPretrainTrainer_ToyFast,
 )
+
+nnunet_hooks.install()
 
 __all__ = sorted(name for name, obj in dict(globals()).items()
                  if isinstance(obj, type) and issubclass(obj, BSFTrainer))

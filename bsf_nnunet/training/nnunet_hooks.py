@@ -1,0 +1,59 @@
+"""Every change bsf-nnunet makes to nnU-Net's own modules, in one place, applied when ``bsf_nnunet.training`` is
+imported (by nnU-Net's trainer discovery, ``nnUNetv2_predict`` through the start-up file, or any import):
+
+* ``nnunetv2.run.run_training.load_pretrained_weights``: ``-pretrained_weights`` of a BSF trainer goes through the
+  trainer's own loader (channel mapping, published ``bsf:`` / ``hf://`` names); other trainers keep nnU-Net's.
+* ``nnUNetPredictor`` input checks (``predict_checks.install_prediction_input_checks``): incomplete cases refused,
+  far-off geometry warned about.
+
+Each hook checks that what it replaces is still there and raises :class:`~bsf_nnunet.errors.ConfigurationError`
+naming the installed nnU-Net version when it is not (the tested versions are in the README).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigurationError
+from .bsf_trainer import _unwrap
+from .predict_checks import install_prediction_input_checks
+
+
+def _nnunet_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nnunetv2")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _require(module, name: str) -> None:
+    if not callable(getattr(module, name, None)):
+        raise ConfigurationError(
+            f"nnU-Net {_nnunet_version()}: {module.__name__}.{name} is gone, so bsf-nnunet cannot hook into it.",
+            hint="install a tested nnU-Net version (pip install 'nnunetv2>=2.8,<2.9') or report it")
+
+
+def install_pretrained_weights_handler() -> None:
+    """Make nnU-Net's ``-pretrained_weights`` use our loader for BSF networks (other trainers: nnU-Net's own)."""
+    import nnunetv2.run.run_training as rt
+
+    _require(rt, "load_pretrained_weights")
+    original = getattr(rt.load_pretrained_weights, "_bsf_original", rt.load_pretrained_weights)
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        # nnU-Net passes the -pretrained_weights string through unchanged: bsf:NAME / hf:// names arrive as they are
+        ref = _unwrap(network).__dict__.get("_bsf_owner")
+        trainer = ref() if ref is not None else None
+        if trainer is None:
+            from ..weights.hub import is_hub_spec, resolve_checkpoint
+
+            return original(network, resolve_checkpoint(fname).path if is_hub_spec(fname) else fname, verbose)
+        trainer.load_bsf_pretrained(fname)
+
+    load_pretrained_weights._bsf_original = original
+    rt.load_pretrained_weights = load_pretrained_weights
+
+
+def install() -> None:
+    """Apply every hook (idempotent)."""
+    install_pretrained_weights_handler()
+    install_prediction_input_checks()
