@@ -58,7 +58,7 @@ def lost_ranks(store, rank: int, world_size: int) -> tuple:
                 remote.append(r)
                 continue
             other_host, pid = store.get(key).decode().split()
-        except Exception:  # noqa: BLE001 - the store went away with the rank that hosted it
+        except Exception:  # the store went away with the rank that hosted it
             remote.append(r)
             continue
         if other_host != host:

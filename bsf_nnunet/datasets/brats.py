@@ -143,7 +143,7 @@ def _back_one(job) -> dict:
         return {"file": name, "status": "ok"}
     except CaseProblem as e:
         return {"file": name, "status": "bad", "reason": e.reason, "hint": e.hint}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"file": name, "status": "bad", "reason": f"cannot convert {src}: {e}",
                 "hint": "check that the file is a readable NIfTI file"}
 

@@ -420,7 +420,7 @@ def _load(path: str, rel: str, case: str, errors: List[str]):
         return None
     try:
         return nib.load(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
+    except Exception as e:  # any reader failure is a bad file
         errors.append(_unreadable(e, path, rel, case, "cannot read"))
         return None
 
@@ -428,7 +428,7 @@ def _load(path: str, rel: str, case: str, errors: List[str]):
 def _voxels(img, rel: str, case: str, errors: List[str]) -> Optional[np.ndarray]:
     try:
         return np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 - truncated gzip, short file, ...
+    except Exception as e:  # truncated gzip, short file, ...
         errors.append(_unreadable(e, img.get_filename() or rel, rel, case, "cannot read the voxels of"))
         return None
 
@@ -549,7 +549,7 @@ def _check_case(task: _CaseTask) -> _CaseResult:
     res = _CaseResult(task.case, task.sub)
     try:
         _check_case_inner(task, res)
-    except Exception as e:  # noqa: BLE001 - the checker must never crash on a bad case
+    except Exception as e:  # the checker must never crash on a bad case
         res.errors.append(f"case {task.case}: the check failed unexpectedly ({type(e).__name__}: {e}). Inspect the "
                           f"case's files ({', '.join(r for _, r in task.images)}) by hand.")
     return res
@@ -626,7 +626,7 @@ def _run_cases(tasks: list, num_workers: int, report: CheckReport, check=None) -
             futures = {i: ex.submit(check, t) for i, t in enumerate(tasks)}
             for i, f in futures.items():
                 results[i] = f.result()
-    except Exception as e:  # noqa: BLE001 - BrokenProcessPool (a worker died), pickling, spawn failures
+    except Exception as e:  # BrokenProcessPool (a worker died), pickling, spawn failures
         left = [t for i, t in enumerate(tasks) if i not in results]
         why = "a worker process died (out of memory?)" if isinstance(e, BrokenProcessPool) else \
             f"the worker processes failed ({type(e).__name__}: {e})"
@@ -655,7 +655,7 @@ def check_raw_dataset(folder: str, check_values: bool = True, num_workers: int =
     report = CheckReport(folder=folder, values_checked=check_values)
     try:
         _check(folder, check_values, max(1, int(num_workers)), report)
-    except Exception as e:  # noqa: BLE001 - a bug here must still give a report, not a traceback
+    except Exception as e:  # a bug here must still give a report, not a traceback
         report.errors.append(f"the check itself failed unexpectedly ({type(e).__name__}: {e}); the problems listed "
                              f"before this one were found before it stopped. Please report this as a bsf-nnunet bug "
                              f"with the folder layout.")
@@ -839,7 +839,7 @@ def check_prediction_input(input_folder: str, dataset_folder: str, output_folder
             report.errors.extend(r.errors)
         if output_folder:
             _check_writable(os.path.abspath(os.fspath(output_folder)), report)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         report.errors.append(f"the check itself failed unexpectedly ({type(e).__name__}: {e}). Please report this as "
                              f"a bsf-nnunet bug.")
     return report
@@ -946,7 +946,7 @@ def _read_part(folder: str, name: str, reader, problems: List[str]):
         return None
     try:
         return reader(path)
-    except Exception as e:  # noqa: BLE001 - blosc2, zipfile, pickle and OS errors come in many types
+    except Exception as e:  # blosc2, zipfile, pickle and OS errors come in many types
         problems.append(f"{name} cannot be read ({_why(e, path, name)}): truncated or corrupt")
         return None
 
@@ -1002,7 +1002,7 @@ def _check_preprocessed_case(task: _PreprocessedTask) -> _CaseResult:
     res = _CaseResult(task.case, os.path.basename(task.folder))
     try:
         problems = preprocessed_case_problems(task.folder, task.case, task.kind)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         problems = [f"the check failed unexpectedly ({type(e).__name__}: {e})"]
     if problems:
         res.errors.append(f"case {task.case}: " + "; ".join(problems) + ".")
@@ -1083,7 +1083,7 @@ def check_preprocessed_dataset(dataset_folder: str, configuration: str = "3d_ful
         if report.errors:
             report.fix = describe_preprocessed_folder(folder).fix()
             report.fix = report.fix[0].upper() + report.fix[1:]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         report.errors.append(f"the check itself failed unexpectedly ({type(e).__name__}: {e}). Please report this as "
                              f"a bsf-nnunet bug.")
     return report

@@ -283,7 +283,7 @@ def _read(path: str, what: str):
     import nibabel as nib
     try:
         img = nib.load(path)
-    except Exception as e:  # noqa: BLE001 - any reader error is a case problem
+    except Exception as e:  # any reader error is a case problem
         wrong, todo = diagnose_unreadable(path, e)
         raise CaseProblem(f"cannot read {what}: {path} {wrong}", f"{todo}, or leave the case out") from None
     if len(img.shape) != 3:
@@ -295,7 +295,7 @@ def _read(path: str, what: str):
 def _data(img, path: str, what: str) -> np.ndarray:
     try:
         arr = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         wrong, todo = diagnose_unreadable(path, e)
         raise CaseProblem(f"cannot read the voxels of {what}: {path} {wrong}", f"{todo}, or leave the case out"
                           ) from None
@@ -420,7 +420,7 @@ def process_case(spec: CaseSpec, opts: Options) -> dict:
     except DiskFullError:  # not the case's fault, and every later case would fail the same way
         _remove_partial(spec, opts.out_dir)
         raise
-    except Exception as e:  # noqa: BLE001 - one case must not stop the others
+    except Exception as e:  # one case must not stop the others
         _remove_partial(spec, opts.out_dir)
         res.update(status="bad", reason=f"{type(e).__name__}: {e}",
                    hint="unexpected error; check the case's files (see reason) and re-run")
@@ -515,7 +515,7 @@ def check_existing_dataset_json(out_dir: str, channel_names: Sequence[str], labe
     try:
         with open(path) as f:
             old = json.load(f)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ConversionError(f"{path} exists but cannot be read ({e}); remove it (it is rewritten at the "
                               "end).") from None
     want_ch = {str(i): n for i, n in enumerate(channel_names)}

@@ -60,7 +60,7 @@ def load(path: str, what: str):
     try:
         img = nib.load(path)
         arr = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CaseError(f"cannot read {what} {path}: {e}") from None
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
@@ -150,5 +150,5 @@ def run_guarded(fn: Callable, job: tuple) -> dict:
         return fn(job)
     except CaseError as e:
         return {"case": job[0], "error": str(e)}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"case": job[0], "error": f"{type(e).__name__}: {e}"}

@@ -169,7 +169,7 @@ class OnnxEngine:
         try:
             infer = self._session(network, tuple(x.shape))
             out = infer(x.detach().contiguous().numpy())
-        except Exception as e:  # noqa: BLE001 - any engine problem falls back to PyTorch
+        except Exception as e:  # any engine problem falls back to PyTorch
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             self._sessions.clear()
             _print_once(f"BSF CPU engine: {self.label} failed ({self.failed[:300]}); predicting with PyTorch fp32 "

@@ -36,7 +36,7 @@ class _ExplainedLoad:
     def load_case(self, identifier):
         try:
             return super().load_case(identifier)
-        except Exception as e:  # noqa: BLE001 - blosc2, zipfile, pickle and OS errors come in many types
+        except Exception as e:  # blosc2, zipfile, pickle and OS errors come in many types
             raise PreprocessedCaseError(
                 preprocessed_case_error(self.source_folder, identifier, self.bsf_file_kind, e)) from e
 

@@ -162,7 +162,7 @@ def _scan(jobs: List[Tuple[str, str, str]], log: Log) -> List[str]:
             case, name = futures[fut]
             try:
                 bad, size = fut.result()
-            except Exception as e:  # noqa: BLE001 - nibabel, gzip and OS errors
+            except Exception as e:  # nibabel, gzip and OS errors
                 found.append(f"case {case}: {name} cannot be read ({type(e).__name__}: {str(e)[:200]})")
                 continue
             if bad:
@@ -188,7 +188,7 @@ def check_raw_images(raw_folder: str, stamp_folder: str, log: Log, retrain_hint:
         return
     try:
         files = _raw_training_files(raw_folder)
-    except Exception as e:  # noqa: BLE001 - a raw folder changed since preprocessing: the preprocessed data rules
+    except Exception as e:  # a raw folder changed since preprocessing: the preprocessed data rules
         log(f"Raw-image NaN/Inf check skipped: cannot list the raw training files of {raw_folder} ({e}).")
         return
     sig, missing = _signature(files, raw_folder)

@@ -117,7 +117,7 @@ def orientation_counts(files: Sequence[str]) -> Dict[str, int]:
     for f in files:
         try:
             counts["".join(nib.orientations.aff2axcodes(nib.load(f).affine))] += 1
-        except Exception:  # noqa: BLE001 - a bad file is reported by the data checks, not here
+        except Exception:  # a bad file is reported by the data checks, not here
             continue
     return dict(counts)
 
@@ -133,7 +133,7 @@ def raw_training_orientations(dataset_name: str, dataset_json: Optional[dict] = 
         return None
     try:
         cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
-    except Exception:  # noqa: BLE001 - a broken raw dataset: orientation is then simply not checked
+    except Exception:  # a broken raw dataset: orientation is then simply not checked
         return None
     files = [v["images"][0] for _, v in sorted(cases.items()) if v.get("images")]
     files = [f for f in files if f.lower().endswith(NIFTI_ENDINGS)][:MAX_HEADERS]
@@ -214,7 +214,7 @@ def case_geometry_warnings(case: str, path: str, rel: str, spacing, typical: Lis
         if len(img.shape) != 3:
             return []  # 2D/4D files fail in nnU-Net's reader with their own error
         zooms, codes = _zooms_and_codes(img, reorient)
-    except Exception:  # noqa: BLE001 - unreadable files fail in nnU-Net's reader, naming the file
+    except Exception:  # unreadable files fail in nnU-Net's reader, naming the file
         return []
     found = [spacing_warning(case, rel, zooms, spacing) if spacing else None,
              None if reorient else orientation_warning(case, rel, codes, typical)]
@@ -257,7 +257,7 @@ def record_training_orientations(trainer) -> None:
     by nnU-Net's on_train_start), for the orientation check of nnUNetv2_predict. Never stops a training."""
     try:
         counts = raw_training_orientations(trainer.plans_manager.dataset_name, trainer.dataset_json)
-    except Exception:  # noqa: BLE001 - a convenience record: a failure only turns the check off
+    except Exception:  # a convenience record: a failure only turns the check off
         counts = None
     if not counts:
         return
