@@ -152,6 +152,10 @@ CI_TRAINERS = textwrap.dedent('''
 
         def train_step(self, batch):
             computed = not self._bsf_replay
+            if os.environ.get("CI_SLOW_FIRST_STEP") and not self._bsf_epoch_outputs and self.current_epoch == 0:
+                with open(os.environ["CI_MARKER"], "w") as f:  # inside the first step (as a compilation would be)
+                    f.write("first step")
+                time.sleep(5.0)
             out = super().train_step(batch)
             _ci_step_log(self, computed, out, [str(k) for k in batch["keys"]])
             return out

@@ -151,6 +151,23 @@ def test_group_stop_mid_epoch_then_during_the_final_validation(nnunet_env, prepa
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
 
 
+def test_group_stop_during_the_first_step_exits_at_once(nnunet_env, prepared, tmp_path):
+    """A stop inside the first training step (on a GPU: while nnU-Net's torch.compile compiles it) ends the run at
+    once with exit code 0: nothing new to save, no checkpoint and no partial file written, a log line says so."""
+    dataset_id, full, _ = prepared("toy1")
+    cmd = ["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
+    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{TRAINER}__nnUNetPlans__3d_fullres", "fold_0")
+    env = _env(nnunet_env, tmp_path, CI_SLOW_FIRST_STEP="1")
+    p = _start(cmd, env)
+    _wait_for(env["CI_MARKER"], p)
+    rc, took, out = _stop_group(p)
+    assert rc == 0 and took < STOP_WITHIN_S, (rc, took, out[-4000:])
+    assert "Received SIGTERM before the first training step of this run finished: nothing new to save" in out
+    assert "Traceback" not in out and "no longer alive" not in out, out[-4000:]
+    assert not any(f.startswith("checkpoint") for f in os.listdir(fold))
+    _no_partial_files(fold)
+
+
 def test_group_stop_through_the_local_executor_is_stopped_then_continued(nnunet_env, prepared, run, tmp_path):
     dataset_id, full, _ = prepared("toy1")
     run(["bsf-nnunet", "lowdata", "splits", "-d", dataset_id, "--fractions", "0.5", "--repeats", "1",
