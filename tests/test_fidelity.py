@@ -120,3 +120,21 @@ def test_official_schedule_lengths():
     assert warmup_cosine_lr(499, 6e-6, 50_000, 500) < 6e-6 and s2.decay
     assert warmup_cosine_lr(49_999, 6e-6, 50_000, 500, decay=s2.decay) < 1e-9  # decayed to ~0
     assert "50000 steps" in t.logged[-1]
+
+
+def test_official_handover_trainers():
+    """BSFTrainer_official / BSFPretrainTrainer_official load what the official scripts load (issue #31.1); the
+    default trainers carry every tensor across by name."""
+    import pytest
+
+    from bsf_nnunet.errors import ConfigurationError
+    from bsf_nnunet.training import BSFPretrainTrainer_official, BSFTrainer, BSFTrainer_official
+
+    scope = {cls: object.__new__(cls)._handover_scope()
+             for cls in (BSFTrainer, BSFTrainer_official, BSFPretrainTrainer_official)}
+    assert scope == {BSFTrainer: "all", BSFTrainer_official: "official", BSFPretrainTrainer_official: "official"}
+    assert BSFTrainer_official.bsf_pretrain_trainer == "BSFPretrainTrainer_official"
+    odd = object.__new__(BSFTrainer)
+    odd.bsf_handover = "partial"
+    with pytest.raises(ConfigurationError, match="bsf_handover must be"):
+        odd._handover_scope()

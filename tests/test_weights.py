@@ -557,3 +557,26 @@ def test_ssl_checkpoint_across_channel_counts(tmp_path, src_names, tgt_names, of
             assert torch.allclose(new[key].select(dim, t), want), (key, name)
     if src_names != tgt_names:
         assert {"conv.20.weight", "conv.20.bias", PE} <= set(rep.names("adapted"))
+
+
+def test_official_handover_scope_loads_the_swin_layers_only(tmp_path):
+    """scope="official" (bsf_handover = "official", issue #31.1): exactly the Swin layers 1-4 load, as the official
+    scripts' strict=False loading; the patch embedding, decoder and output head stay as initialised, and no channel
+    names are needed even when the channel counts differ (2 -> 4)."""
+    src = toy(cin=2, seed=5)
+    ck = load_checkpoint(save(official_ssl(src), tmp_path))
+    model = toy(cin=4, seed=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = transfer_weights(model, ck, verbose=False, scope="official")
+    after = model.state_dict()
+    layers = [k for k in after if k.startswith(tuple(f"swinViT.layers{i}." for i in range(1, 5)))
+              and "relative_position_index" not in k]
+    assert layers and {n for n, _ in rep.loaded} == set(layers)
+    assert all(torch.equal(after[k], src.state_dict()[k]) for k in layers)
+    assert torch.equal(after[PE], before[PE]) and torch.equal(after[ENC1[0]], before[ENC1[0]])
+    assert "official hand-over" in dict(rep.skipped)[PE] and not rep.adapted and not rep.channel_mapping
+    by_name = toy(cin=4, seed=6)
+    rep2 = transfer_weights(by_name, ck, source_channels=["T1", "FLAIR"], target_channels=BRATS, verbose=False)
+    assert PE in {n for n, _ in rep2.adapted}                             # the default maps the input filters
+    with pytest.raises(ValueError, match="scope must be one of"):
+        transfer_weights(toy(), ck, verbose=False, scope="some")

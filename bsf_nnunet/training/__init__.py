@@ -15,6 +15,7 @@ from .variants.finetune import (  # noqa: F401 (re-exported: __all__ below lists
     BSFTrainer_freeze50,
     BSFTrainer_imported,
     BSFTrainer_Large,
+    BSFTrainer_official,
     BSFTrainer_scratch,
     BSFTrainer_Tiny,
     BSFTrainer_Tiny_scratch,

@@ -147,6 +147,9 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
     # variant's pretraining trainer from the registry (plans/variants.json) unless they name one themselves.
     bsf_pretrain_trainer = "BSFPretrainTrainer"
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
+    # what -pretrained_weights and stage chaining load: "by-name" (every tensor that fits, input filters matched by
+    # channel name) or "official" (the Swin layers 1-4 only, as the official scripts' strict=False loading)
+    bsf_handover = "by-name"
     bsf_final_validation = True  # False: a training run skips nnU-Net's final validation (--val still runs it)
     # SynthSeg-style intensity randomization of the training patches (domain_randomization.py); None: decided by
     # BSF_DOMAIN_RANDOMIZATION (off unless set to 1)
@@ -281,7 +284,7 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         src = self._named_source_channels(ckpt.metadata.get("channel_names"), resolved.entry)
         report = transfer_weights(_unwrap(self.network), ckpt, source_channels=src,
                                   target_channels=self.target_channel_names(), verbose=False,
-                                  encoder_only=self._pretrained_encoder_only())
+                                  encoder_only=self._pretrained_encoder_only(), scope=self._handover_scope())
         axis = ckpt.metadata.get("axis_order", "zyx")
         if axis != getattr(_unwrap(self.network), "axis_order", axis):
             self._set_axis_order(axis, "the checkpoint was trained on " + axis + " arrays")
@@ -412,6 +415,12 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
 
     def _pretrained_encoder_only(self) -> bool:
         return False
+
+    def _handover_scope(self) -> str:
+        if self.bsf_handover not in ("by-name", "official"):
+            raise ConfigurationError(f"{self.__class__.__name__}.bsf_handover must be 'by-name' or 'official', got "
+                                     f"{self.bsf_handover!r}")
+        return "official" if self.bsf_handover == "official" else "all"
 
     def _chained_checkpoint(self):
         from nnunetv2.paths import nnUNet_results

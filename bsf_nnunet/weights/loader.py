@@ -678,12 +678,25 @@ def _place_channel_tensor(k: str, v: torch.Tensor, t: torch.Tensor, plan: _Chann
     return None
 
 
-def _place_tensor(k: str, v: torch.Tensor, tgt: Mapping, plan: _ChannelPlan, encoder_only: bool) -> _Placement:
+# which checkpoint tensors a transfer may load: every one ("all"), the Swin encoder ("encoder"), or what the official
+# scripts' strict=False loading loads ("official": the Swin layers 1-4; docs/fidelity_review.md item 1)
+TRANSFER_SCOPES = {"all": (), "encoder": ("swinViT.",), "official": tuple(f"swinViT.layers{i}." for i in range(1, 5))}
+_SCOPE_REASONS = {"encoder": "encoder_only: only the Swin encoder (swinViT.*) is transferred",
+                  "official": "official hand-over: only the Swin layers 1-4 load, as in the official scripts (patch "
+                              "embedding, heads and decoder stay as initialised)"}
+
+
+def _outside_scope(k: str, scope: str) -> bool:
+    prefixes = TRANSFER_SCOPES[scope]
+    return bool(prefixes) and not k.startswith(prefixes)
+
+
+def _place_tensor(k: str, v: torch.Tensor, tgt: Mapping, plan: _ChannelPlan, scope: str) -> _Placement:
     """Where checkpoint tensor ``k`` goes (see :data:`_Placement`)."""
     if k.endswith("relative_position_index"):
         return "skipped", "derived buffer (relative positions in a window), recomputed by the model", None, None
-    if encoder_only and not k.startswith("swinViT."):
-        return "skipped", "encoder_only: only the Swin encoder (swinViT.*) is transferred", None, None
+    if _outside_scope(k, scope):
+        return "skipped", _SCOPE_REASONS[scope], None, None
     if k not in tgt:
         if k.startswith(("swinViT.layers", "swinViT.patch_embed")):
             return ("skipped", "encoder tensor absent from the model (architecture differs)", None,
@@ -702,12 +715,12 @@ def _place_tensor(k: str, v: torch.Tensor, tgt: Mapping, plan: _ChannelPlan, enc
             f"{k}: checkpoint {tuple(v.shape)}, model {tuple(t.shape)}")
 
 
-def _place_checkpoint(src: Mapping, tgt: Mapping, plan: _ChannelPlan, encoder_only: bool,
+def _place_checkpoint(src: Mapping, tgt: Mapping, plan: _ChannelPlan, scope: str,
                       report: TransferReport) -> Tuple[dict, List[str]]:
     """Files every checkpoint tensor in ``report``; returns ``(tensors to load, architecture differences)``."""
     to_load, differences = {}, []
     for k, v in src.items():
-        where_to, reason, tensor, difference = _place_tensor(k, v, tgt, plan, encoder_only)
+        where_to, reason, tensor, difference = _place_tensor(k, v, tgt, plan, scope)
         getattr(report, where_to).append((k, reason))
         if tensor is not None:
             to_load[k] = tensor
@@ -716,7 +729,7 @@ def _place_checkpoint(src: Mapping, tgt: Mapping, plan: _ChannelPlan, encoder_on
     return to_load, differences
 
 
-def _record_missing(src: Mapping, tgt: Mapping, encoder_only: bool, report: TransferReport) -> List[str]:
+def _record_missing(src: Mapping, tgt: Mapping, scope: str, report: TransferReport) -> List[str]:
     """Files the model tensors absent from the checkpoint in ``report``; returns the architecture differences
     (encoder tensors missing from a checkpoint that has a Swin encoder)."""
     differences = []
@@ -724,8 +737,8 @@ def _record_missing(src: Mapping, tgt: Mapping, encoder_only: bool, report: Tran
     for k in tgt:
         if k in src or k.endswith("relative_position_index"):
             continue
-        if encoder_only and not k.startswith("swinViT."):
-            report.missing.append((k, "not transferred (encoder_only): randomly initialised"))
+        if _outside_scope(k, scope):
+            report.missing.append((k, f"not transferred ({scope}): randomly initialised"))
             continue
         if k.startswith("swinViT.") and has_swin:
             differences.append(f"{k} is in the model but not in the checkpoint")
@@ -750,7 +763,7 @@ def _require_encoder(report: TransferReport, src: Mapping, meta: Mapping, where:
 def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Optional[Sequence[str]] = None,
                      target_channels: Optional[Sequence[str]] = None, encoder_only: bool = False,
                      strict_encoder: bool = True, verbose: bool = True, allow_merging_mismatch: bool = False,
-                     checkpoint_merging: Optional[str] = None) -> TransferReport:
+                     checkpoint_merging: Optional[str] = None, scope: str = "all") -> TransferReport:
     """Copy the tensors of ``checkpoint`` (a :class:`Checkpoint`, a path or a loaded dict) into ``model``.
 
     Same name and shape: loaded. Input-channel tensors: mapped by channel name (``source_channels`` overrides
@@ -761,7 +774,12 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
     ``checkpoint_merging`` states the checkpoint's flavour when its metadata is absent or only assumed) and when
     no encoder tensor would load; :class:`~bsf_nnunet.weights.channels.ChannelMappingError` when the input
     channels cannot be matched; :class:`NonFiniteWeightsError` (before anything is copied) when the checkpoint holds
-    NaN/Inf. Returns the :class:`TransferReport` (printed when ``verbose``)."""
+    NaN/Inf. ``scope`` (a key of :data:`TRANSFER_SCOPES`; ``encoder_only=True`` means ``"encoder"``) limits what
+    loads: ``"official"`` loads the Swin layers 1-4 only, as the official BrainSegFounder scripts do. Returns the
+    :class:`TransferReport` (printed when ``verbose``)."""
+    scope = "encoder" if encoder_only else scope
+    if scope not in TRANSFER_SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(TRANSFER_SCOPES)}, got {scope!r}")
     ckpt = _as_checkpoint(checkpoint)
     meta, src = ckpt.metadata, ckpt.state_dict
     where = ckpt.path or "<in-memory checkpoint>"
@@ -776,9 +794,10 @@ def transfer_weights(model: torch.nn.Module, checkpoint, *, source_channels: Opt
         _check_architecture(where, src, tgt)
     src_names = list(source_channels) if source_channels is not None else meta.get("channel_names")
     tgt_names = list(target_channels) if target_channels is not None else None
-    plan = _plan_channels(src, tgt, src_names, tgt_names, report)
-    to_load, differences = _place_checkpoint(src, tgt, plan, encoder_only, report)
-    differences += _record_missing(src, tgt, encoder_only, report)
+    # the official scope never loads the input filters: no channel names needed
+    plan = _ChannelPlan() if scope == "official" else _plan_channels(src, tgt, src_names, tgt_names, report)
+    to_load, differences = _place_checkpoint(src, tgt, plan, scope, report)
+    differences += _record_missing(src, tgt, scope, report)
     if differences and strict_encoder:
         _raise_architecture(where, src, tgt, differences)
     _require_encoder(report, src, meta, where)

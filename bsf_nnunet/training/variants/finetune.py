@@ -113,3 +113,11 @@ class BSFTrainer_ToyFastDR(BSFTrainer_ToyFast):
 
 class BSFTrainer_ToyFastDR_scratch(BSFTrainer_ToyFastDR):
     bsf_use_pretraining = False
+
+
+class BSFTrainer_official(BSFTrainer):
+    """BSFTrainer that loads what the official fine-tuning loads from the stage-2 checkpoint: the Swin layers 1-4
+    only (patch embedding, decoder and output head start as initialised); chains from BSFPretrainTrainer_official."""
+
+    bsf_handover = "official"
+    bsf_pretrain_trainer = "BSFPretrainTrainer_official"
