@@ -386,3 +386,23 @@ def test_nt_xent_gathered_over_two_gloo_ranks(tmp_path):
         assert abs(r["local"].item() - ref.item()) > 1e-3
         assert torch.allclose(r["g1"] / 2, a.grad[sl], atol=1e-6)
         assert torch.allclose(r["g2"] / 2, b.grad[sl], atol=1e-6)
+
+
+def test_rotation_plane_follows_the_plans_transpose():
+    """Issue #31.8: nnU-Net's plans may transpose the image axes before preprocessing (transpose_forward, e.g. the
+    thick-slice axis first). The rotation must stay the official anatomical (y, z) plane: rotating the transposed
+    array in official_plane(tf) equals transposing the array rotated in the untransposed layout."""
+    from itertools import permutations
+
+    from bsf_nnunet.ssl.views import DEFAULT_PLANE, _rotate, official_plane
+
+    assert official_plane((0, 1, 2)) == DEFAULT_PLANE
+    x = torch.arange(4 * 4 * 4 * 2, dtype=torch.float32).reshape(2, 1, 4, 4, 4)    # (B, C, z, y, x)
+    k = torch.tensor([1, 3])
+    reference = _rotate(x, k, DEFAULT_PLANE)
+    for tf in permutations(range(3)):
+        order = (0, 1, *(2 + a for a in tf))                                    # nnU-Net's transpose of the data
+        got = _rotate(x.permute(order), k, official_plane(tf))
+        assert torch.equal(got, reference.permute(order)), tf
+    with pytest.raises(ValueError, match="permutation"):
+        official_plane((0, 0, 1))

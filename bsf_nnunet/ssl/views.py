@@ -37,6 +37,16 @@ MASK_MODES = ("official", "noise", "paste")
 # (B, C, z, y, x) arrays the same plane, in the same sense, is dims (3, 2).
 DEFAULT_PLANE = (3, 2)
 
+
+def official_plane(transpose_forward: Sequence[int] = (0, 1, 2)) -> Tuple[int, int]:
+    """The official rotation plane in nnU-Net's preprocessed (B, C, ...) arrays. nnU-Net's plans may transpose the
+    image axes (``transpose_forward``: array axis i holds the reader's (z, y, x) axis ``transpose_forward[i]``, e.g.
+    the thick-slice axis first for anisotropic data); the official plane is the image's (y, z), y first."""
+    tf = [int(a) for a in transpose_forward]
+    if sorted(tf) != [0, 1, 2]:
+        raise ValueError(f"transpose_forward must be a permutation of 0, 1, 2, got {transpose_forward!r}")
+    return 2 + tf.index(1), 2 + tf.index(0)
+
 _ROT_TABLES: dict = {}
 
 

@@ -258,7 +258,7 @@ class BSFPretrainTrainer(BSFTrainer):
         from ..ssl.views import make_views
 
         crops = torch.from_numpy(batch["data"]).to(self.device, non_blocking=True)
-        v = make_views(crops, generator)
+        v = make_views(crops, generator, plane=self._rotation_plane())
         x = torch.cat([v["view1"], v["view2"]])
         with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
                 torch.autocast(self.device.type, enabled=self.bsf_amp_dtype is not None):
@@ -268,13 +268,20 @@ class BSFPretrainTrainer(BSFTrainer):
         total, parts = self.loss(rot, labels, z1, z2, rec.float(), torch.cat([v["target1"], v["target2"]]))
         return total, {**parts, **ssl_metrics(rot, labels, z1, z2)}
 
+    def _rotation_plane(self) -> tuple:
+        """The official (y, z) rotation plane in this run's preprocessed arrays (after the plans' transpose)."""
+        from ..ssl.views import official_plane
+
+        return official_plane(self.plans_manager.transpose_forward)
+
     def train_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
         replayed = self._skipped_step()  # after --c from a stop in the middle of an epoch: its finished steps
         if replayed is not None:
             from ..ssl.views import make_views
 
-            make_views(torch.from_numpy(batch["data"]), self._gen_train)  # the finished step's random draws
+            make_views(torch.from_numpy(batch["data"]), self._gen_train,  # the finished step's random draws
+                       plane=self._rotation_plane())
             self.global_step += 1
             return replayed
         self.lr_scheduler.step(self.global_step)
