@@ -233,6 +233,30 @@ CI_TRAINERS = textwrap.dedent('''
                            "shard": list(self.dataloader_train.shard)}, f)
 
 
+    class BSFPretrainTrainer_CIddpstop(BSFPretrainTrainer_CIstop):
+        """Multi-rank stop test: every rank appends its computed steps to $CI_STEPS_LOG.rank<r>; rank 1 writes its
+        pid to $CI_MARKER after step 1 of epoch 0; from then on every step lasts 1 s more."""
+        bsf_recipe = dict(BSFPretrainTrainer_CIstop.bsf_recipe, num_epochs=1, num_iterations_per_epoch=8)
+
+        def train_step(self, batch):
+            import json
+
+            import torch.distributed as dist
+
+            computed = not self._bsf_replay
+            out = BSFPretrainTrainer_CI.train_step(self, batch)
+            rank, step = dist.get_rank(), len(self._bsf_epoch_outputs) - 1
+            if computed:
+                with open(f"{os.environ['CI_STEPS_LOG']}.rank{rank}", "a") as f:
+                    f.write(json.dumps([self.current_epoch, step, float(out["loss"])]) + "\\n")
+                if step >= 1:
+                    if rank == 1 and step == 1:
+                        with open(os.environ["CI_MARKER"], "w") as f:
+                            f.write(str(os.getpid()))
+                    time.sleep(1.0)
+            return out
+
+
     class BSFTrainer_CIpaper(BSFTrainer_CIkill):
         """Fine-tuning chained from BSFPretrainTrainer_CI; logs the axis order its network runs with."""
         bsf_pretrain_trainer = "BSFPretrainTrainer_CI"

@@ -215,3 +215,29 @@ def test_group_stop_mid_epoch_of_pretraining_then_c(nnunet_env, prepared, run, t
     assert [s[:2] for s in got] == [s[:2] for s in want]  # every step once
     assert torch.allclose(torch.tensor([s[3] for s in got]), torch.tensor([s[3] for s in want]), rtol=2e-3)
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+
+
+def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(nnunet_env, prepared, tmp_path):
+    """Pretraining on 2 gloo ranks (torchrun): SIGTERM to rank 1 alone (as a node's share of a cluster stop) makes
+    both ranks stop after the same step; rank 0 saves checkpoint_latest.pth with the finished steps; exit 0."""
+    dataset_id, full, _ = prepared("ssl2")
+    trainer = "BSFPretrainTrainer_CIddpstop"
+    fold = os.path.join(nnunet_env["nnUNet_results"], full, f"{trainer}__nnUNetPlans__3d_fullres", "fold_all")
+    steps = str(tmp_path / "steps.jsonl")
+    env = dict(_env(nnunet_env, tmp_path, CI_STEPS_LOG=steps), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    p = _start(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "bsf_nnunet.pretrain", dataset_id,
+                "3d_fullres", "all", "-tr", trainer, "--backend", "gloo"], env)
+    _wait_for(env["CI_MARKER"], p)
+    with open(env["CI_MARKER"]) as f:
+        rank1 = int(f.read())
+    t0 = time.time()
+    os.kill(rank1, signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 0 and took < STOP_WITHIN_S, (p.returncode, took, out[-4000:])
+    done = [len(_steps(f"{steps}.rank{r}")) for r in (0, 1)]
+    assert done[0] == done[1] and 2 <= done[0] < 8, (done, out[-3000:])     # the same step on both ranks
+    assert "Received SIGTERM" in out and "a stop signal on another rank" in out, out[-4000:]
+    latest = _load(os.path.join(fold, "checkpoint_latest.pth"))
+    assert latest["current_epoch"] == 0 and not os.path.exists(os.path.join(fold, "checkpoint_final.pth"))
+    _no_partial_files(fold)
