@@ -12,9 +12,11 @@ split into ``background_regions`` regions by the real image's intensity (air, sc
 its own random intensity, so that the head around the brain may be brighter or darker than the brain. Otherwise,
 with probability ``p_remap``, the real image is remapped per label and background region (each region's voxels
 moved to a random mean and scaled around it: the contrast changes, the texture stays). Either is followed by a
-smooth multiplicative bias field (``p_bias``), and the sample is z-scored over the patch again, as nnU-Net's
-normalisation would have left it. nnU-Net's own transforms that follow add noise, blur, low resolution (thick
-slices) and gamma.
+smooth multiplicative bias field (``p_bias``), and the sample is z-scored again over its brain voxels, as the
+robust normalisation would have left it. Otherwise, with probability ``p_head``, only the head around the brain
+changes: the brighter background bands move to a random brightness, and a skull-stripped case gets a painted skull,
+scalp and face/neck tissue (``p_paint``); the brain keeps the values the plans' normalisation gave it. nnU-Net's own
+transforms that follow add noise, blur, low resolution (thick slices) and gamma.
 
 Switch it on with a trainer whose ``bsf_domain_randomization = True`` (``BSFTrainer_DR``, ``BSFTrainer_DR_scratch``)
 or, for any BSF trainer, with ``BSF_DOMAIN_RANDOMIZATION=1``. Randomness comes from numpy's and torch's global
@@ -31,7 +33,8 @@ DOMAIN_RANDOMIZATION_ENV = "BSF_DOMAIN_RANDOMIZATION"
 
 
 class DomainRandomization(BasicTransform):
-    """See the module docstring. Intensities are drawn in a 0..1 range, then z-scored over the patch."""
+    """See the module docstring. Synthetic and remapped intensities are drawn in a 0..1 range, then z-scored over the
+    brain; the head mode works in the normalised values."""
 
     def __init__(self, p_synthetic: float = 0.15, p_remap: float = 0.25, p_head: float = 0.4, p_bias: float = 0.5,
                  background_regions: int = 3, max_spread: float = 0.12, bias_strength: float = 0.4,
@@ -105,11 +108,7 @@ class DomainRandomization(BasicTransform):
         """The real image with each region's mean moved to a random value and its spread scaled around it."""
         lo, hi = image.min(), image.max()
         x = (image - lo) / max(float(hi - lo), 1e-6)
-        counts = torch.bincount(regions.flatten(), minlength=n).clamp_min(1).float()
-        region_mean = torch.bincount(regions.flatten(), weights=x.flatten().float(), minlength=n) / counts
-        targets = torch.from_numpy(np.random.uniform(0, 1, n)).float()
-        scales = torch.from_numpy(np.random.uniform(0.5, 1.5, n)).float()
-        return targets[regions] + scales[regions] * (x - region_mean[regions])
+        return _moved_per_region(x, regions, n, torch.from_numpy(np.random.uniform(0, 1, n)).float())
 
     def head_remapped(self, image: torch.Tensor, regions: torch.Tensor, first_band: int,
                       brain: torch.Tensor) -> torch.Tensor:
@@ -120,13 +119,9 @@ class DomainRandomization(BasicTransform):
         n = int(regions.max()) + 1
         if n <= first_band:
             return image
-        inside = image[brain] if bool(brain.any()) else image.flatten()
-        centre, spread = float(inside.mean()), max(float(inside.std()), 1e-6)
-        counts = torch.bincount(regions.flatten(), minlength=n).clamp_min(1).float()
-        region_mean = torch.bincount(regions.flatten(), weights=image.flatten().float(), minlength=n) / counts
+        centre, spread = _centre_and_spread(image, brain)
         targets = centre + spread * torch.from_numpy(np.random.uniform(*self.head_range, n)).float()
-        scales = torch.from_numpy(np.random.uniform(0.5, 1.5, n)).float()
-        moved = targets[regions] + scales[regions] * (image - region_mean[regions])
+        moved = _moved_per_region(image, regions, n, targets)
         return torch.where(regions >= first_band, moved, image).to(image.dtype)
 
     def painted_head(self, image: torch.Tensor, air: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
@@ -136,8 +131,7 @@ class DomainRandomization(BasicTransform):
         skull there and is left as it is."""
         if not bool(brain.any()) or not bool(air.any()):
             return image
-        inside = image[brain]
-        centre, spread = float(inside.mean()), max(float(inside.std()), 1e-6)
+        centre, spread = _centre_and_spread(image, brain)
         levels = (np.random.uniform(-4.5, -2.5), np.random.uniform(*self.head_range))
         inner, out = brain[None, None].float(), image.clone()
         for level, (lo, hi) in zip(levels, ((1, 3), (2, 5))):
@@ -169,6 +163,21 @@ class DomainRandomization(BasicTransform):
         mode = "trilinear" if len(shape) == 3 else "bilinear"
         field = F.interpolate(coarse.float(), size=tuple(shape), mode=mode, align_corners=True)[0, 0]
         return torch.exp(field).to(device)
+
+
+def _centre_and_spread(image: torch.Tensor, brain: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of the brain voxels (of the whole image when the patch has none)."""
+    inside = image[brain] if bool(brain.any()) else image.flatten()
+    return float(inside.mean()), max(float(inside.std()), 1e-6)
+
+
+def _moved_per_region(x: torch.Tensor, regions: torch.Tensor, n: int, targets: torch.Tensor) -> torch.Tensor:
+    """``x`` with each region's mean moved to ``targets[region]`` and its spread around it scaled by a random
+    0.5-1.5 per region (drawn after ``targets``, from numpy's generator): the contrast changes, the texture stays."""
+    counts = torch.bincount(regions.flatten(), minlength=n).clamp_min(1).float()
+    region_mean = torch.bincount(regions.flatten(), weights=x.flatten().float(), minlength=n) / counts
+    scales = torch.from_numpy(np.random.uniform(0.5, 1.5, n)).float()
+    return targets[regions] + scales[regions] * (x - region_mean[regions])
 
 
 def _zscore(x: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
