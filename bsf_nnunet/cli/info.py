@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from ..versions import installed_version
+
 DISCOVERY_TIMEOUT_S = 300
 # what nnUNetv2_train does before it looks the trainer up (nnunetv2.run.run_training's imports), then the lookup
 DISCOVERY_SCRIPT = (
@@ -28,15 +30,6 @@ DISCOVERY_SCRIPT = (
 def register(sub) -> None:
     p = sub.add_parser("info", help="show versions, variants and whether nnUNetv2_train finds the trainers")
     p.set_defaults(func=run)
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def check_discovery(env=None) -> tuple:
@@ -59,8 +52,8 @@ def run(args) -> int:
     from .. import __version__
     from ..planning.presets import get_variant, variant_names, variant_trainers
 
-    print(f"bsf-nnunet {__version__}, nnunetv2 {_version('nnunetv2')}, monai {_version('monai')}, torch "
-          f"{_version('torch')}, Python {sys.version.split()[0]}")
+    print(f"bsf-nnunet {__version__}, nnunetv2 {installed_version('nnunetv2')}, monai {installed_version('monai')}, "
+          f"torch {installed_version('torch')}, Python {sys.version.split()[0]}")
     print("variants (trainer: feature size, depths, heads, parameters at 4->3 channels):")
     trainers = variant_trainers()
     for n in variant_names():

@@ -12,23 +12,16 @@ naming the installed nnU-Net version when it is not (the tested versions are in 
 from __future__ import annotations
 
 from ..errors import ConfigurationError
+from ..versions import installed_version
 from .bsf_trainer import _unwrap
 from .predict_checks import install_prediction_input_checks
-
-
-def _nnunet_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nnunetv2")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _require(module, name: str) -> None:
     if not callable(getattr(module, name, None)):
         raise ConfigurationError(
-            f"nnU-Net {_nnunet_version()}: {module.__name__}.{name} is gone, so bsf-nnunet cannot hook into it.",
+            f"nnU-Net {installed_version('nnunetv2', 'unknown')}: {module.__name__}.{name} is gone, so bsf-nnunet "
+            "cannot hook into it.",
             hint="install a tested nnU-Net version (pip install 'nnunetv2>=2.8,<2.9') or report it")
 
 
