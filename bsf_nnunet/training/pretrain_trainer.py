@@ -436,11 +436,8 @@ class BSFPretrainTrainer(BSFTrainer):
         self.global_step = int(ckpt.get("global_step", self.current_epoch * self.num_iterations_per_epoch))
         self._best_ema = ckpt.get("_best_ema")
         self._take_partial_epoch(ckpt.get("logging"))  # a stop in the middle of an epoch: its finished steps
-        log = self.logger.local_logger.my_fantastic_logging
         for k, v in ckpt.get("logging", {}).items():
-            log[k] = list(v)
-        for k in SSL_LOG_KEYS:  # measures added since the checkpoint was written: unknown for its epochs
-            log[k] = list(log.get(k, [])) + [float("nan")] * max(0, self.current_epoch - len(log.get(k, [])))
+            self.logger.local_logger.my_fantastic_logging[k] = list(v)
         self.bsf_stage = meta.get("stage", self.bsf_stage)
         self.bsf_parent = meta.get("parent", self.bsf_parent)
         if "rng" in ckpt:
