@@ -7,6 +7,8 @@ Formats (``Checkpoint.metadata['format']``):
 * ``monai_ssl``: official BrainSegFounder / MONAI Swin SSL, ``{'state_dict': {'module.swinViT.*', heads}}``; older
   files without the ``swinViT.`` level (``module.patch_embed.*``, ``module.layers1.0.*``) are mapped onto it.
 * ``monai_finetuned``: official fine-tuned Swin-UNETR, ``{'state_dict': {'swinViT.*', 'encoder1.*', ...}}``.
+* ``nnssl``: MIC-DKFZ nnssl pretraining checkpoints (``network_weights`` + ``nnssl_adaptation_plan``) of a
+  Swin-UNETR; other nnssl architectures are refused (``bsf_nnunet/weights/nnssl.py``).
 * ``raw``: tensors without a Swin encoder.
 
 Files without our or nnU-Net's metadata are classified by their tensor names (:func:`classify_by_keys`), whatever
@@ -34,7 +36,7 @@ UNSAFE_PICKLE_OPTION = "--allow-unsafe-pickle"
 UNSAFE_PICKLE_ENV = "BSF_ALLOW_UNSAFE_PICKLE"
 # a .safetensors file holds tensors only; its metadata (channels, merging, axis order) is this JSON beside it
 SAFETENSORS_METADATA_FILE = "bsf_model.json"
-FORMATS = ("bsf_pretrain", "bsf_nnunet", "monai_ssl", "monai_finetuned", "raw")
+FORMATS = ("bsf_pretrain", "bsf_nnunet", "monai_ssl", "monai_finetuned", "nnssl", "raw")
 MERGING_MODES = ("legacy", "fixed")
 STATE_DICT_KEYS = ("network_weights", "state_dict", "model_state_dict", "model", "net")
 # tensors whose dimension 1 is the network's input channels
@@ -369,12 +371,18 @@ def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"Checkpoint {where} holds a {type(obj).__name__}, not a dict of tensors or a "
                               "training checkpoint.")
-    raw_sd, container = _find_state_dict(obj, where)
+    from .nnssl import is_nnssl_checkpoint, read_nnssl  # nnssl.py imports this module
+
+    meta = None
+    if is_nnssl_checkpoint(obj):  # before the others: it has nnU-Net's network_weights / init_args too
+        raw_sd, meta = read_nnssl(obj, where)
+        container = "network_weights"
+    else:
+        raw_sd, container = _find_state_dict(obj, where)
     sd, info = normalise_state_dict(raw_sd)
     if not sd:
         raise CheckpointError(f"Checkpoint {where} contains no tensors.")
-    found = _Found(obj, container, _roots(sd))
-    meta = _recognise(found, _RECOGNISERS)
+    meta = meta or _recognise(_Found(obj, container, _roots(sd)), _RECOGNISERS)
     meta["state_dict_key"] = container
     meta["top_level_keys"] = [str(k) for k in obj][:20] if container else []
     meta.update(info)
