@@ -15,6 +15,72 @@ def dice(a, b):
     return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
+def normalised_like_the_plans(img, desc):
+    """The normalisation ``bsf_model.json`` records, written out as a MONAI user would (z-score over all voxels)."""
+    assert desc["normalization"] == ["ZScoreNormalization"] and desc["use_mask_for_norm"] == [False], desc
+    return (img - img.mean()) / max(float(img.std()), 1e-8)
+
+
+def sliding_window_labels(img, desc, predictor, reverse_axes):
+    """Label map of one (z, y, x) image from MONAI's sliding window (Gaussian, overlap 0.5) around ``predictor``;
+    ``reverse_axes``: the network takes (x, y, z) arrays."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(normalised_like_the_plans(img, desc)[None, None].astype(np.float32))
+    roi = desc["patch_size"][::-1] if reverse_axes else desc["patch_size"]
+    with torch.no_grad():
+        x = x.permute(0, 1, 4, 3, 2) if reverse_axes else x
+        logits = sliding_window_inference(x, roi, 1, predictor, overlap=0.5, mode="gaussian")
+        logits = logits.permute(0, 1, 4, 3, 2) if reverse_axes else logits
+    return logits[0].argmax(0).numpy()
+
+
+def exported_predictors(out):
+    """The fold exported --to monai, onnx and hub, each as a callable on a batch of patches, as a user loads it:
+    MONAI's own SwinUNETR with model.pt or model.safetensors, onnxruntime with model.onnx."""
+    import onnxruntime as ort
+    import torch
+    from monai.networks.nets import SwinUNETR
+    from safetensors.torch import load_file
+
+    desc = json.load(open(os.path.join(out["monai"], "bsf_model.json")))
+    kwargs = dict(desc["monai"]["kwargs"])
+    if desc["merging"] == "legacy":
+        from bsf_nnunet.network import LegacyPatchMerging
+
+        kwargs["downsample"] = LegacyPatchMerging
+    nets = {}
+    for to, state in (("monai", torch.load(os.path.join(out["monai"], "model.pt"), weights_only=True)),
+                      ("hub", load_file(os.path.join(out["hub"], "model.safetensors")))):
+        nets[to] = SwinUNETR(**kwargs).eval()
+        nets[to].load_state_dict(state)
+    session = ort.InferenceSession(os.path.join(out["onnx"], "model.onnx"), providers=["CPUExecutionProvider"])
+    nets["onnx"] = lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    return desc, nets
+
+
+def check_exports_predict_as_nnunet(env, run, tmp_path, images_ts, pred):
+    """Issue #32: the trained fold exported three ways gives nnUNetv2_predict's label map (Dice >= 0.99 per class)
+    on the test cases, with MONAI's sliding window and the preprocessing that bsf_model.json records."""
+    out = {to: str(tmp_path / f"export_{to}") for to in ("monai", "onnx", "hub")}
+    for to, folder in out.items():
+        run(["bsf-nnunet", "export", "-d", "991", "-tr", "BSFTrainer_CI", "-c", "3d_fullres", "-f", "0", "--to", to,
+             "-o", folder], env)
+    desc, predictors = exported_predictors(out)
+    reverse = desc["axes"]["monai_network_input"] != desc["axes"]["nnunet_array"]
+    for case in ("case_006", "case_007"):
+        img = sitk.ReadImage(os.path.join(images_ts, f"{case}_0000.nii.gz"))
+        assert np.allclose(img.GetSpacing()[::-1], desc["spacing"])  # no resampling to write out
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
+        for to, predictor in predictors.items():
+            got = sliding_window_labels(arr, desc, predictor, reverse and to != "onnx")  # ONNX: nnU-Net's axes
+            for c in (0, 1):
+                d = 2 * ((got == c) & (ref == c)).sum() / max(1, (got == c).sum() + (ref == c).sum())
+                assert d >= 0.99, (case, to, c, d)
+
+
 def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     env = {k: v for k, v in nnunet_env.items() if k != "BSF_CPU_ENGINE"}  # the default CPU engine: OpenVINO
     # 40 x 56 x 48 voxels: smaller than Swin-UNETR's minimum of 64 on every axis -> padded by nnU-Net
@@ -61,6 +127,8 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
             assert set(np.unique(arr)) <= {0, 1}
             chance = ref.mean()  # Dice of a random mask with the right foreground fraction
             assert dice(arr, ref) > max(0.5, 3 * chance), (case, dice(arr, ref), chance)
+
+    check_exports_predict_as_nnunet(env, run, tmp_path, images_ts, pred)
 
     # a stock nnU-Net model to ensemble against
     run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "nnUNetTrainer_CI", "-device", "cpu", "--npz"], env)
