@@ -8,9 +8,9 @@ from monai.networks.nets import SwinUNETR
 
 from bsf_nnunet.cli.main import main
 from bsf_nnunet.network import BSFSwinUNETR, LegacyPatchMerging
-from bsf_nnunet.training import export as export_mod
-from bsf_nnunet.training.import_model import import_model
+from bsf_nnunet.weights import export as export_mod
 from bsf_nnunet.weights import load_checkpoint, transfer_weights
+from bsf_nnunet.weights.import_model import import_model
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 CHANNELS = ["T1", "FLAIR"]

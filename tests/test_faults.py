@@ -174,7 +174,7 @@ def _toy_finetuned(path, nan=False):
 
 
 def _import_model(ckpt, results, **kwargs):
-    from bsf_nnunet.training.import_model import import_model
+    from bsf_nnunet.weights.import_model import import_model
 
     return import_model(ckpt, 137, ["FLAIR", "T1ce", "T1", "T2"], regions="brats", results=str(results), **kwargs)
 
@@ -204,7 +204,7 @@ def test_import_model_on_full_disk_leaves_no_half_made_model(tmp_path, monkeypat
 @pytest.fixture
 def make_trainer(tmp_path, monkeypatch):
     """make_trainer(cls, resume) -> an initialised toy trainer as nnUNetv2_train builds it (resume: --c)."""
-    from bsf_nnunet.training.import_model import _plans
+    from bsf_nnunet.weights.import_model import _plans
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))

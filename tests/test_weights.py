@@ -580,3 +580,27 @@ def test_official_handover_scope_loads_the_swin_layers_only(tmp_path):
     assert PE in {n for n, _ in rep2.adapted}                             # the default maps the input filters
     with pytest.raises(ValueError, match="scope must be one of"):
         transfer_weights(toy(), ck, verbose=False, scope="some")
+
+
+def test_one_restore_takes_merging_and_axis_from_the_checkpoint_and_refuses_other_sizes():
+    """weights/restore.py: the trainers (--c, --val), export and import-model rebuild a trained network through it."""
+    from bsf_nnunet.errors import ConfigurationError
+    from bsf_nnunet.weights.restore import arch_conflicts, restore_network, trained_architecture
+
+    planned = dict(TOY, num_heads=[3, 6, 12, 24], merging="fixed", axis_order="zyx")
+    saved = dict(TOY, num_heads=(3, 6, 12, 24), merging="legacy", axis_order="xyz")
+    arch = trained_architecture(planned, saved, "ckpt.pth", "fix it")
+    assert arch["merging"] == "legacy" and arch["axis_order"] == "xyz"  # tuples and lists compare alike
+    assert trained_architecture({k: v for k, v in planned.items() if k not in ("merging", "axis_order")}, {},
+                                "c", "f")["merging"] == "legacy"  # a checkpoint without a record: MONAI 0.9's
+    assert arch_conflicts(saved, planned, ("merging",)) == ["merging=legacy (planned fixed)"]
+    with pytest.raises(ConfigurationError, match=r"ckpt.pth was trained with feature_size=24 \(planned 12\): fix it"):
+        trained_architecture(planned, dict(saved, feature_size=24), "ckpt.pth", "fix it")
+
+    source = BSFSwinUNETR(2, 3, merging="legacy", axis_order="xyz", **TOY)
+    sd = dict(source.state_dict(), **{"rotation_head.weight": torch.zeros(4, 8)})
+    net = restore_network(arch, sd, "ckpt.pth", "fix it", drop_unknown=True)
+    assert net.axis_order == "xyz" and not net.training
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ConfigurationError, match="ckpt.pth does not fit the network .* fix it"):
+        restore_network(arch, sd, "ckpt.pth", "fix it")  # strict: the SSL head is not the network's

@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training.export import export_model, load_export_source
+    from ..weights.export import export_model, load_export_source
 
     src = load_export_source(args.dataset, args.trainer, args.plans, args.configuration, args.fold,
                              checkpoint=args.checkpoint)

@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training.import_model import ORIGINAL_BLENDING, ORIGINAL_OVERLAP, import_model, predict_command
+    from ..weights.import_model import ORIGINAL_BLENDING, ORIGINAL_OVERLAP, import_model, predict_command
 
     out = import_model(args.checkpoint, args.dataset, args.channels.split(",") if args.channels else None,
                        regions=args.regions, labels=args.labels.split(",") if args.labels else None,

@@ -108,16 +108,19 @@ class _TorchForward(nn.Module):
         return self.network.torch_forward(x)
 
 
-def export_onnx_file(network: nn.Module, shape: tuple, path: str) -> None:
-    """Trace ``network`` at input ``shape`` into ``path`` (written atomically: complete or absent)."""
+def export_onnx_file(network: nn.Module, shape: tuple, path: str, dynamic_batch: bool = False) -> None:
+    """Trace ``network``'s PyTorch forward at input ``shape`` into ``path`` (opset :data:`ONNX_OPSET`, input
+    ``input``, output ``logits``; ``dynamic_batch``: any batch size), written atomically: complete or absent. The
+    one ONNX exporter: this engine's cache and ``bsf-nnunet export --to onnx`` both use it."""
     from ..io import atomic_path
 
     x = torch.zeros(shape)
     wrapper = _TorchForward(network).train(network.training)  # the exporter restores the wrapper's mode recursively
+    dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with atomic_path(path, keep_extension=False) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python shape checks
         torch.onnx.export(wrapper, (x,), tmp, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["input"], output_names=["logits"])
+                          input_names=["input"], output_names=["logits"], dynamic_axes=dynamic)
 
 
 def open_session(path: str):

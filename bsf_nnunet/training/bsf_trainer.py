@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pydoc
 import weakref
 
 import torch
@@ -28,6 +27,7 @@ from ..io import DiskFullError, atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
 from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
+from ..weights.restore import SIZE_KEYS, arch_conflicts, build_network
 from .lr import WarmupCosineLR
 from .predict_checks import record_training_orientations
 from .preemption import (  # noqa: F401 (STOP_AFTER_EPOCH_ENV)
@@ -115,11 +115,6 @@ def _autocast_dtype(device_type: str, dtype):
 
 def _unsafe_pickle_allowed() -> bool:
     return settings.value(UNSAFE_PICKLE_ENV)
-
-
-def _plain_arch(value):
-    """Architecture values compared as JSON would store them (tuples and lists alike)."""
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def saved_arch_kwargs(checkpoint: dict, configuration: str) -> dict:
@@ -224,10 +219,8 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
                 "their configuration into the plans.json of their results folder; predict with the results folder "
                 "of a BSF trainer (-tr BSFTrainer...) or re-train it."
             )
-        cls = pydoc.locate(name)
-        kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        network = cls(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
-        return configure_cpu_engine(network)  # nnUNetv2_predict on CPU: cpu_engine's default engine
+        # nnUNetv2_predict on CPU: the CPU engine the user chose (BSF_CPU_ENGINE)
+        return build_network(configuration_manager.network_arch_init_kwargs, num_input_channels, num_output_channels)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Swin-UNETR has a single output: nothing to switch."""
@@ -325,11 +318,11 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         """Make the network the one a checkpoint was trained with before its weights are loaded (--c, --val):
         nnU-Net rebuilds it from the preprocessed plans, which know nothing of an axis order taken from weights."""
         current = self.configuration_manager.network_arch_init_kwargs
-        for key in ("merging", "feature_size", "depths", "num_heads"):
-            if key in saved and key in current and _plain_arch(saved[key]) != _plain_arch(current[key]):
-                raise ConfigurationError(
-                    f"{where} was trained with {key}={saved[key]}, but {self.__class__.__name__} builds {key}="
-                    f"{current[key]}: continue or validate it with the trainer (variant) that wrote it.")
+        conflicts = arch_conflicts(saved, current, ("merging", *SIZE_KEYS))
+        if conflicts:
+            raise ConfigurationError(
+                f"{where} was trained with {', '.join(conflicts)}, which {self.__class__.__name__} plans: continue "
+                "or validate it with the trainer (variant) that wrote it.")
         axis = saved.get("axis_order", "zyx")
         if axis != getattr(_unwrap(self.network), "axis_order", axis):
             self._set_axis_order(axis, f"{os.path.basename(where)} was trained on {axis} arrays")

@@ -3,11 +3,12 @@
     bsf-nnunet export -d 4 -tr BSFTrainer -c 3d_fullres -f 0 --to monai -o exported/
 
 The results folder is found as nnUNetv2_predict finds it (dataset, trainer, plans, configuration, fold). The network
-is rebuilt from that folder's plans.json with the trainer's own ``build_network_architecture``, with the merging and
-axis order that the checkpoint records, and the weights are read with the project's one checkpoint reader (weights
-only, no code unpickled). Every file is written to a temporary name in OUT and renamed. ``bsf_model.json`` beside
-the weights says what the model expects: channels, spacing, normalisation, patch, labels, MONAI constructor
-arguments, merging, axis order and where it came from (:func:`model_description`).
+is rebuilt from that folder's plans.json by the one restore the trainers use (:mod:`bsf_nnunet.weights.restore`),
+with the merging and axis order that the checkpoint records, and the weights are read with the project's one
+checkpoint reader (weights only, no code unpickled). The ONNX file comes from the one exporter, which the CPU engine
+uses too (:func:`bsf_nnunet.network.cpu_engine.export_onnx_file`). Every file is written to a temporary name in OUT
+and renamed. ``bsf_model.json`` beside the weights says what the model expects: channels, spacing, normalisation,
+patch, labels, MONAI constructor arguments, merging, axis order and where it came from (:func:`model_description`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import copy
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -25,12 +25,13 @@ import torch
 from ..errors import BSFError
 from ..io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..network import count_parameters
+from ..network.cpu_engine import ONNX_OPSET, export_onnx_file
 from ..planning.swin_config import NETWORK_CLASS_NAME
-from ..weights.loader import SAFETENSORS_METADATA_FILE, load_checkpoint
+from .loader import SAFETENSORS_METADATA_FILE, load_checkpoint
+from .restore import restore_network, trained_architecture
 
 TARGETS = ("monai", "onnx", "hub")
 METADATA_FILE = SAFETENSORS_METADATA_FILE  # bsf_model.json: the loader reads it beside a .safetensors file
-ONNX_OPSET = 18
 ONNX_RELATIVE_TOLERANCE = 1e-3  # max |onnxruntime - torch| / max |torch|
 DESCRIPTION_VERSION = 1
 CITATION = """@article{cox2024brainsegfounder,
@@ -134,40 +135,26 @@ def _bsf_configuration(plans: dict, configuration: str, folder: str, trainer: st
     return copy.deepcopy(conf)
 
 
-def _trained_arch(conf_arch: dict, meta: dict, where: str) -> dict:
-    """The plans' architecture with the axis order and merging the checkpoint was trained with (as the trainer's
-    ``_restore_architecture``: axis order may have been switched by pretrained weights; the rest must agree)."""
-    from .bsf_trainer import _plain_arch
-
-    arch = dict(conf_arch)
-    saved = meta.get("arch_kwargs") or {}
-    for key in ("feature_size", "depths", "num_heads"):
-        if key in saved and key in arch and _plain_arch(saved[key]) != _plain_arch(arch[key]):
-            raise ExportError(f"{where} was trained with {key}={saved[key]} but plans.json says {arch[key]}: the "
-                              "results folder is inconsistent; export the checkpoint its plans.json belongs to.")
-    for key in ("merging", "axis_order"):
-        if meta.get(key):
-            arch[key] = meta[key]
-    arch.setdefault("merging", "legacy")
-    arch.setdefault("axis_order", "zyx")
-    return arch
-
-
-def _build_network(plans: dict, conf: dict, arch: dict, dataset_json: dict) -> torch.nn.Module:
-    """The trainer's network for these plans (MONAI attention, no gradient checkpointing: same weights, same maths)."""
+def _expected_channels(plans: dict, conf: dict, dataset_json: dict) -> tuple:
+    """(input channels, outputs) of the network these plans and dataset.json describe, by nnU-Net's own rules."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-    from ..network.cpu_engine import configure_cpu_engine
-    from .bsf_trainer import BSFTrainer
-
-    conf = copy.deepcopy(conf)
-    conf["architecture"]["arch_kwargs"] = dict(arch, attention="monai", use_checkpoint=False)
     pm, cm = PlansManager(plans), ConfigurationManager(conf)
-    nin = determine_num_input_channels(pm, cm, dataset_json)
-    nout = pm.get_label_manager(dataset_json).num_segmentation_heads
-    network = BSFTrainer.build_network_architecture(pm, cm, nin, nout, enable_deep_supervision=False)
-    return configure_cpu_engine(network, "torch")  # the PyTorch reference, not ONNX Runtime
+    return determine_num_input_channels(pm, cm, dataset_json), pm.get_label_manager(dataset_json).num_segmentation_heads
+
+
+def _restore(path: str, ckpt, plans: dict, conf: dict, dataset_json: dict, folder: str) -> tuple:
+    """(arch_kwargs, network) of the checkpoint at ``path`` in the results folder ``folder``."""
+    fix = "export the checkpoint that this results folder trained (its plans.json describes another network)."
+    arch = trained_architecture(conf["architecture"]["arch_kwargs"], ckpt.metadata, path, fix)
+    network = restore_network(arch, ckpt.state_dict, path, fix)
+    expected = _expected_channels(plans, conf, dataset_json)
+    found = (network.swinViT.patch_embed.proj.in_channels, network.out.conv.conv.out_channels)
+    if found != expected:
+        raise ExportError(f"{path} has {found[0]} input channels and {found[1]} outputs, but {folder}/plans.json "
+                          f"and dataset.json describe {expected[0]} and {expected[1]}: {fix}")
+    return arch, network
 
 
 def load_export_source(dataset: str, trainer: str, plans: str, configuration: str, fold: str,
@@ -189,20 +176,14 @@ def load_export_source(dataset: str, trainer: str, plans: str, configuration: st
     if "out.conv.conv.weight" not in ckpt.state_dict or ckpt.metadata.get("format") == "bsf_pretrain":
         raise ExportError(f"{path} is a self-supervised pretraining checkpoint (no segmentation head): fine-tune it "
                           "(nnUNetv2_train ... -tr BSFTrainer...) and export the fine-tuned model.")
-    arch = _trained_arch(conf["architecture"]["arch_kwargs"], ckpt.metadata, path)
-    network = _build_network(plans_dict, conf, arch, dataset_json)
-    try:
-        network.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{path} does not fit the network of {folder}/plans.json: {str(e).splitlines()[0]}. "
-                          "Export the checkpoint that this results folder trained.") from None
+    arch, network = _restore(path, ckpt, plans_dict, conf, dataset_json, folder)
     epoch = ckpt.metadata.get("epoch")
     variant = (conf.get("bsf") or {}).get("variant") or ckpt.metadata.get("variant_guess")
     return ExportSource(
         fold_folder=fold_folder, checkpoint=path, dataset_name=plans_dict.get("dataset_name", ""), trainer=trainer,
         plans_name=plans, configuration_name=configuration, fold=fold, plans=plans_dict, dataset_json=dataset_json,
         configuration=conf, arch_kwargs=arch, variant=variant, epoch=None if epoch is None else int(epoch),
-        network=network.float().eval())
+        network=network)
 
 
 # ---------------------------------------------------------------------------------------------------- description
@@ -336,13 +317,6 @@ def onnx_outputs(path: str, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def _trace_onnx(network: torch.nn.Module, x: torch.Tensor, path: str) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks in Python
-        torch.onnx.export(network, (x,), path, dynamo=False, opset_version=ONNX_OPSET, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
 def export_onnx(src: ExportSource, out: str) -> List[str]:
     """``model.onnx`` (fp32, the plans' patch, dynamic batch), kept only if onnxruntime agrees with PyTorch on a
     random input within ``ONNX_RELATIVE_TOLERANCE`` of the output's largest magnitude; then ``bsf_model.json``."""
@@ -352,7 +326,7 @@ def export_onnx(src: ExportSource, out: str) -> List[str]:
         ref = src.network(x).numpy()
     path, check = os.path.join(out, "model.onnx"), {}
     with atomic_path(path, keep_extension=False) as tmp:  # removed, and model.onnx untouched, if the check fails
-        _trace_onnx(src.network, x, tmp)
+        export_onnx_file(src.network, tuple(x.shape), tmp, dynamic_batch=True)
         diff = float(np.abs(onnx_outputs(tmp, x.numpy()) - ref).max())
         scale = float(np.abs(ref).max()) or 1.0
         check.update(max_abs_diff=diff, relative_diff=diff / scale, tolerance=ONNX_RELATIVE_TOLERANCE)

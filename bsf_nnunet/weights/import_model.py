@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from ..io import atomic_folder, atomic_torch_save, atomic_write_json
 from ..planning.presets import get_variant
 from ..planning.swin_config import NETWORK_CLASS_NAME, check_user_patch
+from .restore import restore_network
 
 IMPORTED_TRAINER = "BSFTrainer_imported"
 IMPORTED_PLANS = "BSFImportedPlans"
@@ -108,7 +109,7 @@ def _settings(checkpoint: str, entry, channels: Optional[Sequence[str]], regions
     """(channels, regions, merging, axis order) of an import: the explicit values, else those of the published-
     weights table for its files (``entry``), else the conventions of MONAI-trained files (legacy merging, xyz).
     Channels and regions given for a published file must agree with the table."""
-    from ..weights import normalise_channel_name
+    from .channels import normalise_channel_name
 
     channels = [c.strip() for c in channels or () if c.strip()]
     if entry is None:
@@ -139,8 +140,7 @@ def _write_model_folder(out: str, plans: dict, dataset_json: dict, checkpoint: d
 
 def _check_importable(sd: dict, checkpoint: str, channels: Sequence[str]) -> str:
     """The variant of a fine-tuned Swin-UNETR state dict whose inputs are ``channels``; raises otherwise."""
-    from ..weights import guess_variant
-    from ..weights.loader import check_finite
+    from .loader import check_finite, guess_variant
 
     check_finite(sd, checkpoint)
     if "out.conv.conv.weight" not in sd:
@@ -181,15 +181,13 @@ def _outputs(sd: dict, checkpoint: str, regions: Optional[str], labels: Optional
     return sd, {n: i for i, n in enumerate(names)}, {}
 
 
-def _network(sd: dict, variant: str, merging: str, axis_order: str) -> tuple:
+def _network(sd: dict, variant: str, merging: str, axis_order: str, checkpoint: str) -> tuple:
     """``(BSFSwinUNETR holding the tensors of sd, its arch_kwargs)``."""
-    from ..network import BSFSwinUNETR
-
     v = get_variant(variant)
     arch = {"feature_size": v["feature_size"], "depths": v["depths"], "num_heads": v["num_heads"],
             "merging": merging, "axis_order": axis_order}
-    net = BSFSwinUNETR(sd["swinViT.patch_embed.proj.weight"].shape[1], sd["out.conv.conv.weight"].shape[0], **arch)
-    net.load_state_dict({k: t for k, t in sd.items() if k in net.state_dict()}, strict=True)
+    net = restore_network(arch, sd, checkpoint, "pass a fine-tuned Swin-UNETR checkpoint (the published "
+                          "*-finetune files).", drop_unknown=True)
     return net, arch
 
 
@@ -218,7 +216,7 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
     once), whose channels, regions, merging and axis order then come from the published-weights table.
     ``tta=False`` (the original's inference): no mirroring axes in the checkpoint, so nnUNetv2_predict never
     mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes."""
-    from ..weights.hub import resolve_checkpoint
+    from .hub import resolve_checkpoint
 
     if results is None:
         results = os.environ.get("nnUNet_results")
@@ -231,7 +229,7 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
     sd = resolved.load(allow_unsafe_pickle=allow_unsafe_pickle).state_dict
     variant = _check_importable(sd, checkpoint, channels)
     sd, label_dict, extra = _outputs(sd, checkpoint, regions, labels)
-    net, arch = _network(sd, variant, merging, axis_order)
+    net, arch = _network(sd, variant, merging, axis_order, checkpoint)
 
     dataset_name = dataset_name or f"Dataset{int(dataset_id):03d}_Imported"
     out = _model_folder(results, dataset_name, overwrite)
