@@ -173,3 +173,23 @@ def test_safetensors_loader_errors(tmp_path):
     (tmp_path / "bsf_model.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="bsf_model.json"):
         load_checkpoint(tmp_path / "raw.safetensors")
+
+
+def test_nnssl_folder_of_a_fine_tuned_fold_loads_back(results, tmp_path):
+    """--to nnssl (issue #32): nnssl's folder layout, read back by the loader as an nnssl file with the fold's
+    tensors, channels, merging and axis order; fine-tuning from it maps the channels by name."""
+    folder = _trained(results, tmp_path, 206, "legacy", "xyz")
+    out = tmp_path / "nnssl"
+    assert _export(206, "nnssl", out) == 0
+    assert sorted(os.listdir(out)) == ["adaptation_plan.json", "checkpoint_final.pth", "config.json"]
+    raw = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert set(raw) == {"network_weights", "nnssl_adaptation_plan", "citations"}
+    ck = load_checkpoint(out / "checkpoint_final.pth")
+    ref = load_checkpoint(os.path.join(folder, "fold_all", "checkpoint_final.pth")).state_dict
+    assert ck.state_dict.keys() == ref.keys() and all(torch.equal(ck.state_dict[k], ref[k]) for k in ref)
+    meta = ck.metadata
+    assert meta["format"] == "nnssl" and meta["channel_names"] == CHANNELS
+    assert meta["merging"] == "legacy" and meta["axis_order"] == "xyz" and not meta.get("axis_order_assumed")
+    net = BSFSwinUNETR(1, 2, merging="legacy", axis_order="xyz", **TOY)
+    report = transfer_weights(net, ck, target_channels=["FLAIR"], verbose=False)
+    assert report.encoder_loaded > 0 and report.channel_mapping[0][1] == 1

@@ -45,6 +45,29 @@ def _ssl_loss_on_fixed_batch(state_dict, pre_folder):
     return float(total)
 
 
+def _check_nnssl_export(ck, s1, env, run, tmp_path):
+    """Issue #32: a pretraining checkpoint carries nnssl's adaptation plan (read as ours all the same), and export
+    --to nnssl writes nnssl's folder, which the loader reads back as an nnssl file with the same tensors."""
+    from bsf_nnunet.planning.swin_config import NETWORK_CLASS_NAME
+    from bsf_nnunet.weights import load_checkpoint
+
+    plan = ck["nnssl_adaptation_plan"]
+    assert plan["architecture_plans"]["arch_class_name"] == NETWORK_CLASS_NAME
+    assert plan["pretrain_num_input_channels"] == 2 and plan["key_to_encoder"] == "swinViT"
+    assert load_checkpoint(s1).metadata["format"] == "bsf_pretrain"
+    out = tmp_path / "nnssl"
+    run(["bsf-nnunet", "export", "-d", "993", "-tr", "BSFPretrainTrainer_CI", "-c", "3d_fullres", "-f", "all",
+         "--to", "nnssl", "-o", str(out)], env)
+    assert sorted(os.listdir(out)) == ["adaptation_plan.json", "checkpoint_final.pth", "config.json"]
+    back = load_checkpoint(out / "checkpoint_final.pth")
+    meta = back.metadata
+    assert meta["format"] == "nnssl" and meta["channel_names"] == ["T1", "FLAIR"] and meta["axis_order"] == "xyz"
+    assert meta["patch_size"] == [64, 64, 64] and json.load(open(out / "adaptation_plan.json"))["bsf"]["source"][
+        "trainer"] == "BSFPretrainTrainer_CI"
+    sd = ck["network_weights"]
+    assert back.state_dict.keys() == sd.keys() and all(torch.equal(back.state_dict[k], sd[k]) for k in sd)
+
+
 def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, resumed_like_straight):
     env = nnunet_env
     res = _prepare(env, prepared)
@@ -69,6 +92,7 @@ def test_stage1_resume_stage2_and_chaining(nnunet_env, prepared, run, tmp_path, 
     # checkpoint_best.pth: the epoch with the lowest validation reconstruction loss (the official model_bestValRMSE)
     best = torch.load(os.path.join(res, RES, "fold_all", "checkpoint_best.pth"), weights_only=True)
     assert best["current_epoch"] == int(np.argmin(ck["logging"]["val_ssl_rec"])) + 1
+    _check_nnssl_export(ck, s1, env, run, tmp_path)
 
     # training lowered the SSL loss on a fixed batch (same crops and views) compared with the initial weights
     assert _ssl_loss_on_fixed_batch(ck["network_weights"], pre) < _ssl_loss_on_fixed_batch(None, pre)

@@ -11,8 +11,8 @@ stage-1 checkpoint): the official stage-2 recipe (lr 6e-6, 500 warm-up steps, ``
 cosine per step, bf16 autocast on CUDA and on CPUs with native bf16, gradient clipping. Per epoch the log and
 progress.png show each loss, the rotation accuracy and the contrastive top-1 (train and validation). Validation
 loss on the fold's validation cases (held-out cases never enter pretraining).
-Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``); they load with
-``torch.load(weights_only=True)``.
+Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``) and nnssl's
+adaptation plan (``nnssl_adaptation_plan``, for nnssl's fine-tuning); they load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
+from ..weights.nnssl import plan_for_bsf_metadata
 from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
 from .handover import HANDOVER_CHECKPOINT
 from .lr import WarmupCosineLR
@@ -401,6 +402,7 @@ class BSFPretrainTrainer(BSFTrainer):
         log = {k: v if k == PARTIAL_EPOCH_KEY else [float(x) if not isinstance(x, list) else [float(y) for y in x]
                                                     for x in v]
                for k, v in self.logger.local_logger.my_fantastic_logging.items()}
+        meta = self.bsf_metadata()
         checkpoint = {
             "network_weights": self._module.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -411,7 +413,8 @@ class BSFPretrainTrainer(BSFTrainer):
             "global_step": int(self.global_step),
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": None,
-            "bsf_metadata": self.bsf_metadata(),
+            "bsf_metadata": meta,
+            "nnssl_adaptation_plan": plan_for_bsf_metadata(meta),  # what nnssl's fine-tuning reads (issue #32)
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
         with self._stop_if_disk_full():

@@ -30,7 +30,7 @@ from ..planning.swin_config import NETWORK_CLASS_NAME
 from .loader import SAFETENSORS_METADATA_FILE, load_checkpoint
 from .restore import restore_network, trained_architecture
 
-TARGETS = ("monai", "onnx", "hub")
+TARGETS = ("monai", "onnx", "hub", "nnssl")
 METADATA_FILE = SAFETENSORS_METADATA_FILE  # bsf_model.json: the loader reads it beside a .safetensors file
 ONNX_RELATIVE_TOLERANCE = 1e-3  # max |onnxruntime - torch| / max |torch|
 DESCRIPTION_VERSION = 1
@@ -75,7 +75,8 @@ class ExportSource:
     arch_kwargs: dict  # as trained (merging, axis order from the checkpoint)
     variant: Optional[str]
     epoch: Optional[int]
-    network: torch.nn.Module  # fp32, eval mode, MONAI's explicit attention (what ONNX traces)
+    network: Optional[torch.nn.Module]  # fp32, eval mode, MONAI's attention (what ONNX traces); None: pretraining
+    state_dict: dict  # the checkpoint's tensors (a pretraining checkpoint's SSL model too)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -158,8 +159,9 @@ def _restore(path: str, ckpt, plans: dict, conf: dict, dataset_json: dict, folde
 
 
 def load_export_source(dataset: str, trainer: str, plans: str, configuration: str, fold: str,
-                       checkpoint: str = "checkpoint_final.pth") -> ExportSource:
-    """Read a trained BSF model (results folder, plans, dataset.json, checkpoint) into an :class:`ExportSource`."""
+                       checkpoint: str = "checkpoint_final.pth", pretraining_ok: bool = False) -> ExportSource:
+    """Read a trained BSF model (results folder, plans, dataset.json, checkpoint) into an :class:`ExportSource`.
+    ``pretraining_ok`` (``--to nnssl``): a self-supervised pretraining checkpoint is read too (``network`` None)."""
     fold = str(fold)
     fold_folder = results_fold_folder(dataset, trainer, plans, configuration, fold)
     folder = os.path.dirname(fold_folder)
@@ -173,17 +175,23 @@ def load_export_source(dataset: str, trainer: str, plans: str, configuration: st
                           f"training (nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans} --c) "
                           "or choose one with --checkpoint, e.g. checkpoint_best.pth.")
     ckpt = load_checkpoint(path)
-    if "out.conv.conv.weight" not in ckpt.state_dict or ckpt.metadata.get("format") == "bsf_pretrain":
-        raise ExportError(f"{path} is a self-supervised pretraining checkpoint (no segmentation head): fine-tune it "
-                          "(nnUNetv2_train ... -tr BSFTrainer...) and export the fine-tuned model.")
-    arch, network = _restore(path, ckpt, plans_dict, conf, dataset_json, folder)
+    pretraining = "out.conv.conv.weight" not in ckpt.state_dict or ckpt.metadata.get("format") == "bsf_pretrain"
+    if pretraining and not pretraining_ok:
+        raise ExportError(f"{path} is a self-supervised pretraining checkpoint (no segmentation head): export it "
+                          "--to nnssl (for fine-tuning elsewhere), or fine-tune it (nnUNetv2_train ... -tr "
+                          "BSFTrainer...) and export the fine-tuned model.")
+    if pretraining:
+        fix = "export the checkpoint that this results folder trained."
+        arch, network = trained_architecture(conf["architecture"]["arch_kwargs"], ckpt.metadata, path, fix), None
+    else:
+        arch, network = _restore(path, ckpt, plans_dict, conf, dataset_json, folder)
     epoch = ckpt.metadata.get("epoch")
     variant = (conf.get("bsf") or {}).get("variant") or ckpt.metadata.get("variant_guess")
     return ExportSource(
         fold_folder=fold_folder, checkpoint=path, dataset_name=plans_dict.get("dataset_name", ""), trainer=trainer,
         plans_name=plans, configuration_name=configuration, fold=fold, plans=plans_dict, dataset_json=dataset_json,
         configuration=conf, arch_kwargs=arch, variant=variant, epoch=None if epoch is None else int(epoch),
-        network=network)
+        network=network, state_dict=dict(ckpt.state_dict))
 
 
 # ---------------------------------------------------------------------------------------------------- description
@@ -485,6 +493,30 @@ def export_hub(src: ExportSource, out: str, license_id: str = "other") -> List[s
     return ["model.safetensors", METADATA_FILE, "README.md"]
 
 
+# ---------------------------------------------------------------------------------------------------- nnssl
+def nnssl_metadata(src: ExportSource) -> dict:
+    """What the nnssl adaptation plan of ``src`` is built from (the keys of a pretraining ``bsf_metadata``)."""
+    cn = src.dataset_json["channel_names"]
+    conf = src.configuration
+    return {"arch_kwargs": {k: v for k, v in src.arch_kwargs.items() if k not in ("attention", "use_checkpoint")},
+            "patch_size": [int(p) for p in conf["patch_size"]], "spacing": [float(s) for s in conf["spacing"]],
+            "channel_names": [str(cn[k]) for k in sorted(cn, key=int)],
+            "normalization": list(conf.get("normalization_schemes", [])), "variant": src.variant,
+            "dataset": src.dataset_name, "plans": src.plans_name, "configuration": src.configuration_name,
+            "fold": src.fold, "trainer": src.trainer}
+
+
+def export_nnssl(src: ExportSource, out: str) -> List[str]:
+    """The folder nnssl's fine-tuning reads (``checkpoint_final.pth`` with the adaptation plan inside,
+    ``adaptation_plan.json``, ``config.json``): the checkpoint's whole state dict (encoder ``swinViT.*``, and the
+    SSL heads or the segmentation decoder), its plan from the results folder's plans and dataset.json."""
+    from .nnssl import plan_for_bsf_metadata, write_nnssl_folder
+
+    plan = plan_for_bsf_metadata(nnssl_metadata(src))
+    tensors = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in src.state_dict.items()}
+    return [os.path.basename(p) for p in write_nnssl_folder(out, tensors, plan, citations=[CITATION])]
+
+
 def check_license(license_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+\-]*", license_id or ""):
         raise ExportError(f"--license {license_id!r} is not a licence identifier (e.g. apache-2.0, cc-by-nc-4.0, "
@@ -492,7 +524,7 @@ def check_license(license_id: str) -> None:
 
 
 def export_model(src: ExportSource, to: str, out: str, overwrite: bool = False, license_id: str = "other") -> dict:
-    """Write the export ``to`` (monai, onnx, hub) of ``src`` into ``out``; returns ``{"files", "other_files"}``
+    """Write the export ``to`` (monai, onnx, hub, nnssl) of ``src`` into ``out``; returns ``{"files", "other_files"}``
     (``other_files``: what was already in ``out`` and is left as it was)."""
     if to not in TARGETS:
         raise ExportError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}.")
@@ -500,7 +532,11 @@ def export_model(src: ExportSource, to: str, out: str, overwrite: bool = False, 
         check_license(license_id)
     prepare_output_folder(out, overwrite)
     before = set(os.listdir(out))
-    if to == "monai":
+    if src.network is None and to != "nnssl":
+        raise ExportError(f"{src.checkpoint} is a pretraining checkpoint: it exports --to nnssl only.")
+    if to == "nnssl":
+        files = export_nnssl(src, out)
+    elif to == "monai":
         files = export_monai(src, out)
     elif to == "onnx":
         files = export_onnx(src, out)

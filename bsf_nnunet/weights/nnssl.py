@@ -52,8 +52,10 @@ class NnsslArchitectureError(CheckpointError):
 
 
 def is_nnssl_checkpoint(obj) -> bool:
-    """True for a loaded dict in nnssl's format: ``network_weights`` plus an adaptation plan with its architecture."""
-    if not isinstance(obj, Mapping) or WEIGHTS_KEY not in obj:
+    """True for a loaded dict in nnssl's format: ``network_weights`` plus an adaptation plan with its architecture.
+    Our own pretraining checkpoints carry a plan too (for nnssl's fine-tuning) but are read as ``bsf_pretrain``:
+    their ``bsf_metadata`` says more than the plan."""
+    if not isinstance(obj, Mapping) or WEIGHTS_KEY not in obj or "bsf_metadata" in obj:
         return False
     plan = obj.get(PLAN_KEY)
     return isinstance(plan, Mapping) and isinstance(plan.get("architecture_plans"), Mapping)
@@ -211,6 +213,17 @@ def adaptation_plan(arch_kwargs: Mapping, patch_size: Sequence[int], spacing: Se
         "keys_to_in_proj": ["swinViT.patch_embed.proj"], "key_to_lpe": None,
         BSF_EXTRAS_KEY: bsf,
     }
+
+
+def plan_for_bsf_metadata(meta: Mapping) -> dict:
+    """The adaptation plan of a BSF checkpoint from its metadata (``bsf_metadata`` of a pretraining checkpoint, or
+    what ``export`` reads from a results folder): architecture, patch, spacing, channels, normalisation, source."""
+    source = {k: meta.get(k) for k in ("dataset", "plans", "configuration", "fold", "trainer", "stage")
+              if meta.get(k) is not None}
+    return adaptation_plan(meta["arch_kwargs"], meta["patch_size"], meta["spacing"], meta["channel_names"],
+                           dataset_name=str(meta.get("dataset") or "BrainSegFounder"),
+                           normalization=meta.get("normalization"),
+                           extras={"variant": meta.get("variant"), "source": source})
 
 
 def missing_plan_fields(plan: Mapping) -> List[str]:
