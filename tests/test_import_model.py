@@ -93,7 +93,8 @@ def _import(tmp_path, monkeypatch, capsys, *extra, out_channels=3):
 
 def test_import_defaults_to_the_original_inference(tmp_path, monkeypatch, capsys):
     """No mirroring TTA (the official test script has none), overlap 0.6 -> -step_size 0.4 in the printed command,
-    and the settings (with the blending difference) recorded in the checkpoint and in IMPORTED_FROM.json."""
+    constant blending, and the settings (with the differences that remain) recorded in the checkpoint and in
+    IMPORTED_FROM.json."""
     rc, printed, folder = _import(tmp_path, monkeypatch, capsys)
     assert rc == 0, printed.err
     ck = torch.load(folder / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -103,7 +104,7 @@ def test_import_defaults_to_the_original_inference(tmp_path, monkeypatch, capsys
         assert inf["original"]["mirroring"] is False and inf["original"]["blending"] == "constant"
         assert inf["step_size"] == pytest.approx(0.4) and inf["predict_args"] == ["-step_size", "0.4"]
         assert inf["mirroring"] is False and inf["inference_allowed_mirroring_axes"] is None
-        assert inf["blending"] == "gaussian"
+        assert inf["blending"] == "constant"  # the original's weights (plans bsf.inference_blending)
     cmd = next(line.split() for line in printed.out.splitlines() if line.strip().startswith("nnUNetv2_predict"))
     assert cmd[cmd.index("-step_size") + 1] == "0.4"
     assert cmd[cmd.index("-tr") + 1] == "BSFTrainer_imported" and cmd[cmd.index("-d") + 1] == "137"
@@ -130,3 +131,37 @@ def test_import_refuses_single_output_models(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "single output channel" in err and "-pretrained_weights" in err
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("checkpoint_final.pth"))
+
+
+def test_constant_blending_is_monai_sliding_window(nnunet_env, run, tmp_path):
+    """Issue #31.7: with import-model's default --blending constant, nnUNetv2_predict's probabilities are MONAI's
+    sliding_window_inference(overlap 0.6, mode constant) where both place the windows alike (114 voxels, patch 64:
+    windows at 0, 25, 50 in both); --blending gaussian (nnU-Net's weights) differs measurably on the same case."""
+    torch.manual_seed(0)
+    model = SwinUNETR(in_channels=4, out_channels=3, downsample=PreMonai15PatchMerging, **TOY).eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    rng = np.random.default_rng(1)
+    imgs = tmp_path / "imagesTs"
+    imgs.mkdir()
+    x = (np.abs(rng.normal(300, 80, (4, 114, 64, 64))) + 1).astype(np.float32)  # (c, x, y, z), non-zero everywhere
+    for c in range(4):
+        nib.save(nib.Nifti1Image(x[c], np.eye(4)), imgs / f"case_0000_{c:04d}.nii.gz")
+    xn = NormalizeIntensity(nonzero=True, channel_wise=True)(torch.from_numpy(x))
+    with torch.no_grad():
+        logits = sliding_window_inference(xn[None].float(), (64, 64, 64), 1, model, overlap=0.6, mode="constant")
+    ref = torch.sigmoid(logits)[0].numpy()[[1, 0, 2]]  # TC, WT, ET -> nnU-Net's region order WT, TC, ET
+    got = {}
+    for dataset, blending in ((137, "constant"), (138, "gaussian")):
+        out = run(["bsf-nnunet", "import-model", str(ckpt), "-d", str(dataset), "--channels", ",".join(CHANNELS),
+                   "--regions", "brats", "--patch", "64", "64", "64", "--blending", blending], nnunet_env)
+        cmd = next(line.split() for line in out.splitlines() if line.strip().startswith("nnUNetv2_predict"))
+        pred = tmp_path / f"pred_{blending}"
+        cmd = [str(imgs) if a == "INPUT" else str(pred) if a == "OUTPUT" else a for a in cmd]
+        log = run(cmd + ["-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"], nnunet_env)
+        assert ("blended with constant weights" in log) == (blending == "constant")
+        got[blending] = np.load(pred / "case_0000.npz")["probabilities"].transpose(0, 3, 2, 1)  # (c, x, y, z)
+    assert got["constant"].shape == ref.shape
+    off = {k: float(np.abs(v - ref).max()) for k, v in got.items()}
+    assert off["constant"] < 1e-3, off  # nnU-Net sums the windows' logits in float16 (measured 2.3e-4)
+    assert off["gaussian"] > 10 * off["constant"], off  # measured 0.25: the switch makes them equal

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="allow nnU-Net's mirroring test-time augmentation (8x the windows); default: off, as in the "
                         "original BrainSegFounder inference")
+    p.add_argument("--blending", default="constant", choices=["constant", "gaussian"],
+                   help="weights of overlapping windows in nnUNetv2_predict: constant, as the original (default), or "
+                        "nnU-Net's Gaussian")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -42,11 +45,15 @@ def run(args) -> int:
                        regions=args.regions, labels=args.labels.split(",") if args.labels else None,
                        dataset_name=args.dataset_name,
                        patch=args.patch, spacing=args.spacing, merging=args.merging, axis_order=args.axis_order,
-                       allow_unsafe_pickle=args.allow_unsafe_pickle, overwrite=args.overwrite, tta=args.tta)
+                       allow_unsafe_pickle=args.allow_unsafe_pickle, overwrite=args.overwrite, tta=args.tta,
+                       blending=args.blending)
     tta = ("mirroring test-time augmentation on (--tta: 8x the windows; the original has none)" if args.tta else
            "no mirroring (as the original; --tta allows nnU-Net's)")
+    blending = (f"windows blended with {ORIGINAL_BLENDING} weights, as the original (the model's plans say so; "
+                "--blending gaussian for nnU-Net's)" if args.blending == ORIGINAL_BLENDING else
+                f"nnU-Net's Gaussian blending of windows (the original: {ORIGINAL_BLENDING} weights)")
     print(f"Wrote {out}\nPredict with:\n  {predict_command(args.dataset)}\n"
           f"-step_size matches the original's sliding-window overlap {ORIGINAL_OVERLAP} (nnUNetv2_predict takes it "
-          f"from the command line, default 0.5); {tta}. nnU-Net blends overlapping windows with a Gaussian, the "
-          f"original with {ORIGINAL_BLENDING} weights.")
+          f"from the command line, default 0.5); {tta}; {blending}. Still different from MONAI's "
+          f"sliding_window_inference: where the windows lie (docs/fidelity.md, published-model inference).")
     return 0

@@ -5,6 +5,11 @@ imported (by nnU-Net's trainer discovery, ``nnUNetv2_predict`` through the start
   trainer's own loader (channel mapping, published ``bsf:`` / ``hf://`` names); other trainers keep nnU-Net's.
 * ``nnUNetPredictor`` input checks (``predict_checks.install_prediction_input_checks``): incomplete cases refused,
   far-off geometry warned about.
+* ``nnUNetPredictor.predict_sliding_window_return_logits``: a BSF model whose plans say
+  ``bsf.inference_blending = "constant"`` (``import-model``'s default, the original's inference) is predicted with
+  constant window weights; nnUNetv2_predict has no option for it (it always asks for the Gaussian). Hooked there,
+  not at initialisation: nnU-Net imports the trainers, and so these hooks, in the middle of
+  ``initialize_from_trained_model_folder``.
 
 Each hook checks that what it replaces is still there and raises :class:`~bsf_nnunet.errors.ConfigurationError`
 naming the installed nnU-Net version when it is not (the tested versions are in the README).
@@ -46,7 +51,28 @@ def install_pretrained_weights_handler() -> None:
     rt.load_pretrained_weights = load_pretrained_weights
 
 
+def install_blending_from_plans() -> None:
+    """Blend windows as a BSF model's plans ask (``bsf.inference_blending``); other models: nnU-Net's choice."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    _require(nnUNetPredictor, "predict_sliding_window_return_logits")
+    original = getattr(nnUNetPredictor.predict_sliding_window_return_logits, "_bsf_original",
+                       nnUNetPredictor.predict_sliding_window_return_logits)
+
+    def predict_sliding_window_return_logits(self, input_image):
+        bsf = self.configuration_manager.configuration.get("bsf") or {}
+        if bsf.get("inference_blending") == "constant" and self.use_gaussian:
+            self.use_gaussian = False
+            print("BSF: overlapping windows blended with constant weights, as the original inference "
+                  "(plans bsf.inference_blending)", flush=True)
+        return original(self, input_image)
+
+    predict_sliding_window_return_logits._bsf_original = original
+    nnUNetPredictor.predict_sliding_window_return_logits = predict_sliding_window_return_logits
+
+
 def install() -> None:
     """Apply every hook (idempotent)."""
     install_pretrained_weights_handler()
     install_prediction_input_checks()
+    install_blending_from_plans()

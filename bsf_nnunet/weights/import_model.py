@@ -13,7 +13,10 @@ Sliding window: the official BraTS test script (lab-smile/BrainSegFounder downst
 MONAI's ``sliding_window_inference`` with overlap 0.6, its default constant blending and no test-time mirroring.
 The checkpoint therefore allows no mirroring axes (``tta=True`` writes nnU-Net's (0, 1, 2): 8x the windows), and the
 overlap becomes nnU-Net's ``-step_size 0.4``, which nnUNetv2_predict takes from its command line, not from the model:
-:func:`predict_command` prints it. nnU-Net blends the windows with a Gaussian; that difference remains.
+:func:`predict_command` prints it. The windows are blended with constant weights as in the original
+(``blending="constant"``, the default; the plans' ``bsf.inference_blending``, which ``nnunet_hooks`` applies in
+nnUNetPredictor) or with nnU-Net's Gaussian (``blending="gaussian"``). What remains different: nnU-Net spreads its
+windows evenly over the image, MONAI steps by ``int(0.4 * patch)`` and aligns the last window with the border.
 """
 from __future__ import annotations
 
@@ -37,13 +40,20 @@ BRATS_REGIONS = {"whole_tumor": ("WT", [1, 2, 3], 2), "tumor_core": ("TC", [1, 3
 # mode "constant", no mirroring). nnU-Net's step size is the window stride as a fraction of the patch: 1 - overlap.
 ORIGINAL_OVERLAP = 0.6
 ORIGINAL_BLENDING = "constant"
+BLENDINGS = ("constant", "gaussian")  # plans bsf.inference_blending: the original's weights, or nnU-Net's
 STEP_SIZE = round(1.0 - ORIGINAL_OVERLAP, 6)
 TTA_MIRROR_AXES = (0, 1, 2)
 
 
-def inference_settings(tta: bool = False) -> dict:
+def inference_settings(tta: bool = False, blending: str = ORIGINAL_BLENDING) -> dict:
     """What the imported model's inference does, next to the original's (written into the checkpoint's
     ``bsf_metadata`` and IMPORTED_FROM.json)."""
+    differences = ["nnU-Net places its windows evenly over the image, MONAI by a stride of int(0.4 * patch) with the "
+                   "last one at the border"]
+    if blending != ORIGINAL_BLENDING:
+        differences.append("nnU-Net's Gaussian blending of overlapping windows (the original: constant weights)")
+    if tta:
+        differences.append("mirroring test-time augmentation (8x the windows), which the original does not use")
     return {
         "original": {"script": "lab-smile/BrainSegFounder downstream/BraTS/finetuning/test.py",
                      "sliding_window_overlap": ORIGINAL_OVERLAP, "blending": ORIGINAL_BLENDING, "mirroring": False},
@@ -51,10 +61,8 @@ def inference_settings(tta: bool = False) -> dict:
         "predict_args": ["-step_size", str(STEP_SIZE)],
         "mirroring": bool(tta),
         "inference_allowed_mirroring_axes": list(TTA_MIRROR_AXES) if tta else None,
-        "blending": "gaussian",
-        "differences": ["nnU-Net blends overlapping windows with a Gaussian, the original with constant weights"]
-                       + (["mirroring test-time augmentation (8x the windows), which the original does not use"]
-                          if tta else []),
+        "blending": blending,
+        "differences": differences,
     }
 
 
@@ -64,7 +72,8 @@ def predict_command(dataset_id: int, inp: str = "INPUT", out: str = "OUTPUT") ->
             f"-p {IMPORTED_PLANS} -f all -step_size {STEP_SIZE}")
 
 
-def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: dict, batch_size: int = 1) -> dict:
+def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: dict, batch_size: int = 1,
+           blending: str = ORIGINAL_BLENDING) -> dict:
     res_seg = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
     res_data = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     conf = {
@@ -85,7 +94,7 @@ def _plans(dataset_name: str, num_channels: int, patch, spacing, arch_kwargs: di
         "architecture": {"network_class_name": NETWORK_CLASS_NAME, "arch_kwargs": arch_kwargs,
                          "_kw_requires_import": []},
         "batch_dice": False,
-        "bsf": {"imported": True},
+        "bsf": {"imported": True, "inference_blending": blending},
     }
     return {
         "dataset_name": dataset_name,
@@ -209,13 +218,17 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
                  dataset_name: Optional[str] = None, patch: Sequence[int] = (128, 128, 128),
                  spacing: Sequence[float] = (1.0, 1.0, 1.0), merging: Optional[str] = None,
                  axis_order: Optional[str] = None, results: Optional[str] = None,
-                 allow_unsafe_pickle: bool = False, overwrite: bool = False, tta: bool = False) -> str:
+                 allow_unsafe_pickle: bool = False, overwrite: bool = False, tta: bool = False,
+                 blending: str = ORIGINAL_BLENDING) -> str:
     """Write ``<results>/<dataset>/BSFTrainer_imported__BSFImportedPlans__3d_fullres``; return its path.
 
     ``checkpoint``: a path, or a published / Hugging Face name (``bsf:NAME``, ``hf://OWNER/REPO/FILE``; downloaded
     once), whose channels, regions, merging and axis order then come from the published-weights table.
     ``tta=False`` (the original's inference): no mirroring axes in the checkpoint, so nnUNetv2_predict never
-    mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes."""
+    mirrors; ``tta=True``: nnU-Net's mirroring test-time augmentation on all three axes. ``blending``: how
+    nnUNetv2_predict weights overlapping windows, ``"constant"`` (the original's) or ``"gaussian"`` (nnU-Net's)."""
+    if blending not in BLENDINGS:
+        raise ValueError(f"blending must be one of {', '.join(BLENDINGS)}, got {blending!r}.")
     from .hub import resolve_checkpoint
 
     if results is None:
@@ -233,10 +246,10 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
 
     dataset_name = dataset_name or f"Dataset{int(dataset_id):03d}_Imported"
     out = _model_folder(results, dataset_name, overwrite)
-    plans = _plans(dataset_name, len(channels), patch, [float(s) for s in spacing], arch)
+    plans = _plans(dataset_name, len(channels), patch, [float(s) for s in spacing], arch, blending=blending)
     dataset_json = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": label_dict,
                     "numTraining": 0, "file_ending": ".nii.gz", **extra}
-    inference = inference_settings(tta)
+    inference = inference_settings(tta, blending)
     _write_model_folder(out, plans, dataset_json, {
         "network_weights": net.state_dict(),
         "trainer_name": IMPORTED_TRAINER,
