@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bsf_nnunet.cli.main import main as cli_main
-from bsf_nnunet.datasets.check import check_raw_dataset
+from bsf_nnunet.datasets.check_raw import check_raw_dataset
 
 SHAPE = (8, 8, 8)
 CHANNELS = {"0": "T1", "1": "FLAIR"}
@@ -496,7 +496,7 @@ def test_prediction_input_check(tmp_path):
     save(inp / "p2_0001.nii.gz", image(seed=7))
     before = snapshot(inp)
     assert cli_main(["check", "-d", str(folder), "--predict-input", str(inp)]) == 1
-    from bsf_nnunet.datasets.check import check_prediction_input
+    from bsf_nnunet.datasets.check_predict import check_prediction_input
 
     rep = check_prediction_input(str(inp), str(folder))
     text = " ".join(rep.errors)

@@ -81,19 +81,19 @@ def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
 
 
 def run(args) -> int:
-    from ..datasets.check import check_raw_dataset
+    from ..datasets.check_raw import check_raw_dataset
 
     if args.num_processes < 1:
         raise CLIError(f"-np must be at least 1, not {args.num_processes}")
     folder = resolve_dataset_folder(args.dataset, "nnUNet_preprocessed" if args.preprocessed else "nnUNet_raw")
     if args.preprocessed:
-        from ..datasets.check import check_preprocessed_dataset
+        from ..datasets.check_preprocessed import check_preprocessed_dataset
 
         report = check_preprocessed_dataset(folder, args.configuration, args.plans, num_workers=args.num_processes)
         print(report.format())
         return 0 if report.ok else 1
     if args.predict_input:
-        from ..datasets.check import check_prediction_input
+        from ..datasets.check_predict import check_prediction_input
 
         report = check_prediction_input(args.predict_input, folder, args.output, check_values=not args.no_values,
                                         num_workers=args.num_processes)

@@ -16,6 +16,8 @@ def _workers_default() -> int:
 
 
 def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
+    from ..datasets.cases import AFFINE_RTOL
+
     if dataset:
         p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset ID (1..999)")
         p.add_argument("-o", "--out", default=None,
@@ -26,8 +28,9 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
                             "(auto, the default with --link), or force one kind. Labels that need changing are "
                             "always written")
         p.add_argument("--dry-run", action="store_true", help="list what would be done; write nothing")
-        p.add_argument("--affine-tol", type=float, default=1e-3,
-                       help="largest allowed difference between the affines of a case's files (default 1e-3)")
+        p.add_argument("--affine-tol", type=float, default=AFFINE_RTOL,
+                       help="largest allowed difference between the affines of a case's files, as a fraction of "
+                            f"the smallest voxel size (default {AFFINE_RTOL:g}, the tolerance of bsf-nnunet check)")
     p.add_argument("-j", "--num-workers", type=int, default=_workers_default(),
                    help="parallel worker processes (default: CPU count, at most 8)")
 

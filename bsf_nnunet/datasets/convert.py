@@ -9,21 +9,21 @@ Guarantees:
 * every output file is written under a temporary name (``.tmp_<name>.<random>``, :mod:`bsf_nnunet.io`) and
   renamed into place, so a file that exists is complete; a case is *finished* when all of its output files exist,
   and a re-run skips finished cases (resumable); a full disk stops the conversion with one message;
-* each case is verified before anything of it is written: all channels present, 3D, the same shape and (within
-  ``affine_tol``) the same affine across channels and label, finite values (read with nibabel: SimpleITK turns
+* each case is verified before anything of it is written: all channels present, 3D, the same shape and the same
+  affine across channels and label (within ``affine_tol`` times the smallest voxel size: the one affine tolerance of
+  :mod:`.cases`, which the dataset check uses too), finite values (read with nibabel: SimpleITK turns
   NaN/Inf into 0 without a word), label values in the allowed set. A bad case is reported by name with the reason
   and what to do, and never stops the others;
 * case identifiers are made safe (:func:`safe_case_id`: no spaces, non-ASCII characters or path separators, no
   leading ``.`` or ``-``), so every file is written inside the dataset folder; renames are listed under ``renamed``
   in the report, a name with nothing usable left is a bad case; unreadable files are diagnosed by name
-  (:func:`diagnose_unreadable`: an HTML page saved by a failed download, a gzip file cut short, ...);
+  (:func:`~.cases.diagnose_unreadable`: an HTML page saved by a failed download, a gzip file cut short, ...);
 * ``dataset.json`` is written last and atomically, with ``numTraining`` = the complete training cases in
   ``imagesTr``; ``conversion_report.json`` lists what happened.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import gzip
 import itertools
 import json
@@ -34,19 +34,27 @@ import shutil
 import sys
 import time
 import unicodedata
-import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import BSFError
 from ..io import DiskFullError, atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from .cases import (
+    AFFINE_RTOL,
+    NIFTI_ENDINGS,
+    affine_mismatch,
+    count_nonfinite,
+    diagnose_unreadable,
+    load_nifti,
+    read_voxels,
+)
 
 FILE_ENDING = ".nii.gz"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NIFTI_SUFFIXES = NIFTI_ENDINGS
 REPORT_NAME = "conversion_report.json"
 LINK_MODES = ("auto", "hard", "symlink")
 
@@ -93,67 +101,6 @@ def safe_case_id(name: str) -> str:
     return out
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_NIFTI_MAGIC = (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0")
-
-
-def diagnose_unreadable(path: str, error: BaseException) -> Tuple[str, str]:
-    """Why the NIfTI file ``path`` could not be read (``error``: the reader's exception), as ``(what is wrong, what
-    to do)``; ``what is wrong`` continues a sentence that starts with the file's name. Tells apart a broken link, an
-    empty file, a text/HTML page saved under a NIfTI name (a failed download), an uncompressed file named .gz and
-    gzip data that is cut short or damaged (the whole file is decompressed to find out)."""
-    if os.path.islink(path) and not os.path.exists(path):
-        if _link_loop(path):
-            return "is a symbolic link that leads back to itself (a link loop)", "replace the link with the file"
-        return (f"is a symbolic link to {os.readlink(path)}, which does not exist",
-                "restore the file it points to, or copy the file itself instead of linking it")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as e:
-        return f"cannot be opened ({e.strerror or e})", "check that the file exists and that you may read it"
-    again = "copy or download the file again"
-    if not head:
-        return "is empty (0 bytes)", again
-    if not head.startswith(_GZIP_MAGIC):
-        if path.lower().endswith(".gz"):
-            return _not_gzip(head)
-        return f"is not a readable NIfTI file ({type(error).__name__}: {error})", again
-    try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
-    except EOFError:
-        return "is truncated: its gzip data ends early (an interrupted download or copy)", again
-    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        return f"is corrupt: damaged gzip data ({e})", again
-    return f"is not a readable NIfTI file ({type(error).__name__}: {error})", again
-
-
-def _link_loop(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ELOOP
-    return False
-
-
-def _not_gzip(head: bytes) -> Tuple[str, str]:
-    """``diagnose_unreadable`` for a file named .gz that does not start like gzip data."""
-    printable = sum(32 <= b < 127 or b in b"\t\r\n" for b in head)
-    if b"\0" not in head and printable >= 0.9 * len(head):
-        text = " ".join(head[:60].decode("utf-8", "replace").split())
-        kind = "an HTML page" if head.lstrip()[:1] == b"<" else "text"
-        return (f"is not a NIfTI file but {kind} starting with {text!r} (a failed download saves the server's error "
-                f"or login page under the file's name)",
-                "download the file again (check the link and that you are logged in)")
-    if head[344:348] in _NIFTI_MAGIC:
-        return ("is an uncompressed NIfTI file although its name ends in .gz",
-                "compress it (gzip -c FILE > NEW.nii.gz) or rename it to .nii")
-    return (f"is corrupt: not gzip data although its name ends in .gz (it starts with bytes {head[:8].hex(' ')})",
-            "copy or download the file again")
-
-
 def place_file(src: str, dst: str, link: Optional[str] = None) -> str:
     """Copy (``link=None``) or link ``src`` to ``dst`` atomically; returns how (``copy``, ``hardlink``,
     ``symlink``, ``gzip`` for an uncompressed .nii source, which cannot be linked under a .nii.gz name)."""
@@ -176,11 +123,13 @@ def place_file(src: str, dst: str, link: Optional[str] = None) -> str:
         return "symlink"
 
 
-def save_nifti_atomic(img, path: str) -> None:
-    """Save a nibabel image to ``path`` (.nii.gz or .nii) atomically."""
+def save_nifti_atomic(img, path: str, compresslevel: int = 1) -> None:
+    """Save a nibabel image to ``path`` (.nii.gz or .nii) atomically (gzip without a time stamp, so the same image
+    gives the same bytes)."""
+    path = os.fspath(path)
     data = img.to_bytes()
     if path.lower().endswith(".gz"):
-        data = gzip.compress(data, compresslevel=1, mtime=0)
+        data = gzip.compress(data, compresslevel=compresslevel, mtime=0)
     atomic_write_bytes(path, data)
 
 
@@ -220,14 +169,21 @@ def dataset_folder(raw_root: str, dataset_id: int, name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConversionError(f"dataset name {name!r} may only contain letters, digits, '_', '-' and '.'.")
     folder_name = f"Dataset{int(dataset_id):03d}_{name}"
-    if os.path.isdir(raw_root):
-        prefix = f"Dataset{int(dataset_id):03d}_"
-        with os.scandir(raw_root) as it:
-            others = sorted(e.name for e in it if e.is_dir() and e.name.startswith(prefix) and e.name != folder_name)
-        if others:
-            raise ConversionError(f"dataset ID {dataset_id} is already used by {os.path.join(raw_root, others[0])}; "
-                                  f"nnU-Net needs unique IDs. Pick another -d, or remove/rename that folder.")
+    others = other_datasets_with_id(raw_root, dataset_id, folder_name)
+    if others:
+        raise ConversionError(f"dataset ID {dataset_id} is already used by {os.path.join(raw_root, others[0])}; "
+                              f"nnU-Net needs unique IDs. Pick another -d, or remove/rename that folder.")
     return os.path.join(raw_root, folder_name)
+
+
+def other_datasets_with_id(raw_root: str, dataset_id: int, folder_name: str) -> List[str]:
+    """The folders ``Dataset<ID>_*`` in ``raw_root`` other than ``folder_name``, sorted (nnU-Net needs unique
+    IDs)."""
+    if not os.path.isdir(raw_root):
+        return []
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    with os.scandir(raw_root) as it:
+        return sorted(e.name for e in it if e.is_dir() and e.name.startswith(prefix) and e.name != folder_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +219,7 @@ class Options:
     out_dir: str
     channel_names: List[str]
     link: Optional[str] = None
-    affine_tol: float = 1e-3
+    affine_tol: float = AFFINE_RTOL  # a fraction of the smallest voxel size (cases.affine_tolerance)
     label_hint: str = ""        # appended to label-value problems
 
 
@@ -280,9 +236,8 @@ def case_finished(spec: CaseSpec, out_dir: str) -> bool:
 
 
 def _read(path: str, what: str):
-    import nibabel as nib
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
     except Exception as e:  # any reader error is a case problem
         wrong, todo = diagnose_unreadable(path, e)
         raise CaseProblem(f"cannot read {what}: {path} {wrong}", f"{todo}, or leave the case out") from None
@@ -294,28 +249,31 @@ def _read(path: str, what: str):
 
 def _data(img, path: str, what: str) -> np.ndarray:
     try:
-        arr = np.asanyarray(img.dataobj)
+        arr = read_voxels(img)
     except Exception as e:
         wrong, todo = diagnose_unreadable(path, e)
         raise CaseProblem(f"cannot read the voxels of {what}: {path} {wrong}", f"{todo}, or leave the case out"
                           ) from None
-    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
-        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            raise CaseProblem(f"{what} {path} has {bad} NaN/Inf voxel(s)",
-                              "replace them (e.g. with 0) in the source file, or leave the case out")
+    bad = count_nonfinite(arr)
+    if bad:
+        raise CaseProblem(f"{what} {path} has {bad} NaN/Inf voxel(s)",
+                          "replace them (e.g. with 0) in the source file, or leave the case out")
     return arr
 
 
-def _check_geometry(img, ref, path: str, what: str, ref_what: str, tol: float) -> None:
+def _check_geometry(img, ref, path: str, what: str, ref_what: str, rtol: float) -> None:
+    """Same shape, and the same affine within the dataset check's tolerance (:func:`~.cases.affine_tolerance`:
+    ``rtol`` times the smallest voxel size). Relative, not a fixed number of millimetres: the same fraction of a
+    voxel at any resolution, and a case the converter writes passes ``bsf-nnunet check``."""
     if tuple(img.shape) != tuple(ref.shape):
         raise CaseProblem(f"shape {tuple(img.shape)} of {what} ({path}) differs from {tuple(ref.shape)} of "
                           f"{ref_what}", "resample the files onto one grid, or leave the case out")
-    if not np.allclose(img.affine, ref.affine, atol=tol, rtol=0):
-        d = float(np.abs(img.affine - ref.affine).max())
+    mismatch = affine_mismatch(img.affine, ref.affine, rtol)
+    if mismatch is not None:
+        d, tol = mismatch
         raise CaseProblem(f"affine of {what} ({path}) differs from that of {ref_what} by up to {d:.4g} "
-                          f"(tolerance {tol:g})", "register/resample the files onto one grid (or raise "
-                          "--affine-tol if the difference is only rounding)")
+                          f"(tolerance {tol:.3g} = {rtol:g} x voxel size)", "register/resample the files onto one "
+                          "grid (or raise --affine-tol if the difference is only rounding)")
 
 
 def _num(v):
@@ -694,7 +652,7 @@ def _write_results(report: dict, info: DatasetInfo, converter: str) -> None:
 
 def run_conversion(cases: Iterable[CaseSpec], info: DatasetInfo, dataset_id: int, raw_root: Optional[str] = None,
                    *, link: Optional[str] = None, num_workers: int = 1, dry_run: bool = False,
-                   affine_tol: float = 1e-3, source: str = "", converter: str = "",
+                   affine_tol: float = AFFINE_RTOL, source: str = "", converter: str = "",
                    progress_every: float = 30.0) -> dict:
     """Convert a stream of cases into ``$nnUNet_raw/DatasetXXX_<name>``; returns the report (a dict).
 

@@ -33,7 +33,6 @@ returns). SimpleITK / nnU-Net read the written files as (z, y, x) = the same dat
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -48,7 +47,8 @@ from scipy import ndimage
 from scipy.special import expit
 
 from ..errors import BSFError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_json
+from .convert import other_datasets_with_id, save_nifti_atomic, write_dataset_json
 from .heldout_sources import HELDOUT_SOURCES, load_heldout_head, wheel_path
 
 __all__ = [
@@ -643,25 +643,27 @@ def _crop_to_mask(image: np.ndarray, label: np.ndarray, mask: np.ndarray, origin
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+def _nifti_image(array: np.ndarray, affine: np.ndarray):
     import nibabel as nib
 
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    return img
 
 
 def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_path: Path,
                label_path: Path) -> None:
-    """Write one image/label pair atomically (image first, so a present label implies a present image)."""
-    atomic_write_bytes(Path(image_path), _nifti_bytes(image.astype(np.float32), affine))
-    atomic_write_bytes(Path(label_path), _nifti_bytes(label.astype(np.uint8), affine))
+    """Write one image/label pair atomically with the converters' writer (image first, so a present label implies a
+    present image)."""
+    save_nifti_atomic(_nifti_image(image.astype(np.float32), affine), image_path, compresslevel=6)
+    save_nifti_atomic(_nifti_image(label.astype(np.uint8), affine), label_path, compresslevel=6)
 
 
-def _dataset_json(name: str, num_train: int, num_test: int, source: str,
-                  held: tuple[tuple[str, int], ...] = ()) -> dict:
+def _dataset_description(name: str, num_train: int, num_test: int, source: str,
+                         held: tuple[tuple[str, int], ...] = ()) -> dict:
+    """The dataset.json keys beyond nnU-Net's (name, description, reference)."""
     if source == "multi":
         ref = "; ".join([f"{k}: {SOURCES[k].reference} ({SOURCES[k].package}, {SOURCES[k].licence})" for k in SOURCES]
                         + [f"{k}: {h.reference} ({h.dist}=={h.version}, {h.licence})"
@@ -679,9 +681,7 @@ def _dataset_json(name: str, num_train: int, num_test: int, source: str,
         names = sorted({n for n, _ in held})
         what += (f"; {len(held)} case(s) {HELDOUT_PREFIX}<source>_* of sources never used for training or pretraining "
                  f"({', '.join(names)})")
-    return {"channel_names": {"0": "T1"}, "labels": dict(LABELS), "numTraining": int(num_train),
-            "file_ending": ".nii.gz", "name": name, "description": what + "; labels argmax of CSF/GM/WM maps",
-            "reference": ref}
+    return {"name": name, "description": what + "; labels argmax of CSF/GM/WM maps", "reference": ref}
 
 
 def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int = 990,
@@ -717,7 +717,7 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
         params["num_heldout"] = int(num_heldout)
         params["held_out"] = list(held_out)
     _clear_other_build(folder, params, overwrite, log)
-    atomic_write_bytes(folder / BUILD_RECORD, (json.dumps(params, indent=2) + "\n").encode())
+    atomic_write_json(folder / BUILD_RECORD, params)
 
     todo = _missing_cases(folder, num_train, num_test, held)
     loaded: dict = {}
@@ -727,8 +727,8 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
                                   case_kwargs or {}, loaded, log, held)
         write_case(img, lab, aff, ip, lp)
         log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    dj = _dataset_json(name, num_train, num_test, src_key, held)
-    atomic_write_bytes(folder / "dataset.json", (json.dumps(dj, indent=2) + "\n").encode())
+    write_dataset_json(str(folder), ["T1"], LABELS, int(num_train),
+                       **_dataset_description(name, num_train, num_test, src_key, held))
     return folder
 
 
@@ -799,11 +799,10 @@ def _check_build_args(raw_dir, dataset_id, name: str, num_train: int, num_test: 
 
 
 def _check_id_unique(raw_dir: Path, folder: Path, dataset_id: int) -> None:
-    if raw_dir.is_dir():
-        clash = [p.name for p in raw_dir.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != folder.name]
-        if clash:
-            raise DemoDataError(f"{raw_dir} already holds {clash[0]} with dataset id {int(dataset_id)}; nnU-Net "
-                                f"needs unique ids. Fix: choose another dataset_id or remove {raw_dir / clash[0]}.")
+    clash = other_datasets_with_id(str(raw_dir), dataset_id, folder.name)
+    if clash:
+        raise DemoDataError(f"{raw_dir} already holds {clash[0]} with dataset id {int(dataset_id)}; nnU-Net "
+                            f"needs unique ids. Fix: choose another dataset_id or remove {raw_dir / clash[0]}.")
 
 
 def _clear_other_build(folder: Path, params: dict, overwrite: bool, log: Callable[[str], None]) -> None:

@@ -21,7 +21,7 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
 
-from ..datasets.check import preprocessed_case_error
+from ..datasets.check_preprocessed import preprocessed_case_error
 from ..errors import BSFError
 from .preemption import ignore_stop_signals
 

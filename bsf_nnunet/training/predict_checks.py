@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..allocator import tune_cpu_allocator
-from ..datasets.check import NIFTI_ENDINGS, channel_file_errors, parse_channel_file
+from ..datasets.cases import NIFTI_ENDINGS
+from ..datasets.check_layout import channel_file_errors, parse_channel_file
 from ..errors import BSFError
 from ..planning.swin_config import NETWORK_CLASS_NAME
 
