@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bsf_nnunet.datasets import demo_data as dd
+from bsf_nnunet.datasets.demo_sources import _block_mean
 from bsf_nnunet.datasets.figures import save_triplanar_png
 
 HAVE_NILEARN = importlib.util.find_spec("nilearn") is not None
@@ -380,7 +381,7 @@ def test_missing_multi_source_package(monkeypatch, tmp_path):
 
 def test_block_mean():
     a = np.arange(6 ** 3, dtype=np.float32).reshape(6, 6, 6)
-    m = dd._block_mean(a, 3)
+    m = _block_mean(a, 3)
     assert m.shape == (2, 2, 2)
     assert m[1, 1, 1] == pytest.approx(a[2:5, 2:5, 2:5].mean())       # block centred on voxel 3
 
