@@ -138,7 +138,7 @@ def test_variant_registry_is_the_one_source():
     """plans/variants.json names each variant's trainers; classes, __all__, info and the loader's hint derive."""
     import bsf_nnunet.training as training
     from bsf_nnunet.planning.presets import variant_names, variant_of_trainer, variant_trainers
-    from bsf_nnunet.weights.loader import _trainer_hint
+    from bsf_nnunet.weights.architecture import _trainer_hint
 
     registry = variant_trainers()
     assert sorted(registry) == variant_names()

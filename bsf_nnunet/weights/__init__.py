@@ -2,7 +2,7 @@
 
 See docs/weights.md. Public API::
 
-    load_checkpoint(path, allow_unsafe_pickle=False) -> Checkpoint
+    load_checkpoint(path, allow_unsafe_pickle=False) -> Checkpoint                      (loader.py: read any format)
     guess_variant(state_dict) -> (name or None, description)
     transfer_weights(model, checkpoint, *, source_channels=None, target_channels=None, encoder_only=False,
                      strict_encoder=True, verbose=True, allow_merging_mismatch=False,
@@ -11,6 +11,7 @@ See docs/weights.md. Public API::
     resolve_checkpoint(path | "bsf:NAME" | "hf://OWNER/REPO/FILE") -> ResolvedCheckpoint (path, entry, source;
         .load() -> Checkpoint), published_weights() -> {name: PublishedWeights}    (hub.py: Hugging Face downloads)
 """
+from .architecture import describe_architecture, guess_variant
 from .channels import (
                        ALIASES,
                        PRETRAINED_CHANNELS_ENV,
@@ -28,17 +29,13 @@ from .loader import (
                        UNSAFE_PICKLE_OPTION,
                        Checkpoint,
                        CheckpointError,
-                       TransferReport,
                        WeightsMismatchError,
                        checkpoint_from_object,
-                       describe_architecture,
-                       guess_variant,
                        load_checkpoint,
-                       model_merging,
                        normalise_state_dict,
                        read_checkpoint_file,
-                       transfer_weights,
 )
+from .transfer import TransferReport, model_merging, transfer_weights
 
 __all__ = [
     "ALIASES", "FORMATS", "PRETRAINED_CHANNELS_ENV", "PRETRAINED_CHANNELS_OPTION", "UNSAFE_PICKLE_ENV",

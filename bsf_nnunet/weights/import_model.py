@@ -149,7 +149,8 @@ def _write_model_folder(out: str, plans: dict, dataset_json: dict, checkpoint: d
 
 def _check_importable(sd: dict, checkpoint: str, channels: Sequence[str]) -> str:
     """The variant of a fine-tuned Swin-UNETR state dict whose inputs are ``channels``; raises otherwise."""
-    from .loader import check_finite, guess_variant
+    from .architecture import guess_variant
+    from .transfer import check_finite
 
     check_finite(sd, checkpoint)
     if "out.conv.conv.weight" not in sd:
