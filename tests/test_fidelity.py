@@ -138,3 +138,111 @@ def test_official_handover_trainers():
     odd.bsf_handover = "partial"
     with pytest.raises(ConfigurationError, match="bsf_handover must be"):
         odd._handover_scope()
+
+
+def _official_scale(raw):
+    """MONAI's ScaleIntensityRange(a_min=-1000, a_max=1000, b_min=0, b_max=1, clip=True), written out: the official
+    SSL intensities (pretrain/utils/data_utils.py:131-133, defaults pretrain/main_T1T2.py:275-278)."""
+    import numpy as np
+
+    return np.clip((raw.astype(np.float64) - (-1000.0)) / (1000.0 - (-1000.0)) * (1.0 - 0.0) + 0.0, 0.0, 1.0)
+
+
+def test_official_ssl_intensity_matches_the_official_scaling():
+    """bsf_ssl_intensity = "official" (issue #31.5): crops from nnU-Net's z-scored case equal the official
+    ScaleIntensityRange of the raw crop (exactly when the case has the dataset's raw foreground mean/sd, which the
+    estimate assumes), padding 0 (SpatialPadd), inpainting noise min-max scaled to [0, 1]; the same losses on the toy
+    network. Off ("nnunet"): the preprocessed values and the crop-range noise, as before."""
+    import numpy as np
+    import pytest
+
+    from bsf_nnunet.errors import ConfigurationError
+    from bsf_nnunet.ssl.losses import SSLLoss
+    from bsf_nnunet.ssl.views import make_views
+    from bsf_nnunet.training import BSFPretrainTrainer, BSFPretrainTrainer_official
+    from bsf_nnunet.training.ssl_data import OfficialIntensity, SSLCropLoader
+
+    rng = np.random.default_rng(0)
+    shape = (40, 28, 36)  # (z, y, x); y and x smaller than the (32, 32, 64) crop: padded
+    crop = (32, 32, 64)  # the toy network needs 64 on one axis; the rotation plane (y, z) is square
+    fg = np.zeros(shape, bool)
+    fg[4:36, 3:25, 5:31] = True
+    raw = np.where(fg[None], rng.uniform(50, 1600, (2,) + shape), 0.0)  # two channels, some above 1000 (clipped)
+    mean, std = raw[:, fg].mean(1), raw[:, fg].std(1)
+    z = np.where(fg[None], (raw - mean[:, None, None, None]) / std[:, None, None, None], 0.0).astype(np.float32)
+    seg = np.where(fg, 0, -1).astype(np.int8)[None]  # nnU-Net: -1 outside the non-zero mask
+
+    class Case:
+        def load_case(self, ident):
+            return z, seg, None, {}
+
+    plans = {"foreground_intensity_properties_per_channel": {
+        str(c): {"mean": float(mean[c]), "std": float(std[c])} for c in range(2)}}
+    kw = dict(crop_size=list(crop), volumes_per_batch=1, crops_per_volume=4, foreground_probability=0.0, seed=3)
+    on = next(SSLCropLoader(Case(), ["a"], intensity=OfficialIntensity.from_plans(plans, 2), **kw))["data"]
+    off = next(SSLCropLoader(Case(), ["a"], **kw))["data"]
+    # the reference: the same crop positions of the raw case, scaled by the official formula, padded with 0
+    ref_raw, ref_z = [], []
+    rs = np.random.default_rng([3, 0, 0])
+    for _ in range(4):
+        c = [int(rs.integers(0, s)) for s in shape]
+        rs.random()
+        lo = [min(max(cc - n // 2, min(0, s - n)), max(0, s - n)) for cc, s, n in zip(c, shape, crop)]
+        src = tuple(slice(max(a, 0), min(a + n, s)) for a, s, n in zip(lo, shape, crop))
+        dst = tuple(slice(max(a, 0) - a, max(a, 0) - a + (sl.stop - sl.start)) for a, sl in zip(lo, src))
+        r, q = np.zeros((2,) + crop), np.zeros((2,) + crop, np.float32)
+        r[(slice(None),) + dst] = _official_scale(raw[(slice(None),) + src])
+        q[:] = z[(slice(None),) + src].min(axis=(1, 2, 3), keepdims=True)
+        q[(slice(None),) + dst] = z[(slice(None),) + src]
+        ref_raw.append(r)
+        ref_z.append(q)
+    np.testing.assert_allclose(on, np.stack(ref_raw), atol=1e-5)
+    assert on.min() == 0.0 and on.max() == 1.0 and (on == 0.5).any()  # padding 0, clipped, background 0.5
+    np.testing.assert_array_equal(off, np.stack(ref_z))  # off: nnU-Net's values, unchanged
+
+    # views: the official noise is N(0, 1) min-max scaled to [0, 1] (pretrain/utils/ops.py:39-41), whatever the crop
+    crops = torch.from_numpy(on)
+    v = make_views(crops, torch.Generator().manual_seed(1), mode="noise", noise_range=(0.0, 1.0))
+    for i in range(v["views"].shape[0]):
+        painted = v["views"][i][v["masks"][i].expand_as(v["views"][i])]
+        assert painted.min() == 0.0 and painted.max() == 1.0  # the last box is whole: its min and max survive
+    shifted = crops * 0.5 + 0.5  # a crop range of [0.5, 1]: the default maps the noise there, the official not
+    v_off = make_views(shifted, torch.Generator().manual_seed(1), mode="noise")
+    v_on = make_views(shifted, torch.Generator().manual_seed(1), mode="noise", noise_range=(0.0, 1.0))
+    m = v_off["masks"].expand_as(v_off["views"])
+    assert v_off["views"][m].min() >= 0.5 and v_on["views"][m].min() == 0.0
+    assert torch.equal(v_off["views"][~m], v_on["views"][~m]) and torch.equal(v_off["masks"], v_on["masks"])
+    assert torch.equal(v_off["views"], make_views(shifted, torch.Generator().manual_seed(1), mode="noise",
+                                                  noise_range=None)["views"])
+
+    # the toy network sees the same inputs and targets as the reference: the same three losses
+    torch.manual_seed(0)
+    model = BSFSSLModel(2, **variant_arch_kwargs("toy"))
+    losses = []
+    for x in (crops, torch.from_numpy(np.stack(ref_raw)).float()):
+        w = make_views(x, torch.Generator().manual_seed(2), noise_range=(0.0, 1.0))
+        with torch.no_grad():
+            rot, con, rec = model(w["views"])
+        losses.append(SSLLoss()(rot, w["rots"], con[:4], con[4:], rec, w["targets"])[1])
+    for k in ("rot", "con", "rec"):
+        assert torch.allclose(losses[0][k], losses[1][k], atol=1e-4), k
+
+    # the switch: a class attribute, "official" in BSFPretrainTrainer_official; refused when misspelt
+    assert BSFPretrainTrainer.bsf_ssl_intensity == "nnunet"
+    assert BSFPretrainTrainer_official.bsf_ssl_intensity == "official"
+    t = object.__new__(BSFPretrainTrainer_official)
+
+    class PM:
+        pass
+
+    t.plans_manager, t.num_input_channels = PM(), 2
+    t.plans_manager.plans = plans
+    assert isinstance(t._ssl_intensity(), OfficialIntensity) and t._noise_range() == (0.0, 1.0)
+    d = object.__new__(BSFPretrainTrainer)
+    assert d._ssl_intensity() is None and d._noise_range() is None
+    t.bsf_ssl_intensity = "minmax"
+    with pytest.raises(ConfigurationError, match="bsf_ssl_intensity must be one of"):
+        t._ssl_intensity()
+    t.bsf_ssl_intensity, t.plans_manager.plans = "official", {}
+    with pytest.raises(ConfigurationError, match="foreground_intensity_properties_per_channel"):
+        t._ssl_intensity()

@@ -12,7 +12,9 @@
   ``[0, n - min_side)`` along each axis, has a side drawn from ``[min_side, max_side)`` (5% and 25% of the axis)
   and is cut at the crop's edge. Noise: the official code fills a box with N(0, 1) noise min-max scaled to [0, 1],
   the range of its [0, 1]-scaled images; nnU-Net's images are z-scored, so the scaled noise is mapped onto the
-  crop's own intensity range, per channel (docs/fidelity.md). Where boxes overlap, the later box wins.
+  crop's own intensity range, per channel (docs/fidelity.md); ``noise_range=(0, 1)`` keeps the official [0, 1]
+  (``BSFPretrainTrainer.bsf_ssl_intensity = "official"``, whose crops are on the official [0, 1] scale). Where boxes
+  overlap, the later box wins.
 * ``make_views``: two views per crop, each rotated then masked; the rotated un-masked crops are the reconstruction
   targets (as in MONAI's Swin-UNETR pretraining, which BrainSegFounder used).
 
@@ -203,9 +205,11 @@ def _regions(blocks: dict):
         yield crop, (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
 
 
-def _paint_noise(masked: torch.Tensor, x: torch.Tensor, blocks: dict, generator) -> torch.Tensor:
+def _paint_noise(masked: torch.Tensor, x: torch.Tensor, blocks: dict, generator,
+                 noise_range: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Noise boxes into ``masked`` (in place, later boxes win): N(0, 1) min-max scaled per box (over its channels
-    and voxels), then mapped onto each crop's intensity range per channel. Returns the (B, Z, Y, X) bool mask."""
+    and voxels), then mapped onto each crop's intensity range per channel, or onto ``noise_range`` (lo, hi) for
+    every crop and channel. Returns the (B, Z, Y, X) bool mask."""
     b, c = x.shape[:2]
     dev = x.device
     painted = torch.zeros((b,) + tuple(x.shape[2:]), dtype=torch.bool, device=dev)
@@ -214,9 +218,13 @@ def _paint_noise(masked: torch.Tensor, x: torch.Tensor, blocks: dict, generator)
     else:
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
-    flat = x.reshape(b, c, -1)
-    lo = flat.amin(2).view(b, c, 1, 1, 1)
-    span = flat.amax(2).view(b, c, 1, 1, 1) - lo  # each crop's intensity range, per channel
+    if noise_range is not None:
+        lo = torch.full((b, c, 1, 1, 1), float(noise_range[0]), device=dev)
+        span = torch.full((b, c, 1, 1, 1), float(noise_range[1]) - float(noise_range[0]), device=dev)
+    else:
+        flat = x.reshape(b, c, -1)
+        lo = flat.amin(2).view(b, c, 1, 1, 1)
+        span = flat.amax(2).view(b, c, 1, 1, 1) - lo  # each crop's intensity range, per channel
     for crop, region in _regions(blocks):
         noise = torch.randn((c,) + tuple(r.stop - r.start for r in region), generator=gen, device=dev)
         low, high = noise.aminmax()
@@ -241,7 +249,8 @@ def _paint_paste(masked: torch.Tensor, x: torch.Tensor, blocks: dict) -> torch.T
     return painted[:, 0]
 
 
-def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Generator]):
+def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Generator],
+                  noise_range: Optional[Sequence[float]] = None):
     """Fill the boxes of ``blocks`` in a copy of x (B, C, Z, Y, X): noise boxes, then pasted ones. Returns (masked,
     mask (B, 1, Z, Y, X) bool)."""
     masked = x.clone()
@@ -249,35 +258,38 @@ def _apply_blocks(x: torch.Tensor, blocks: dict, generator: Optional[torch.Gener
     noise_blocks = {k: blocks[k][~paste] for k in ("starts", "sizes", "batch")}
     paste_blocks = {k: blocks[k][paste] for k in ("starts", "sizes", "batch")}
     paste_blocks["source"] = blocks["source"]
-    mask = _paint_noise(masked, x, noise_blocks, generator)
+    mask = _paint_noise(masked, x, noise_blocks, generator, noise_range)
     mask |= _paint_paste(masked, x, paste_blocks)
     return masked, mask.unsqueeze(1)
 
 
 def inpainting_mask(x: torch.Tensor, generator: Optional[torch.Generator] = None, max_fraction: float = 0.3,
                     max_block_fraction: float = 0.25, mode: str = "official", min_block_fraction: float = 0.05,
-                    group_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    group_size: Optional[int] = None,
+                    noise_range: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Replace random boxes of each sample of ``x`` (B, C, Z, Y, X) (see the module docstring and
     :func:`draw_blocks` for ``mode``). ``group_size``: samples only paste from samples of their own group of
-    ``group_size`` consecutive items (default: the whole batch). Returns (masked copy of x, mask (B, 1, Z, Y, X)
-    bool)."""
+    ``group_size`` consecutive items (default: the whole batch). ``noise_range``: (lo, hi) of the noise boxes (default:
+    each crop's own range per channel). Returns (masked copy of x, mask (B, 1, Z, Y, X) bool)."""
     if x.dim() != 5:
         raise ValueError(f"inpainting_mask expects (B, C, Z, Y, X), got shape {tuple(x.shape)}")
     blocks = draw_blocks(x.shape[0], x.shape[2:], generator, max_fraction, max_block_fraction,
                          min_block_fraction, mode, group_size)
-    return _apply_blocks(x, blocks, generator)
+    return _apply_blocks(x, blocks, generator, noise_range)
 
 
 def make_views(crops: torch.Tensor, generator: Optional[torch.Generator] = None,
                plane: Sequence[int] = DEFAULT_PLANE, max_fraction: float = 0.3, max_block_fraction: float = 0.25,
-               mode: str = "official", min_block_fraction: float = 0.05) -> dict:
+               mode: str = "official", min_block_fraction: float = 0.05,
+               noise_range: Optional[Sequence[float]] = None) -> dict:
     """Two views of each crop of ``crops`` (B, C, Z, Y, X): each randomly rotated, then inpainted.
 
     Returns a dict of tensors on crops' device: ``view1``, ``view2`` (masked inputs), ``target1``, ``target2`` (the
     rotated un-masked crops, i.e. reconstruction targets), ``rot1``, ``rot2`` (rotation labels, long),
     ``mask1``, ``mask2`` ((B, 1, Z, Y, X) bool), and the same stacked along the batch, view 1 first, without a
     copy: ``views`` (2B, C, Z, Y, X), ``targets``, ``rots`` (2B,), ``masks`` (2B, 1, Z, Y, X). Pasted boxes come
-    from another crop of the same view (as the official code augments each view's batch on its own)."""
+    from another crop of the same view (as the official code augments each view's batch on its own). ``noise_range``:
+    as in :func:`inpainting_mask`."""
     generator = _check_generator(generator)
     if crops.dim() != 5:
         raise ValueError(f"make_views expects (B, C, Z, Y, X) crops, got shape {tuple(crops.shape)}")
@@ -289,7 +301,7 @@ def make_views(crops: torch.Tensor, generator: Optional[torch.Generator] = None,
     _rotate(crops, k[1], dims, out=rotated[b:])
     blocks = draw_blocks(2 * b, crops.shape[2:], generator, max_fraction, max_block_fraction, min_block_fraction,
                          mode, group_size=b)
-    masked, mask = _apply_blocks(rotated, blocks, generator)
+    masked, mask = _apply_blocks(rotated, blocks, generator, noise_range)
     k = k.to(crops.device)
     return {"view1": masked[:b], "view2": masked[b:], "target1": rotated[:b], "target2": rotated[b:],
             "rot1": k[0], "rot2": k[1], "mask1": mask[:b], "mask2": mask[b:], "masks": mask,

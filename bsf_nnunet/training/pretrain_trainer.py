@@ -8,7 +8,10 @@ crop (rotation in the official (y, z) plane + the official two-round inpainting,
 CE(rotation) + NT-Xent (tau 0.5, negatives from the local batch as in the paper; ``bsf_contrastive_gather = True``
 gathers them across DDP ranks) + L1 reconstruction. Stage 1: AdamW (lr 4e-4, wd 0.1); stage 2 (started from a
 stage-1 checkpoint): the official stage-2 recipe (lr 6e-6, 500 warm-up steps, ``bsf_stage2_recipe``). Warmup then
-cosine per step, bf16 autocast on CUDA and on CPUs with native bf16, gradient clipping. Per epoch the log and
+cosine per step, bf16 autocast on CUDA and on CPUs with native bf16, gradient clipping. Intensities: nnU-Net's
+z-scored crops (``bsf_ssl_intensity = "nnunet"``) or the official [0, 1] scale (``"official"``: MONAI's
+``ScaleIntensityRanged(-1000..1000 -> 0..1, clip)`` of raw intensities estimated from the plans' statistics,
+``training.ssl_data.OfficialIntensity``; inpainting noise in [0, 1]). Per epoch the log and
 progress.png show each loss, the rotation accuracy and the contrastive top-1 (train and validation). Validation
 loss on the fold's validation cases (held-out cases never enter pretraining).
 Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``) and nnssl's
@@ -71,6 +74,10 @@ class BSFPretrainTrainer(BSFTrainer):
     bsf_lr_decay = True  # cosine decay after the warm-up; False: constant (the official stage 1 without --lrdecay)
     bsf_seed = 12345
     bsf_grad_clip = 12.0
+    # intensities the SSL losses see: "nnunet" = the preprocessed (z-scored) crops; "official" = BrainSegFounder's
+    # ScaleIntensityRanged(-1000..1000 -> 0..1, clip) of raw intensities estimated from the plans' statistics, with
+    # inpainting noise in [0, 1] (docs/fidelity.md; measured in bench/ssl_loss_balance.py)
+    bsf_ssl_intensity = "nnunet"
     # official stage 1 computes on MONAI's (x, y, z) crops (its contrastive token and rotation plane are taken in that
     # order): a run that starts without weights uses it unless the plans' arch_kwargs name an axis_order; weights
     # (-pretrained_weights, --c) bring their own
@@ -207,12 +214,38 @@ class BSFPretrainTrainer(BSFTrainer):
         common = dict(crop_size=self.configuration_manager.patch_size, volumes_per_batch=vpb,
                       crops_per_volume=self.bsf_crops_per_volume,
                       foreground_probability=self.bsf_foreground_probability, rank=rank, world_size=world)
+        intensity = self._ssl_intensity()
+        self.print_to_log_file(f"SSL intensities (bsf_ssl_intensity = {self.bsf_ssl_intensity!r}): "
+                               + ("nnU-Net's preprocessed values" if intensity is None else intensity.describe()))
         if vpb * self.bsf_crops_per_volume * world < 2:
             self.print_to_log_file("WARNING: one crop per step in total: the contrastive loss has no negatives. "
                                    "Use more crops per volume or a larger batch.")
-        tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, **common)
-        val = SSLCropLoader(ds_val, val_keys, seed=self.bsf_seed + 1, fixed=True, **common)
+        tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, intensity=intensity, **common)
+        val = SSLCropLoader(ds_val, val_keys, seed=self.bsf_seed + 1, fixed=True, intensity=intensity, **common)
         return tr, val
+
+    def _ssl_intensity(self):
+        """None (nnU-Net's values) or the official scaling (``ssl_data.OfficialIntensity``) of this dataset."""
+        from .ssl_data import SSL_INTENSITY_MODES, OfficialIntensity
+
+        mode = self.bsf_ssl_intensity
+        if mode not in SSL_INTENSITY_MODES:
+            raise ConfigurationError(f"{self.__class__.__name__}: bsf_ssl_intensity must be one of "
+                                     f"{SSL_INTENSITY_MODES}, got {mode!r}")
+        if mode == "nnunet":
+            return None
+        try:
+            return OfficialIntensity.from_plans(self.plans_manager.plans, self.num_input_channels)
+        except ValueError as e:
+            raise ConfigurationError(f"{self.__class__.__name__}: {e}") from e
+
+    def _noise_range(self):
+        """The inpainting noise's range: the official [0, 1] with the official intensities, else each crop's own."""
+        if self.bsf_ssl_intensity == "official":
+            from .ssl_data import OFFICIAL_INTENSITY_RANGE
+
+            return OFFICIAL_INTENSITY_RANGE[2:]
+        return None
 
     # ------------------------------------------------------------------ training
     def on_train_start(self):
@@ -259,7 +292,7 @@ class BSFPretrainTrainer(BSFTrainer):
         from ..ssl.views import make_views
 
         crops = torch.from_numpy(batch["data"]).to(self.device, non_blocking=True)
-        v = make_views(crops, generator, plane=self._rotation_plane())
+        v = make_views(crops, generator, plane=self._rotation_plane(), noise_range=self._noise_range())
         x = torch.cat([v["view1"], v["view2"]])
         with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
                 torch.autocast(self.device.type, enabled=self.bsf_amp_dtype is not None):
@@ -282,7 +315,7 @@ class BSFPretrainTrainer(BSFTrainer):
             from ..ssl.views import make_views
 
             make_views(torch.from_numpy(batch["data"]), self._gen_train,  # the finished step's random draws
-                       plane=self._rotation_plane())
+                       plane=self._rotation_plane(), noise_range=self._noise_range())
             self.global_step += 1
             return replayed
         self.lr_scheduler.step(self.global_step)
@@ -382,6 +415,7 @@ class BSFPretrainTrainer(BSFTrainer):
             "variant": cm.configuration.get("bsf", {}).get("variant", self.bsf_variant),
             "arch_kwargs": arch,
             "merging": arch.get("merging", self.bsf_merging),
+            "ssl_intensity": str(self.bsf_ssl_intensity),
             "axis_order": arch.get("axis_order", "zyx"),
             "channel_names": [str(self.dataset_json["channel_names"][k])
                               for k in sorted(self.dataset_json["channel_names"], key=int)],

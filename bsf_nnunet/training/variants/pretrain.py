@@ -9,9 +9,13 @@ class BSFPretrainTrainer_official(BSFPretrainTrainer):
     """The official schedule lengths (lab-smile/BrainSegFounder, docs/fidelity_review.md item 2): stage 1 100 000 steps
     at a constant lr 4e-4 without warm-up (the README's command passes no --lrdecay); stage 2 (from a stage-1
     checkpoint) 50 000 steps, lr 6e-6, 500 warm-up steps, then cosine decay (downstream/BraTS/ssl/launch.sh), loading
-    what the official scripts load from stage 1 (the Swin layers 1-4: ``bsf_handover = "official"``)."""
+    what the official scripts load from stage 1 (the Swin layers 1-4: ``bsf_handover = "official"``), on the
+    official intensity scale (``ScaleIntensityRanged(-1000..1000 -> 0..1, clip)`` of estimated raw intensities,
+    inpainting noise in [0, 1]: ``bsf_ssl_intensity = "official"``; it changes the balance of the three losses,
+    bench/ssl_loss_balance.py)."""
 
     bsf_handover = "official"  # stage 2 loads the stage-1 Swin layers 1-4 only
+    bsf_ssl_intensity = "official"  # the SSL losses see the official [0, 1] scale
     bsf_lr_decay = False
     bsf_warmup_steps = 0
     bsf_recipe = dict(BSFPretrainTrainer.bsf_recipe, num_epochs=400)           # 400 x 250 = 100 000 steps
