@@ -4,8 +4,9 @@
     python bench/train_step.py --variants toy small --sizes 64 96 --rounds 2
     python bench/train_step.py --variants small --sizes 96 128 --batch 2 --device cuda
 
-Each row is forward + backward + AdamW step, median over --rounds x --reps repetitions (the rows are measured in
-turn, round after round, so that load from other processes spreads over all of them), after --warmup steps:
+Each row is forward + backward + AdamW step, median over --rounds (default 3) x --reps repetitions, each measurement
+in a fresh process (the rows are measured in turn, round after round, so that load from other processes spreads over
+all of them), after --warmup steps; each speed-up is also given per round, as a range:
 
 * MONAI fp32: MONAI's SwinUNETR as most users run it.
 * MONAI best: MONAI at its best for training: bf16 autocast where the device computes bf16 natively (CUDA,
@@ -110,6 +111,7 @@ def _summarise(name, runs, precision, flops, peak_gflops):
     times = [t for r in runs for t in r["times_s"]]
     med = statistics.median(times)
     row = {"row": name, "precision": precision, "median_s": med, "times_s": times,
+           "round_median_s": [statistics.median(r["times_s"]) for r in runs],
            "peak_gb": max(r["peak_gb"] for r in runs), **gflops_row(flops, med, peak_gflops)}
     if name == "ours compiled":  # first round: cold inductor cache
         row["compile_s"] = max(runs[0]["first_s"] - statistics.median(runs[0]["times_s"]), 0.0)
@@ -137,6 +139,9 @@ def _measure_shape(a, variant, size, ck, flops, peak_gflops):
         rows["MONAI best"] = dict(rows["MONAI fp32"], row="MONAI best", same_as="MONAI fp32")
     best, fp32 = rows["MONAI best"], rows["MONAI fp32"]
     for r in rows.values():
+        # per round (the rows of a round ran back to back): a ratio with its spread, not one number
+        per_round = [b / t for b, t in zip(best["round_median_s"], r["round_median_s"], strict=True)]
+        r["speedup_vs_monai_best_rounds"] = per_round
         r["speedup_vs_monai_best"] = best["median_s"] / r["median_s"]
         r["speedup_vs_monai_fp32"] = fp32["median_s"] / r["median_s"]
         r["mem_ratio_vs_monai_best"] = r["peak_gb"] / best["peak_gb"]
@@ -155,9 +160,11 @@ def _print_rows(variant, size, ck, rows):
             pay = "never" if r["payback_steps"] is None else f"{r['payback_steps']:.0f} steps"
             comp = f"  compile {r['compile_s']:.0f} s, pays back after {pay}"
         frac = "" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:5.1f}%"
-        print(f"{variant:6s} {size:4d} {str(ck):>5s} {r['row']:14s} {prec:18s} {r['median_s']:8.2f} "
-              f"{r['speedup_vs_monai_best']:6.2f}x {r['speedup_vs_monai_fp32']:6.2f}x {r['peak_gb']:7.2f} "
-              f"{r['mem_ratio_vs_monai_best']:6.2f} {r['gflops_per_s']:8.1f} {frac:>6s}{comp}")
+        rounds = r["speedup_vs_monai_best_rounds"]
+        spread = f"[{min(rounds):.2f}-{max(rounds):.2f}]"
+        print(f"{variant:6s} {size:4d} {str(ck):>5s} {r['row']:19s} {prec:18s} {r['median_s']:8.2f} "
+              f"{r['speedup_vs_monai_best']:6.2f}x {spread:>11s} {r['speedup_vs_monai_fp32']:6.2f}x "
+              f"{r['peak_gb']:7.2f} {r['mem_ratio_vs_monai_best']:6.2f} {r['gflops_per_s']:8.1f} {frac:>6s}{comp}")
 
 
 def main(argv=None):
@@ -168,7 +175,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=2, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per measurement (at least 1)")
-    p.add_argument("--rounds", type=int, default=1, help="measurements per row, interleaved with the other rows")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements per row, interleaved with the other rows (default 3: each speed-up is printed "
+                        "with its range over the rounds)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the 'ours compiled' row (inductor's compile takes minutes on a small CPU)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
@@ -194,8 +203,8 @@ def main(argv=None):
     print(f"peak: {peak['how']}")
     print(f"batch {a.batch}, {a.device}, ours with {a.attention} attention; median of {a.rounds} x {a.reps} steps "
           f"after {a.warmup} warm-up; speed-up = MONAI s / row s")
-    print(f"{'var':6s} {'size':>4s} {'ckpt':>5s} {'row':14s} {'precision':18s} {'s/step':>8s} {'vsBest':>7s} "
-          f"{'vsFP32':>7s} {'peak GB':>7s} {'mem/B':>6s} {'GFLOP/s':>8s} {'%peak':>6s}")
+    print(f"{'var':6s} {'size':>4s} {'ckpt':>5s} {'row':19s} {'precision':18s} {'s/step':>8s} {'vsBest':>7s} "
+          f"{'per round':>11s} {'vsFP32':>7s} {'peak GB':>7s} {'mem/B':>6s} {'GFLOP/s':>8s} {'%peak':>6s}")
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
     shapes = []
     for variant in a.variants:
