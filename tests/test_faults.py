@@ -139,7 +139,8 @@ def _nifti(path, value=1.0):
 
 
 def test_converter_stops_on_full_disk_and_keeps_what_was_finished(tmp_path, monkeypatch):
-    from bsf_nnunet.datasets.convert import CaseSpec, DatasetInfo, run_conversion
+    from bsf_nnunet.datasets.convert import CaseSpec, DatasetInfo
+    from bsf_nnunet.datasets.convert_run import run_conversion
 
     src = tmp_path / "src"
     src.mkdir()

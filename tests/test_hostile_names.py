@@ -16,7 +16,7 @@ from bsf_nnunet.cli import convert as cli_convert
 from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.datasets.cases import diagnose_unreadable
 from bsf_nnunet.datasets.check_raw import check_raw_dataset
-from bsf_nnunet.datasets.convert import _log
+from bsf_nnunet.datasets.convert_report import _log
 
 pytestmark = pytest.mark.fault_matrix  # issue #18's fault matrix: python -m pytest -n 2 -m fault_matrix
 

@@ -15,15 +15,8 @@ import os
 import re
 from typing import Iterator, Optional
 
-from .convert import (
-    CaseSpec,
-    ConversionError,
-    DatasetInfo,
-    nifti_stem,
-    require_dir,
-    run_conversion,
-    walk_dirs,
-)
+from .convert import CaseSpec, ConversionError, DatasetInfo, nifti_stem, require_dir, walk_dirs
+from .convert_run import run_conversion
 
 DATASET_INFO = DatasetInfo(
     name="ATLAS2", channel_names=["T1"], labels={"background": 0, "lesion": 1},

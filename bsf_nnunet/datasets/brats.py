@@ -25,20 +25,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .convert import (
-    CaseProblem,
-    CaseSpec,
-    ConversionError,
-    DatasetInfo,
-    _log,
-    label_image_like,
-    nifti_stem,
-    parallel_imap,
-    require_dir,
-    run_conversion,
-    save_nifti_atomic,
-    walk_dirs,
-)
+from .convert import CaseProblem, CaseSpec, ConversionError, DatasetInfo, nifti_stem, require_dir, walk_dirs
+from .convert_cases import label_image_like, save_nifti_atomic
+from .convert_report import _log
+from .convert_run import run_conversion
+from .parallel import parallel_imap
 
 CHANNELS = ["FLAIR", "T1ce", "T1", "T2"]
 MODALITY_SUFFIX = {"FLAIR": "flair", "T1ce": "t1ce", "T1": "t1", "T2": "t2"}

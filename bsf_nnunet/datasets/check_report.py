@@ -2,14 +2,13 @@
 (:func:`run_cases`), shared by :mod:`.check_raw`, :mod:`.check_predict` and :mod:`.check_preprocessed`."""
 from __future__ import annotations
 
-import multiprocessing
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from .convert import printable
+from .convert_report import printable
+from .parallel import Indexed, pool_imap
 
 MAX_EXAMPLES = 5
 
@@ -73,12 +72,9 @@ def run_cases(tasks: list, num_workers: int, report: CheckReport, check: Callabl
     if num_workers <= 1 or len(tasks) <= 1:
         return [check(t) for t in tasks]
     results: Dict[int, object] = {}
-    try:
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(tasks)),
-                                 mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = {i: ex.submit(check, t) for i, t in enumerate(tasks)}
-            for i, f in futures.items():
-                results[i] = f.result()
+    try:  # all tasks submitted at once
+        for i, r in pool_imap(Indexed(check), enumerate(tasks), min(num_workers, len(tasks)), len(tasks)):
+            results[i] = r
     except Exception as e:  # BrokenProcessPool (a worker died), pickling, spawn failures
         left = [t for i, t in enumerate(tasks) if i not in results]
         why = "a worker process died (out of memory?)" if isinstance(e, BrokenProcessPool) else \

@@ -47,7 +47,9 @@ from typing import Callable
 import numpy as np
 
 from ..io import atomic_write_json
-from .convert import other_datasets_with_id, save_nifti_atomic, write_dataset_json
+from .convert import other_datasets_with_id
+from .convert_cases import save_nifti_atomic
+from .convert_report import write_dataset_json
 from .demo_cases import make_case, probs_to_label
 from .demo_sources import (
     HEAD_LEVEL,

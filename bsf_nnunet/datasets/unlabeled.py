@@ -22,15 +22,8 @@ import os
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-from .convert import (
-    CaseSpec,
-    ConversionError,
-    DatasetInfo,
-    nifti_stem,
-    require_dir,
-    run_conversion,
-    walk_dirs,
-)
+from .convert import CaseSpec, ConversionError, DatasetInfo, nifti_stem, require_dir, walk_dirs
+from .convert_run import run_conversion
 
 BRAIN_LABELS = {"background": 0, "brain": 1}
 

@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..datasets.convert import nifti_stem, parallel_imap
+from ..datasets.convert import nifti_stem
+from ..datasets.parallel import parallel_imap
 from ..errors import BSFError
 from ..io import atomic_write_json, atomic_write_text
 
