@@ -4,7 +4,8 @@
                                      [--crop 64] [--volumes 2] [--crops-per-volume 2] [--threads 2]
                                      [--out bench/results/ssl_loss_balance.json]
 
-(the committed bench/results/ssl_loss_balance.json: ``python bench/ssl_loss_balance.py`` on 2 CPU cores.)
+(the committed bench/results/ssl_loss_balance.json: ``python bench/ssl_loss_balance.py --steps 2 --measure-batches 1
+--volumes 1 --crops-per-volume 2 --threads 1`` on a shared 2-core CPU, about 8 minutes; the defaults take longer.)
 
 Reads single-channel NIfTI cases from a folder (nnU-Net raw ``imagesTr/*_0000.nii.gz`` or plain ``*.nii.gz``; by
 default the unlabelled pool of ../shared/data, see its ATTRIBUTION.md) and compares three intensity schemes on the
