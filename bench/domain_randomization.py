@@ -84,7 +84,7 @@ def random_patch(cases, patch, rng):
 def make_step(variant: str, patch, channels: int = 1, classes: int = 4):
     from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
     from bsf_nnunet.planning.presets import get_variant
-    from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
+    from bsf_nnunet.training.precision import cpu_has_native_bf16
 
     v = get_variant(variant)
     net = BSFSwinUNETR(channels, classes, feature_size=v["feature_size"], depths=v["depths"],

@@ -80,7 +80,7 @@ def _monai_runner(ours, kw, x, roi, device, tta, best):
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import SwinUNETR
 
-    from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
+    from bsf_nnunet.training.precision import cpu_has_native_bf16
 
     net = SwinUNETR(in_channels=4, out_channels=NUM_CLASSES, downsample="merging", use_flash_attention=best,
                     **kw).eval().to(device)
@@ -282,7 +282,7 @@ def main(argv=None):
 
     from bsf_nnunet.io import atomic_write_json
     from bsf_nnunet.network.cpu_engine import CACHE_ENV
-    from bsf_nnunet.training.bsf_trainer import cpu_has_native_bf16
+    from bsf_nnunet.training.precision import cpu_has_native_bf16
 
     peak = device_peak(a.device)
     print(f"peak: {peak['how']}")

@@ -120,9 +120,9 @@ def main(argv=None):
     import torch
 
     if a.precision == "auto":
-        from bsf_nnunet.training.bsf_trainer import _bf16_supported
+        from bsf_nnunet.training.precision import bf16_supported
 
-        a.precision = "bf16" if _bf16_supported(torch.device(a.device)) else "fp32"
+        a.precision = "bf16" if bf16_supported(torch.device(a.device)) else "fp32"
     if a._child:
         print("RESULT " + json.dumps(_measure(a, a._child == "1")))
         return 0

@@ -5,7 +5,7 @@ import torch
 
 from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.network import BSFSwinUNETR
-from bsf_nnunet.training.bsf_trainer import CPU_BF16_ENV, _bf16_supported, cpu_bf16_enabled, cpu_has_native_bf16
+from bsf_nnunet.training.precision import CPU_BF16_ENV, bf16_supported, cpu_bf16_enabled, cpu_has_native_bf16
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("on", True), ("0", False),
@@ -13,7 +13,7 @@ from bsf_nnunet.training.bsf_trainer import CPU_BF16_ENV, _bf16_supported, cpu_b
 def test_env_switch_decides(monkeypatch, value, expected):
     monkeypatch.setenv(CPU_BF16_ENV, value)
     assert cpu_bf16_enabled() is expected
-    assert _bf16_supported(torch.device("cpu")) is expected
+    assert bf16_supported(torch.device("cpu")) is expected
 
 
 def test_default_follows_the_cpu_and_bad_values_are_refused(monkeypatch):

@@ -6,8 +6,14 @@ architecture block naming ``bsf_nnunet.network.swin_unetr.BSFSwinUNETR`` with th
 saves these plans into the results folder, so ``nnUNetv2_predict`` rebuilds the identical network through the
 static ``build_network_architecture``.
 
-Variants are subclasses that change class attributes (nnU-Net's idiom); architecture presets live in
-``plans/variants.json``.
+Variants are subclasses that change class attributes (nnU-Net's idiom, ``training/variants/``); architecture presets
+live in ``plans/variants.json``.
+
+Why this module is longer than 400 lines: its methods are overrides of ``nnUNetTrainer`` that nnU-Net calls by name
+and that share the trainer's state (network, plans, fold, data loaders), so they stay on the one class. Everything
+that does not need the trainer lives beside it: precision (``precision.py``), pre-emption (``preemption.py``),
+guards (``guards.py``), data streams (``data.py``), hand-over (``handover.py``), nnU-Net patches
+(``nnunet_hooks.py``), architecture restore and weight transfer (``bsf_nnunet/weights``).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from ..planning.presets import get_variant, variant_trainers
 from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
 from ..weights.restore import SIZE_KEYS, arch_conflicts, build_network
 from .lr import WarmupCosineLR
+from .precision import CPU_BF16_ENV, autocast_dtype, bf16_supported, cpu_has_native_bf16, float_output
 from .predict_checks import record_training_orientations
 from .preemption import (  # noqa: F401 (STOP_AFTER_EPOCH_ENV)
     STOP_AFTER_EPOCH_ENV,
@@ -60,57 +67,6 @@ def out_of_memory_message(trainer_name: str, variant: str, patch_size, batch_siz
 def _unwrap(module: nn.Module) -> nn.Module:
     module = getattr(module, "module", module)  # DDP
     return getattr(module, "_orig_mod", module)  # torch.compile
-
-
-CPU_BF16_ENV = "BSF_CPU_BF16"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
-    Elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def cpu_bf16_enabled() -> bool:
-    """bf16 autocast for CPU training: ``BSF_CPU_BF16=1``/``0`` decides; by default on where the CPU has native bf16
-    (measured 1.7x faster per training step of the Small variant, see docs/performance.md)."""
-    chosen = settings.value(CPU_BF16_ENV)
-    return cpu_has_native_bf16() if chosen is None else chosen
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return cpu_bf16_enabled()
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _float_output(output):
-    """Network output in fp32 (the loss is computed in fp32 after a bf16/fp16 forward)."""
-    if isinstance(output, (list, tuple)):
-        return type(output)(o.float() for o in output)
-    return output.float()
-
-
-@contextlib.contextmanager
-def _autocast_dtype(device_type: str, dtype):
-    """Make ``torch.autocast(device_type)`` (as nnU-Net calls it) use ``dtype`` inside this block."""
-    if dtype is None:
-        yield
-        return
-    old = torch.get_autocast_dtype(device_type)
-    torch.set_autocast_dtype(device_type, dtype)
-    try:
-        yield
-    finally:
-        torch.set_autocast_dtype(device_type, old)
 
 
 def _unsafe_pickle_allowed() -> bool:
@@ -166,7 +122,7 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
         for k, v in self.bsf_recipe.items():
             setattr(self, k, v)
         self.enable_deep_supervision = False
-        self.bsf_amp_dtype = torch.bfloat16 if _bf16_supported(self.device) else None
+        self.bsf_amp_dtype = torch.bfloat16 if bf16_supported(self.device) else None
         if self.bsf_amp_dtype is not None:
             self.grad_scaler = None  # bf16 needs no loss scaling
         self.bsf_pretrained_from = None
@@ -630,10 +586,10 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
             # CUDA: autocast as nnU-Net (bf16 where supported, else fp16 with its grad scaler); CPU: bf16 autocast
             # where the CPU has native bf16 (cpu_bf16_enabled), else fp32
             use_amp = self.device.type == "cuda" or self.bsf_amp_dtype is not None
-            with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
+            with autocast_dtype(self.device.type, self.bsf_amp_dtype), \
                     (torch.autocast(self.device.type, enabled=True) if use_amp else contextlib.nullcontext()):
                 output = self.network(data)
-            loss = self.loss(_float_output(output) if use_amp else output, target)
+            loss = self.loss(float_output(output) if use_amp else output, target)
             if not torch.isfinite(loss.detach()).all():
                 self._unhealthy("The training loss", loss.item())
             if self.grad_scaler is not None:
@@ -654,5 +610,5 @@ class BSFTrainer(PreemptionMixin, nnUNetTrainer):
 
     def validation_step(self, batch: dict) -> dict:
         self._check_stop(end_of_epoch=False)
-        with _autocast_dtype(self.device.type, self.bsf_amp_dtype):
+        with autocast_dtype(self.device.type, self.bsf_amp_dtype):
             return super().validation_step(batch)

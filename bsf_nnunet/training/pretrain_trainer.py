@@ -16,6 +16,9 @@ progress.png show each loss, the rotation accuracy and the contrastive top-1 (tr
 loss on the fold's validation cases (held-out cases never enter pretraining).
 Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``) and nnssl's
 adaptation plan (``nnssl_adaptation_plan``, for nnssl's fine-tuning); they load with ``torch.load(weights_only=True)``.
+
+Longer than 400 lines for the reason ``bsf_trainer.py`` gives: nnU-Net's trainer methods, overridden on one class.
+Crops and intensities live in ``ssl_data.py``, views and losses in ``bsf_nnunet/ssl``, schedules in ``lr.py``.
 """
 from __future__ import annotations
 
@@ -32,9 +35,10 @@ from torch import nn
 from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from ..weights.nnssl import plan_for_bsf_metadata
-from .bsf_trainer import BSFTrainer, _autocast_dtype, _unwrap, saved_arch_kwargs
+from .bsf_trainer import BSFTrainer, _unwrap, saved_arch_kwargs
 from .handover import HANDOVER_CHECKPOINT
 from .lr import WarmupCosineLR
+from .precision import autocast_dtype
 from .preemption import PARTIAL_EPOCH_KEY
 from .ssl_data import SSLCropLoader
 
@@ -294,7 +298,7 @@ class BSFPretrainTrainer(BSFTrainer):
         crops = torch.from_numpy(batch["data"]).to(self.device, non_blocking=True)
         v = make_views(crops, generator, plane=self._rotation_plane(), noise_range=self._noise_range())
         x = torch.cat([v["view1"], v["view2"]])
-        with _autocast_dtype(self.device.type, self.bsf_amp_dtype), \
+        with autocast_dtype(self.device.type, self.bsf_amp_dtype), \
                 torch.autocast(self.device.type, enabled=self.bsf_amp_dtype is not None):
             rot, con, rec = self.network(x)
         n = crops.shape[0]
