@@ -12,7 +12,7 @@
   (``export_s``, ``openvino_compile_s``), as a second ``nnUNetv2_predict`` run finds them cached.
 
     python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128 128 128]
-                            [--reps 1] [--tta off|on|both] [--paths monai_best ours_openvino ...]
+                            [--reps 3] [--tta off|on|both] [--paths monai_best ours_openvino ...]
     python bench/predict.py --show bench/results/predict.json     # the table of a saved run
 
 Each measurement runs in a fresh subprocess (peak memory = that process's max RSS on CPU, max allocated on CUDA);
@@ -222,8 +222,12 @@ def _row(args, tta, env, tmp):
         row[p] = {"median_s": statistics.median(r["seconds"] for r in runs[p]),
                   "times_s": [r["seconds"] for r in runs[p]], "peak_gb": max(r["peak_gb"] for r in runs[p]),
                   **{k: v for k, v in runs[p][0].items() if k not in ("seconds", "peak_gb")}}
-    for p in args.paths:  # speed-ups (> 1: faster)
+    for p in args.paths:  # speed-ups (> 1: faster), overall and per repetition (the paths of a repetition ran in turn)
         row[p]["ratio_vs_monai_best"] = row["monai_best"]["median_s"] / row[p]["median_s"]
+        for base in ("monai_best", "monai_best_malloc"):
+            if base in row:
+                row[p][f"ratio_vs_{base}_rounds"] = [b / t for b, t in zip(row[base]["times_s"], row[p]["times_s"],
+                                                                           strict=True)]
         row[p]["ratio_vs_monai_fp32"] = (row["monai_fp32"]["median_s"] / row[p]["median_s"]
                                          if "monai_fp32" in row else None)
     row["dice_vs_torch"] = {}
@@ -256,7 +260,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="small")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3, help="repetitions, paths interleaved (default 3)")
     p.add_argument("--tta", choices=["off", "on", "both"], default="off")
     p.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], help="case size (z y x)")
     p.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128], help="patch / ROI (z y x)")
