@@ -336,7 +336,7 @@ def nnunet_env(tmp_path):
         "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": THREADS,
         # PyTorch for inference: OpenVINO (the CPU default) exports every trained toy model once, seconds each;
-        # tests/test_cpu_engine.py and the end-to-end test run it
+        # tests/network/test_cpu_engine.py and the end-to-end test run it
         "BSF_CPU_ENGINE": "torch",
         "BSF_CACHE_DIR": str(tmp_path / "bsf_cache"),
         "PYTHONUNBUFFERED": "1",

@@ -40,6 +40,13 @@ def resolve_dataset(dataset) -> str:
         ) from e
 
 
+def raw_dataset_dir(dataset_name: str):
+    """``$nnUNet_raw/<dataset>``, or None when nnUNet_raw is not set (the raw data is optional to these tools).
+    Read at call time, not through ``nnunetv2.paths`` (fixed when nnU-Net is first imported)."""
+    root = os.environ.get("nnUNet_raw")
+    return os.path.join(root, dataset_name) if root else None
+
+
 def preprocessed_dir(dataset_name: str) -> str:
     return os.path.join(env_folder("nnUNet_preprocessed"), dataset_name)
 

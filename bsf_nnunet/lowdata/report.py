@@ -25,6 +25,7 @@ from .common import (
     fold_test,
     load_layout,
     preprocessed_dir,
+    raw_dataset_dir,
     read_json,
     resolve_dataset,
     results_dir,
@@ -40,7 +41,7 @@ TESTS = {"ttest": "paired t-test (scipy.stats.ttest_rel, two-sided)",
 # ---------------------------------------------------------------------------------------------------- reading
 def _label_names(dataset_name: str) -> Dict[str, str]:
     """{summary.json key ('1', '(1, 2, 3)'): name from dataset.json labels}; empty if unknown."""
-    for root in (preprocessed_dir(dataset_name), os.path.join(os.environ.get("nnUNet_raw") or "", dataset_name)):
+    for root in filter(None, (preprocessed_dir(dataset_name), raw_dataset_dir(dataset_name))):
         path = os.path.join(root, "dataset.json")
         if os.path.isfile(path):
             try:

@@ -36,6 +36,7 @@ from .common import (
     fmt_fraction,
     fold_test,
     preprocessed_dir,
+    raw_dataset_dir,
     read_json,
     resolve_dataset,
 )
@@ -109,8 +110,8 @@ def find_case_ids(dataset_name: str, configuration: str = "3d_fullres", plans: s
         ids = preprocessed_case_ids(data)
         if ids:
             return ids, data
-    raw_root = os.environ.get("nnUNet_raw")
-    labels = os.path.join(raw_root, dataset_name, "labelsTr") if raw_root else None
+    raw = raw_dataset_dir(dataset_name)
+    labels = os.path.join(raw, "labelsTr") if raw else None
     if labels and os.path.isdir(labels):
         ids = raw_case_ids(os.path.dirname(labels))
         if ids:
@@ -331,8 +332,8 @@ def _base_from_split_file(splits_path: str, layout_path: str, old_layout: Option
 def _new_base(dataset_name: str, cases: Sequence[str]) -> _BaseFolds:
     """Without a split file: the raw dataset's ``splits_final.json`` (which nnU-Net's planner copies into the
     preprocessed folder), else nnU-Net's default 5-fold cross-validation of ``cases``."""
-    raw_root = os.environ.get("nnUNet_raw")
-    raw_splits = os.path.join(raw_root, dataset_name, SPLITS_FILE) if raw_root else None
+    raw = raw_dataset_dir(dataset_name)
+    raw_splits = os.path.join(raw, SPLITS_FILE) if raw else None
     if raw_splits and os.path.isfile(raw_splits):
         with open(raw_splits, encoding="utf-8") as f:
             text = f.read()

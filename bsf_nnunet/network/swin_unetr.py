@@ -293,7 +293,7 @@ class BSFSwinUNETR(SwinUNETR):
 
     def _check_input_size(self, spatial_shape):
         """MONAI's check (sizes divisible by patch_size**5) in plain Python: MONAI's numpy version breaks the
-        torch.compile graph (tests/test_compile.py)."""
+        torch.compile graph (tests/network/test_compile.py)."""
         div = self.patch_size ** 5
         wrong = [i + 2 for i, s in enumerate(spatial_shape) if s % div]
         if wrong:

@@ -1,6 +1,6 @@
 """Trainings as submitit jobs (bsf_nnunet.cluster): options, the job command, SLURM submissions to a fake sbatch,
 the local executor (requeue with --c, N at a time), status, cv and pretrain-job. No real cluster; the study with the
-real trainers on the local executor is tests/test_lowdata.py::test_lowdata_end_to_end_with_toy_trainers."""
+real trainers on the local executor is tests/lowdata/test_lowdata.py::test_lowdata_end_to_end_with_toy_trainers."""
 import argparse
 import json
 import os

@@ -4,29 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
-from monai.networks.nets.swin_unetr import PatchMergingV2
+from monai_reference import PreMonai15PatchMerging
 
 from bsf_nnunet.network import BSFSwinUNETR, count_parameters
 from bsf_nnunet.planning.presets import variant_arch_kwargs
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
-
-
-class PreMonai15PatchMerging(PatchMergingV2):
-    """Independent re-statement of MONAI 0.9-1.4's 3D PatchMerging.forward (the computation BrainSegFounder's
-    published weights were trained with): eight strided slices, two of them repeated."""
-
-    def forward(self, x):
-        x0 = x[:, 0::2, 0::2, 0::2, :]
-        x1 = x[:, 1::2, 0::2, 0::2, :]
-        x2 = x[:, 0::2, 1::2, 0::2, :]
-        x3 = x[:, 0::2, 0::2, 1::2, :]
-        x4 = x[:, 1::2, 0::2, 1::2, :]
-        x5 = x[:, 0::2, 1::2, 0::2, :]
-        x6 = x[:, 0::2, 0::2, 1::2, :]
-        x7 = x[:, 1::2, 1::2, 1::2, :]
-        x = torch.cat([x0, x1, x2, x3, x4, x5, x6, x7], -1)
-        return self.reduction(self.norm(x))
 
 
 @pytest.mark.parametrize("variant,expected_m", [("tiny", 62.19), ("small", 64.08), ("big", 69.73), ("large", 277.1)])

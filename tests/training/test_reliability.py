@@ -75,7 +75,7 @@ def test_bsftrainer_kill_during_checkpoint_write_resumes_to_identical_weights(to
 
 
 def test_nan_loss_stops_with_last_checkpoint_intact(toy_dataset, run, tmp_path):
-    """(Stop signals: tests/test_preemption.py.)"""
+    """(Stop signals: tests/training/test_preemption.py.)"""
     env, res = toy_dataset
     # a NaN loss in epoch 1: clear message, non-zero exit, epoch 0's checkpoint intact and finite
     cmd = ["nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "BSFTrainer_CInan", "-device", "cpu"]

@@ -8,7 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SwinUNETR
 from monai.transforms import NormalizeIntensity
-from test_network import PreMonai15PatchMerging
+from monai_reference import PreMonai15PatchMerging
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
 CHANNELS = ["FLAIR", "T1ce", "T1", "T2"]

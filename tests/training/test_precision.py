@@ -1,5 +1,5 @@
 """CPU bf16 autocast: the switch the trainers use, and that a bf16 forward computes the fp32 function to bf16
-accuracy (fp32 itself equals MONAI's within 1e-4: tests/test_network.py)."""
+accuracy (fp32 itself equals MONAI's within 1e-4: tests/network/test_network.py)."""
 import pytest
 import torch
 

@@ -49,7 +49,7 @@ def test_user_ext_trainer_entries_are_kept(tmp_path):
 
 def test_regular_install_registers_its_own_folder(tmp_path):
     """`pip install .` (not editable) into a fresh venv: the .pth there points nnU-Net at the installed shims."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cli/ -> repo
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")

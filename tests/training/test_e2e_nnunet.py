@@ -99,7 +99,7 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     assert conf["architecture"]["network_class_name"] == "bsf_nnunet.network.swin_unetr.BSFSwinUNETR"
     assert conf["bsf"]["planned_patch_size"] == [40, 56, 48]
 
-    # --val reruns the validation of a finished fold (--c after an interruption: tests/test_reliability.py)
+    # --val reruns the validation of a finished fold (--c after an interruption: tests/training/test_reliability.py)
     run(["nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "BSFTrainer_CI", "-device", "cpu", "--val", "--npz"], env)
 
     pred = tmp_path / "pred"
