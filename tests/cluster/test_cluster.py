@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import pytest
+from cli_helpers import run_subcommand
 
 from bsf_nnunet.cli import cv as cli_cv
 from bsf_nnunet.cli import lowdata as cli_lowdata
 from bsf_nnunet.cli import pretrain_job as cli_pretrain_job
-from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.cluster import options as cl_options
 from bsf_nnunet.cluster.command import TrainCommand
 from bsf_nnunet.cluster.launch import launch
@@ -54,11 +54,7 @@ done
 
 
 def cli(module, *argv):
-    p = argparse.ArgumentParser(prog="bsf-nnunet")
-    sub = p.add_subparsers(dest="command")
-    module.register(sub)
-    args = p.parse_args([str(a) for a in argv])
-    return run_command(args)  # with bsf-nnunet's error handling
+    return run_subcommand(module, *argv)
 
 
 @pytest.fixture

@@ -1,14 +1,13 @@
 """Dataset converters (bsf-nnunet convert ...) on tiny synthetic trees in the real layouts."""
-import argparse
 import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+from cli_helpers import run_subcommand
 
 from bsf_nnunet.cli import convert as cli_convert
-from bsf_nnunet.cli.main import run_command
 
 SHAPE = (10, 11, 12)
 AFF = np.array([[1.0, 0, 0, -5], [0, 1.2, 0, 3], [0, 0, 2.0, 7], [0, 0, 0, 1]])
@@ -28,11 +27,7 @@ def load(path):
 
 
 def cli(*argv):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    cli_convert.register(sub)
-    args = p.parse_args([str(a) for a in argv])
-    return run_command(args)  # with bsf-nnunet's error handling
+    return run_subcommand(cli_convert, *argv)
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
 """Challenge metrics (bsf-nnunet evaluate ...) against hand-computed small examples."""
-import argparse
 import csv
 import json
 import os
@@ -7,9 +6,9 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from cli_helpers import run_subcommand
 
 from bsf_nnunet.cli import evaluate as cli_evaluate
-from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.evaluation.brats import detect_convention, region_masks
 from bsf_nnunet.evaluation.common import CaseError
 from bsf_nnunet.evaluation.metrics import HD95_PENALTY_MM, components, dice, hd95, lesion_metrics
@@ -23,11 +22,7 @@ def save(path, arr, zooms=(1.0, 1.0, 1.0)):
 
 
 def cli(*argv):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    cli_evaluate.register(sub)
-    args = p.parse_args([str(a) for a in argv])
-    return run_command(args)  # with bsf-nnunet's error handling
+    return run_subcommand(cli_evaluate, *argv)
 
 
 def cube(lo, size=3, shape=SHAPE):

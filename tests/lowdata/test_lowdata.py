@@ -1,5 +1,4 @@
 """Low-data study (bsf-nnunet lowdata splits/run/report) on fabricated nnU-Net folders; no training."""
-import argparse
 import csv
 import json
 import math
@@ -9,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import run_subcommand
 from scipy import stats
 
 from bsf_nnunet.cli import lowdata as cli_lowdata
-from bsf_nnunet.cli.main import run_command
 from bsf_nnunet.lowdata import report as ld_report
 from bsf_nnunet.lowdata import runner as ld_runner
 from bsf_nnunet.lowdata import stage2 as ld_stage2
@@ -25,11 +24,7 @@ FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def cli(*argv):
-    p = argparse.ArgumentParser(prog="bsf-nnunet")
-    sub = p.add_subparsers(dest="command")
-    cli_lowdata.register(sub)
-    args = p.parse_args([str(a) for a in argv])
-    return run_command(args)  # with bsf-nnunet's error handling
+    return run_subcommand(cli_lowdata, *argv)
 
 
 @pytest.fixture
