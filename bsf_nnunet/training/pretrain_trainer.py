@@ -421,8 +421,7 @@ class BSFPretrainTrainer(BSFTrainer):
             "merging": arch.get("merging", self.bsf_merging),
             "ssl_intensity": str(self.bsf_ssl_intensity),
             "axis_order": arch.get("axis_order", "zyx"),
-            "channel_names": [str(self.dataset_json["channel_names"][k])
-                              for k in sorted(self.dataset_json["channel_names"], key=int)],
+            "channel_names": self.target_channel_names(),
             "patch_size": [int(p) for p in cm.patch_size],
             "spacing": [float(s) for s in cm.spacing],
             "normalization": list(cm.normalization_schemes),

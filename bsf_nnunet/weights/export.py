@@ -197,6 +197,12 @@ def axis_names(src: ExportSource) -> dict:
     return {"nnunet": nnunet, "monai": inner}
 
 
+def channel_names(dataset_json: dict) -> List[str]:
+    """The input channels in order (dataset.json ``channel_names``, keyed by channel number)."""
+    cn = dataset_json["channel_names"]
+    return [str(cn[k]) for k in sorted(cn, key=int)]
+
+
 def is_region_based(dataset_json: dict) -> bool:
     """nnU-Net's rule (LabelManager): some label is a list of several values."""
     return any(isinstance(v, (list, tuple)) and len(v) > 1 for v in dataset_json["labels"].values())
@@ -234,8 +240,7 @@ def _preprocessing(src: ExportSource, channels: List[str]) -> dict:
 def model_description(src: ExportSource) -> dict:
     """Everything ``bsf_model.json`` holds. Its top-level keys follow the loader's metadata (``format``,
     ``channel_names``, ``merging``, ``axis_order``, ``arch_kwargs``, ...), so ``load_checkpoint`` takes them as is."""
-    cn = src.dataset_json["channel_names"]
-    channels = [str(cn[k]) for k in sorted(cn, key=int)]
+    channels = channel_names(src.dataset_json)
     outputs = output_names(src.dataset_json)
     axes, merging, axis = axis_names(src), src.arch_kwargs["merging"], src.arch_kwargs["axis_order"]
     regions = is_region_based(src.dataset_json)
@@ -378,11 +383,10 @@ def export_hub(src: ExportSource, out: str, license_id: str = "other") -> List[s
 # ---------------------------------------------------------------------------------------------------- nnssl
 def nnssl_metadata(src: ExportSource) -> dict:
     """What the nnssl adaptation plan of ``src`` is built from (the keys of a pretraining ``bsf_metadata``)."""
-    cn = src.dataset_json["channel_names"]
     conf = src.configuration
     return {"arch_kwargs": {k: v for k, v in src.arch_kwargs.items() if k not in ("attention", "use_checkpoint")},
             "patch_size": [int(p) for p in conf["patch_size"]], "spacing": [float(s) for s in conf["spacing"]],
-            "channel_names": [str(cn[k]) for k in sorted(cn, key=int)],
+            "channel_names": channel_names(src.dataset_json),
             "normalization": list(conf.get("normalization_schemes", [])), "variant": src.variant,
             "dataset": src.dataset_name, "plans": src.plans_name, "configuration": src.configuration_name,
             "fold": src.fold, "trainer": src.trainer}
