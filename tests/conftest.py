@@ -320,6 +320,19 @@ CI_TRAINERS = textwrap.dedent('''
 ''')
 
 
+NNUNET_ROOTS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@pytest.fixture
+def nnunet_roots(tmp_path, monkeypatch):
+    """nnU-Net's three folders under tmp_path, set in this process's environment; {name: Path}."""
+    roots = {k: tmp_path / k for k in NNUNET_ROOTS}
+    for k, v in roots.items():
+        v.mkdir(exist_ok=True)
+        monkeypatch.setenv(k, str(v))
+    return roots
+
+
 @pytest.fixture
 def nnunet_env(tmp_path):
     """Environment for nnU-Net subprocesses: temp raw/preprocessed/results folders and the CI trainers."""
@@ -341,7 +354,7 @@ def nnunet_env(tmp_path):
         "BSF_CACHE_DIR": str(tmp_path / "bsf_cache"),
         "PYTHONUNBUFFERED": "1",
     })
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for k in NNUNET_ROOTS:
         os.makedirs(env[k], exist_ok=True)
     return env
 
@@ -424,7 +437,7 @@ def prepared(nnunet_env, _prepared_root):
             root = _prepared_root / key
             env = dict(nnunet_env, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                        nnUNet_results=str(root / "results"))
-            for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            for k in NNUNET_ROOTS:
                 os.makedirs(env[k], exist_ok=True)
             build_synthetic_dataset(env["nnUNet_raw"], dataset_id, name, **kwargs)
             run_cmd(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1",

@@ -19,10 +19,10 @@ from ..lowdata.common import SPLITS_FILE, fold_dir, preprocessed_dir, read_json,
 from ..lowdata.runner import Job, TrainingFailed, command_for, executable, job_status, run_sequential
 from ..lowdata.splits import CV_FOLDS as CV_SPLITS
 from ..lowdata.splits import CV_SEED, find_case_ids
-from .executors import ACTIVE, job_folder, job_states, make_executor, submit
+from .executors import job_folder, make_executor
 from .launch import launch
 from .options import ClusterOptions
-from .registry import Registry, job_key
+from .registry import Registry, blocks_submission, job_key
 
 Out = Callable[[str], None]
 CV_FOLDS = (0, 1, 2, 3, 4)
@@ -144,19 +144,17 @@ def _submit_find_best(cmd: List[str], after: List[str], opts: ClusterOptions, na
 
     registry = Registry(name)
     with registry.locked():
-        entry = registry.load().get(key)
-        if entry is not None and job_states({key: entry})[key] in ACTIVE:
-            out(f"find_best_configuration: already queued as SLURM job {entry['job_id']} (it waits for the folds "
+        entry, state = registry.entry_and_state(key)
+        if blocks_submission(state):
+            out(f"find_best_configuration: already {state} as SLURM job {entry['job_id']} (it waits for the folds "
                 f"of its own submission); run `cv run` again when all folds are done if it does not run")
             return
         submitit = import_submitit()
         fn = submitit.helpers.CommandFunction(executable(cmd), verbose=True)
         ex = make_executor(opts, job_folder(opts, results_dir(name), key), f"{name.split('_')[0]}_find_best",
                            (), after)
-        sjob = submit(ex, fn, "find_best_configuration")
-        registry.record(key, {"executor": opts.executor, "job_id": str(sjob.job_id), "folder": str(sjob.paths.folder),
-                              "log": str(sjob.paths.stdout), "kind": "find_best", "command": shlex.join(cmd),
-                              "after": after})
+        sjob = registry.submit(key, opts.executor, ex, fn, "find_best_configuration", kind="find_best",
+                               command=shlex.join(cmd), after=after)
     out(f"find_best_configuration: submitted as SLURM job {sjob.job_id} after jobs {', '.join(after)}\n"
         f"  {shlex.join(cmd)}\n  log: {sjob.paths.stdout} (the ensemble and postprocessing it picks; also in "
         f"{os.path.join(results_dir(name), INSTRUCTIONS)})")
@@ -165,10 +163,9 @@ def _submit_find_best(cmd: List[str], after: List[str], opts: ClusterOptions, na
 def find_best_row(name: str, configuration: str, trainers: Sequence[str], plans: str, rows: Sequence[dict]) -> dict:
     """The status row of the find_best_configuration step."""
     key = find_best_key(configuration, trainers, plans)
-    entry = Registry(name).load().get(key)
-    state = job_states({key: entry})[key] if entry else None
+    entry, state = Registry(name).entry_and_state(key)
     done = all(r["status"] == "done" for r in rows) and os.path.isfile(os.path.join(results_dir(name), INSTRUCTIONS))
-    status = "done" if done else (state if state in ACTIVE or state == "unknown" else
+    status = "done" if done else (state if blocks_submission(state) else
                                   "failed" if entry else "not started")
     return {"fold": None, "trainer": "find_best_configuration", "kind": "find_best", "fraction": None,
             "repeat": None, "status": status, "job": f"{entry['executor']} {entry['job_id']}" if entry else None,

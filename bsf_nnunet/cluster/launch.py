@@ -16,9 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..lowdata.common import results_dir
 from ..lowdata.runner import Job, StopSignals, TrainingFailed, describe, job_status
 from .command import TrainCommand, was_stopped
-from .executors import ACTIVE, job_folder, job_states, log_tail, make_executor, submit
+from .executors import job_folder, job_states, log_tail, make_executor
 from .options import ClusterOptions
-from .registry import Registry, job_key
+from .registry import Registry, blocks_submission, job_key
 
 Out = Callable[[str], None]
 
@@ -68,10 +68,10 @@ def _job_name(dataset_name: str, job: Job) -> str:
     return f"{dataset_name.split('_')[0]}_{job.trainer}_f{job.fold}"
 
 
-def _entry(opts: ClusterOptions, sjob, job: Job, after: Sequence[str]) -> dict:
-    return {"executor": opts.executor, "job_id": str(sjob.job_id), "folder": str(sjob.paths.folder),
-            "log": str(sjob.paths.stdout), "trainer": job.trainer, "fold": job.fold, "kind": job.kind,
-            "command": job.command_line, "after": list(after)}
+def _submit(registry: Registry, key: str, opts: ClusterOptions, executor, job: Job, after: Sequence[str]):
+    """Submit ``job`` and record it in the registry (inside its lock)."""
+    return registry.submit(key, opts.executor, executor, _command(job), describe(job), trainer=job.trainer,
+                           fold=job.fold, kind=job.kind, command=job.command_line, after=list(after))
 
 
 def _needed_key(dataset_name: str, job: Job) -> Optional[str]:
@@ -118,7 +118,7 @@ def _submit_all(jobs: Sequence[Job], opts: ClusterOptions, name: str, device: st
                 out(f"{head}: done, skipped")
                 continue
             entry, state = entries.get(key), states.get(key)
-            if state in ACTIVE or state == "unknown":
+            if blocks_submission(state):
                 outcome.ids[key] = str(entry["job_id"])
                 out(f"{head}: {_active_note(entry, state, registry.path)}")
                 continue
@@ -137,8 +137,7 @@ def _submit_all(jobs: Sequence[Job], opts: ClusterOptions, name: str, device: st
                 out(f"{head}: would submit{when}\n  {job.command_line}")
                 continue
             ex = make_executor(opts, job_folder(opts, results_dir(name), key), _job_name(name, job), gpus, after)
-            sjob = submit(ex, _command(job), describe(job))
-            registry.record(key, _entry(opts, sjob, job, after))
+            sjob = _submit(registry, key, opts, ex, job, after)
             outcome.ids[key] = str(sjob.job_id)
             outcome.submitted.append(key)
             out(f"{head}: submitted as SLURM job {sjob.job_id}{when}\n  {job.command_line}\n  log: {sjob.paths.stdout}")
@@ -233,15 +232,14 @@ def _claim(job: Job, key: str, opts: ClusterOptions, name: str, gpus: List[int],
     """Start the local job of ``job`` unless a job of another process is running it (under the registry lock)."""
     registry = Registry(name)
     with registry.locked():
-        entry = registry.load().get(key)
-        if entry is not None and job_states({key: entry})[key] in ACTIVE:
+        entry, state = registry.entry_and_state(key)
+        if blocks_submission(state):
             out(f"{head}: running as {entry['executor']} job {entry['job_id']} of another process, skipped")
             return None
         if entry is not None:
             _report_ended(head, entry, out)
         ex = make_executor(opts, job_folder(opts, results_dir(name), key), _job_name(name, job), gpus)
-        sjob = submit(ex, _command(job), describe(job))
-        registry.record(key, _entry(opts, sjob, job, []))
+        sjob = _submit(registry, key, opts, ex, job, [])
     on = f" on GPU {','.join(map(str, gpus))}" if gpus else ""
     out(f"{head}: started (local job {sjob.job_id}{on})\n  {job.command_line}\n  log: {sjob.paths.stdout}")
     return sjob

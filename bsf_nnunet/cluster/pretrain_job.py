@@ -17,9 +17,9 @@ from typing import Callable, List, Optional, Tuple
 from ..lowdata.common import fold_dir, resolve_dataset, results_dir
 from ..lowdata.runner import job_status
 from .command import TrainCommand
-from .executors import ACTIVE, job_folder, job_states, make_executor, submit
+from .executors import job_folder, make_executor
 from .options import ClusterOptions
-from .registry import Registry, job_key
+from .registry import Registry, blocks_submission, job_key
 
 
 @dataclass
@@ -91,9 +91,9 @@ def _submit(cmd: TorchrunCommand, opts: ClusterOptions, name: str, nodes: int, g
     key = job_key(name, cmd.output_folder)
     registry = Registry(name)
     with registry.locked():
-        entry = registry.load().get(key)
-        if entry is not None and job_states({key: entry})[key] in ACTIVE:
-            out(f"{key}: {entry['executor']} job {entry['job_id']} is queued or running; not submitted again.")
+        entry, state = registry.entry_and_state(key)
+        if blocks_submission(state):
+            out(f"{key}: {entry['executor']} job {entry['job_id']} is {state}; not submitted again.")
             return None
         folder = job_folder(opts, results_dir(name), key)
         gpus = list(range(gpus_per_node))
@@ -102,9 +102,7 @@ def _submit(cmd: TorchrunCommand, opts: ClusterOptions, name: str, nodes: int, g
         else:
             ex = make_executor(opts, folder, f"{name.split('_')[0]}_pretrain", gpus)
             ex.update_parameters(tasks_per_node=nodes)
-        sjob = submit(ex, cmd, f"pretraining {key}")
-        registry.record(key, {"executor": opts.executor, "job_id": str(sjob.job_id), "folder": str(sjob.paths.folder),
-                              "log": str(sjob.paths.stdout), "kind": "pretrain", "command": "torchrun (see log)",
-                              "after": []})
+        sjob = registry.submit(key, opts.executor, ex, cmd, f"pretraining {key}", kind="pretrain",
+                               command="torchrun (see log)", after=[])
     out(f"submitted as {opts.executor} job {sjob.job_id}; log of the first node: {sjob.paths.stdout}")
     return sjob

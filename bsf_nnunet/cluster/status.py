@@ -9,8 +9,8 @@ from typing import Callable, List, Sequence
 from ..lowdata.common import fmt_fraction
 from ..lowdata.runner import Job
 from .command import was_stopped
-from .executors import ACTIVE, job_states, log_tail
-from .registry import Registry, job_key
+from .executors import job_states, log_tail
+from .registry import Registry, blocks_submission, job_key
 
 STATUSES = ("done", "running", "queued", "stopped", "failed", "interrupted", "not started", "unknown")
 
@@ -33,7 +33,7 @@ def collect(jobs: Sequence[Job], dataset_name: str) -> List[dict]:
 def _status(folder_status: str, entry, state) -> str:
     if folder_status == "done":
         return "done"
-    if state in ACTIVE or state == "unknown":
+    if blocks_submission(state):
         return state
     if entry is not None:  # its job ended, the training did not finish: stopped (a signal, saved) or failed
         return "stopped" if was_stopped(log_tail(entry)) else "failed"

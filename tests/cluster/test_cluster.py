@@ -58,13 +58,9 @@ def cli(module, *argv):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    roots = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for k, v in roots.items():
-        v.mkdir()
-        monkeypatch.setenv(k, str(v))
+def env(nnunet_roots):
     ld_stage2.pretrain_trainer_of.cache_clear()
-    return roots
+    return nnunet_roots
 
 
 @pytest.fixture

@@ -28,12 +28,8 @@ def cli(*argv):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    roots = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for k, v in roots.items():
-        v.mkdir()
-        monkeypatch.setenv(k, str(v))
-    return roots
+def env(nnunet_roots):
+    return nnunet_roots
 
 
 @pytest.fixture(autouse=True)

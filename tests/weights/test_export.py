@@ -19,11 +19,8 @@ TRAINER = ["-tr", "BSFTrainer_imported", "-p", "BSFImportedPlans", "-c", "3d_ful
 
 
 @pytest.fixture
-def results(tmp_path, monkeypatch):
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(tmp_path / k, exist_ok=True)
-        monkeypatch.setenv(k, str(tmp_path / k))
-    return tmp_path / "nnUNet_results"
+def results(nnunet_roots):
+    return nnunet_roots["nnUNet_results"]
 
 
 def _trained(results, tmp_path, dataset_id, merging, axis_order):
