@@ -1,4 +1,5 @@
-"""``bsf-nnunet weights``: the published BrainSegFounder weights (list), downloads (pull) and uploads (push)."""
+"""``bsf-nnunet weights``: the published BrainSegFounder weights (list), downloads (pull), what a checkpoint file
+records and its sidecar (describe), uploads (push)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ SPEC_HELP = "bsf:NAME (bsf-nnunet weights list) or hf://OWNER/REPO/FILE[@REVISIO
 
 
 def register(sub) -> None:
-    p = sub.add_parser("weights", help="published weights: list, pull (download), push (upload to the Hub)",
+    p = sub.add_parser("weights", help="published weights: list, pull (download), describe a file, push (upload)",
                        description="The published BrainSegFounder files by short name (bsf:NAME), downloads of any "
                                    "Hugging Face file (hf://OWNER/REPO/FILE) into huggingface_hub's cache, and "
                                    "uploads of exported folders. bsf: and hf:// names also work directly with "
@@ -32,6 +33,23 @@ def register(sub) -> None:
     q.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="accept a checkpoint that needs full unpickling (only for files you trust)")
     q.set_defaults(func=_pull)
+
+    q = sp.add_parser("describe", help="show what a checkpoint file records; record what it does not (sidecar)",
+                      description="Prints the format, input channels, patch merging and axis order that the loader "
+                                  "reads from FILE. With --channels / --merging / --axis-order it first writes them "
+                                  "to FILE.bsf.json beside it (the sidecar), which every command that reads FILE "
+                                  "then uses: name the channels of an official BrainSegFounder or MONAI file once "
+                                  "(docs/weights.md).")
+    q.add_argument("file")
+    q.add_argument("--channels", default=None, metavar="NAMES",
+                   help="the input channels the file was trained on, in order, e.g. FLAIR,T1ce,T1,T2")
+    q.add_argument("--merging", choices=("legacy", "fixed"), default=None,
+                   help="its patch merging (MONAI < 1.3 files: legacy)")
+    q.add_argument("--axis-order", choices=("xyz", "zyx"), default=None,
+                   help="the array order it was trained on (MONAI: xyz; nnU-Net: zyx)")
+    q.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="accept a checkpoint that needs full unpickling (only for files you trust)")
+    q.set_defaults(func=_describe)
 
     q = sp.add_parser("push", help="upload an exported folder to a Hugging Face model repository",
                       description="Uploads FOLDER (README.md model card, weights such as *.safetensors, JSON "
@@ -84,6 +102,36 @@ def _pull(args) -> int:
               file=sys.stderr)
     print(resolved.path)
     return 0
+
+
+def _describe(args) -> int:
+    from ..weights.channels import ChannelMappingError, parse_channel_list
+    from ..weights.loader import load_checkpoint
+    from ..weights.sidecar import write_sidecar
+
+    ckpt = load_checkpoint(args.file, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    if args.channels or args.merging or args.axis_order:
+        names = parse_channel_list(args.channels) if args.channels else None
+        n_in = ckpt.metadata.get("in_channels")
+        if names is not None and n_in is not None and len(names) != n_in:
+            raise ChannelMappingError(f"{args.file} has {n_in} input channels but --channels names {len(names)} "
+                                      f"({', '.join(names)}): name each channel once, in the order it was trained.")
+        print(f"wrote {write_sidecar(args.file, names, args.merging, args.axis_order)}", file=sys.stderr)
+        ckpt = load_checkpoint(args.file, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    meta = ckpt.metadata
+    channels = meta.get("channel_names")
+    for label, value in (("format", meta.get("format")), ("input channels", meta.get("in_channels")),
+                         ("channel names", ", ".join(map(str, channels)) if channels else "not recorded"),
+                         ("merging", _assumed(meta, "merging")), ("axis order", _assumed(meta, "axis_order")),
+                         ("variant", meta.get("variant") or meta.get("variant_guess")),
+                         ("sidecar", meta.get("sidecar", "none"))):
+        print(f"{label + ':':16} {value}")
+    return 0
+
+
+def _assumed(meta: dict, key: str) -> str:
+    value = meta.get(key)
+    return f"{value} (assumed)" if meta.get(f"{key}_assumed") else str(value)
 
 
 def _push(args) -> int:

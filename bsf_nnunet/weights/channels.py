@@ -149,9 +149,11 @@ def unnamed_checkpoint_message(n_source: int, target_names: Optional[Sequence[st
         f"The checkpoint's {n_source} input channels have no names (official BrainSegFounder/MONAI files and bare "
         f"state dicts record none), and {known}. Mapping by position would silently put one modality's filters on "
         "another (nnU-Net's own BraTS conversion orders T1, T1ce, T2, FLAIR; the official BraTS files use FLAIR, "
-        f"T1ce, T1, T2). Name the checkpoint's channels in the order it was trained with: environment variable "
-        f"{PRETRAINED_CHANNELS_ENV}=NAMES for nnUNetv2_train, {PRETRAINED_CHANNELS_OPTION} NAMES for bsf-nnunet "
-        f"commands, transfer_weights(..., source_channels=[...]) in Python. Official orders: {orders}.")
+        f"T1ce, T1, T2). Name the checkpoint's channels once, in the order it was trained with: `bsf-nnunet "
+        f"weights describe FILE --channels NAMES` writes FILE.bsf.json beside it, which every command then reads "
+        f"(or, for one run: environment variable {PRETRAINED_CHANNELS_ENV}=NAMES for nnUNetv2_train, "
+        f"{PRETRAINED_CHANNELS_OPTION} NAMES for bsf-nnunet commands, transfer_weights(..., source_channels=[...]) "
+        f"in Python). Official orders: {orders}.")
 
 
 def adapt_channel_tensor(tensor, mapping, dim: int = 1):

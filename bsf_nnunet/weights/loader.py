@@ -392,11 +392,17 @@ def checkpoint_from_object(obj, path: Optional[str] = None) -> Checkpoint:
 
 
 def load_checkpoint(path, allow_unsafe_pickle: bool = False) -> Checkpoint:
-    """Read any supported checkpoint file: state dict normalised, metadata collected and inferred."""
+    """Read any supported checkpoint file: state dict normalised, metadata collected and inferred, completed by
+    the file's sidecar (``<file>.bsf.json``, :mod:`bsf_nnunet.weights.sidecar`) where it has one."""
+    from .sidecar import apply_sidecar  # sidecar.py imports this module
+
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        return load_safetensors_checkpoint(path)
-    return checkpoint_from_object(read_checkpoint_file(path, allow_unsafe_pickle), path=path)
+        ckpt = load_safetensors_checkpoint(path)
+    else:
+        ckpt = checkpoint_from_object(read_checkpoint_file(path, allow_unsafe_pickle), path=path)
+    apply_sidecar(ckpt.metadata, path)
+    return ckpt
 
 
 def load_safetensors_checkpoint(path: str) -> Checkpoint:
