@@ -71,7 +71,7 @@ SETTINGS = (
     Setting("BSF_STOP_AFTER_EPOCH", "int", None, "save and stop after this epoch (chunked jobs on time-limited "
             "queues; continue with --c)"),
     Setting("BSF_PRETRAINED_CHANNELS", "text", None, "channel names (comma-separated) of a checkpoint that records "
-            "none, e.g. an official file given as a path"),
+            "none, for one run (to name them once: bsf-nnunet weights describe FILE --channels ...)"),
     Setting("BSF_ALLOW_UNSAFE_PICKLE", "switch", False, "load checkpoints that need arbitrary unpickling (only "
             "files you trust)"),
     Setting("BSF_SKIP_RAW_CHECK", "switch", False, "skip the trainers' one-time NaN/Inf check of the raw images"),
