@@ -1,10 +1,14 @@
 """``--device auto|cuda|cpu|mps`` of the bsf-nnunet commands that start trainings (``lowdata run``, ``cv run``,
 ``demo``): ``auto`` (the default) is CUDA where PyTorch sees a GPU and the CPU otherwise; asking for a device that
-is not there is one clear error, not a stack trace from torch in the middle of a training."""
+is not there is one clear error, not a stack trace from torch in the middle of a training.
+
+Also whether the CPU computes in bf16 (``BSF_CPU_BF16``), which training (autocast) and the CPU inference engine
+(OpenVINO's precision) both follow."""
 from __future__ import annotations
 
 from typing import Callable
 
+from . import settings
 from .errors import ConfigurationError
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
@@ -46,3 +50,27 @@ def resolve_device(requested: str, executor: str = "sequential", out: Callable[[
     if requested == "mps" and not _mps_available():
         raise ConfigurationError("--device mps, but PyTorch sees no Apple GPU (MPS) here. Use --device auto or cpu.")
     return requested
+
+
+CPU_BF16_ENV = "BSF_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
+    Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def cpu_bf16_enabled() -> bool:
+    """bf16 on the CPU (autocast in training, OpenVINO's inference precision in ``nnUNetv2_predict``):
+    ``BSF_CPU_BF16=1``/``0`` decides; by default on where the CPU has native bf16 (see docs/performance.md)."""
+    chosen = settings.value(CPU_BF16_ENV)
+    return cpu_has_native_bf16() if chosen is None else chosen

@@ -52,8 +52,8 @@ class Setting:
 SETTINGS = (
     Setting("BSF_MEMORY_GB", "float", None, "memory in GiB the trainers plan the batch size for (default: 90% of "
             "the GPU, 70% of the available RAM on CPU)"),
-    Setting("BSF_CPU_BF16", "switch", None, "bf16 autocast for CPU training (default: on where the CPU has native "
-            "bf16)"),
+    Setting("BSF_CPU_BF16", "switch", None, "bf16 on the CPU: autocast in training, OpenVINO's precision in "
+            "nnUNetv2_predict (default: on where the CPU has native bf16)"),
     Setting("BSF_CPU_MALLOC", "switch", True, "glibc keeps freed memory for reuse in CPU processes (faster steps, "
             "more resident memory)"),
     Setting("BSF_CPU_ATTN_RECOMPUTE", "switch", True, "CPU training recomputes window-attention matrices in the "

@@ -9,9 +9,10 @@ the exact PyTorch fp32 path). The network is exported once per window shape and 
 exporter (opset 18, fixed shape) into ``BSF_CACHE_DIR`` (default ``~/.cache/bsf_nnunet/onnx``), named by a digest of
 the weights, architecture, shape and library versions, so later runs of the same model reuse the file; OpenVINO
 also keeps its compiled model there (``openvino/``: a Small model at 96^3 compiles in 18-32 s on 2 cores and loads
-from the cache in under 1 s). Both engines compute in fp32. In-process the compiled model is kept until the weights
-change (nnU-Net's predictor loads each fold's weights into the same network; the change is seen from the
-parameters' version counters and data pointers). Any export or engine failure falls back to PyTorch for that
+from the cache in under 1 s). ONNX Runtime computes in fp32; OpenVINO in bf16 where the CPU computes bf16 natively
+(AVX512-BF16, AMX; ``BSF_CPU_BF16`` decides, as for training), else fp32. In-process the compiled model is kept
+until the weights change (nnU-Net's predictor loads each fold's weights into the same network; the change is seen
+from the parameters' version counters and data pointers). Any export or engine failure falls back to PyTorch for that
 network with one printed line, never a crash.
 
 This module knows nothing about trainers or nnU-Net.
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import cpu_bf16_enabled
 from ..settings import value
 
 ENGINE_ENV = "BSF_CPU_ENGINE"
@@ -138,15 +140,17 @@ def open_session(path: str):
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def compile_openvino(path: str, cache_dir: str):
-    """An OpenVINO CPU model compiled from the ONNX file ``path``: fp32, latency mode, PyTorch's thread count; the
-    compiled model is cached in ``cache_dir`` (a second compilation of the same file loads it)."""
+def compile_openvino(path: str, cache_dir: str, bf16: bool = False):
+    """An OpenVINO CPU model compiled from the ONNX file ``path``: latency mode, PyTorch's thread count, fp32 or
+    (``bf16``) bf16 arithmetic; the compiled model is cached in ``cache_dir`` (a second compilation of the same file
+    with the same precision loads it). The precision is always set explicitly: OpenVINO's own default is bf16 on
+    CPUs with AMX, whatever the user chose."""
     import openvino
 
     core = openvino.Core()
     core.set_property({"CACHE_DIR": cache_dir})
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}  # never bf16/fp16 behind the user's back (CPUs with AMX/AVX512-BF16)
+              "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     return core.compile_model(path, "CPU", config)
 
 
@@ -183,6 +187,9 @@ class OnnxEngine:
     def open(self, path: str, folder: str) -> Callable[[np.ndarray], np.ndarray]:
         raise NotImplementedError
 
+    def precision(self) -> str:
+        return "fp32"
+
     def _session(self, network: nn.Module, shape: tuple):
         version = weights_version(network)
         if version != self._weights:  # new weights (e.g. the next fold): drop the sessions of the old ones
@@ -201,8 +208,8 @@ class OnnxEngine:
             self.exports += 1
         infer = self.open(path, folder)
         others = " or ".join(f"{ENGINE_ENV}={e}" for e in ENGINES if e != self.name)
-        _print_once(f"BSF CPU engine: {self.label} (fp32, {torch.get_num_threads()} threads; model cached in "
-                    f"{folder}). {others} to change it.")
+        _print_once(f"BSF CPU engine: {self.label} ({self.precision()}, {torch.get_num_threads()} threads; model "
+                    f"cached in {folder}). {others} to change it.")
         return infer
 
 
@@ -217,7 +224,12 @@ class OnnxRuntimeEngine(OnnxEngine):
 class OpenVinoEngine(OnnxEngine):
     name, label = "openvino", "OpenVINO"
 
+    def precision(self) -> str:
+        """bf16 where the CPU computes it natively (``BSF_CPU_BF16`` decides, as for training), else fp32."""
+        return "bf16" if cpu_bf16_enabled() else "fp32"
+
     def open(self, path: str, folder: str) -> Callable[[np.ndarray], np.ndarray]:
-        request = compile_openvino(path, os.path.join(folder, "openvino")).create_infer_request()
+        bf16 = self.precision() == "bf16"
+        request = compile_openvino(path, os.path.join(folder, "openvino"), bf16=bf16).create_infer_request()
         # the request owns its output buffer and overwrites it at the next call: copy
         return lambda x: np.array(request.infer({0: x})[0], copy=True)

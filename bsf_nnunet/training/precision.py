@@ -6,30 +6,10 @@ import contextlib
 
 import torch
 
-from .. import settings
+from ..devices import CPU_BF16_ENV, cpu_bf16_enabled, cpu_has_native_bf16
 
-CPU_BF16_ENV = "BSF_CPU_BF16"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
-    Elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def cpu_bf16_enabled() -> bool:
-    """bf16 autocast for CPU training: ``BSF_CPU_BF16=1``/``0`` decides; by default on where the CPU has native bf16
-    (measured 1.7x faster per training step of the Small variant, see docs/performance.md)."""
-    chosen = settings.value(CPU_BF16_ENV)
-    return cpu_has_native_bf16() if chosen is None else chosen
+__all__ = ["CPU_BF16_ENV", "autocast_dtype", "bf16_supported", "cpu_bf16_enabled", "cpu_has_native_bf16",
+           "float_output"]
 
 
 def bf16_supported(device: torch.device) -> bool:

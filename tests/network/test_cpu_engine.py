@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from bsf_nnunet.devices import cpu_has_native_bf16
 from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.network import BSFSwinUNETR, cpu_engine
 from bsf_nnunet.network.cpu_engine import OnnxRuntimeEngine, OpenVinoEngine, configure_cpu_engine, cpu_engine_choice
@@ -14,6 +15,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
 ENGINES = [OpenVinoEngine, OnnxRuntimeEngine]
+
+
+@pytest.fixture(autouse=True)
+def _fp32(monkeypatch):
+    """OpenVINO computes in bf16 where the CPU has native bf16 (BSF_CPU_BF16); these tests compare fp32 to 1e-4."""
+    monkeypatch.setenv("BSF_CPU_BF16", "0")
 
 
 def _net(seed=0, **kw):
@@ -66,6 +73,30 @@ def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path, engine_clas
     assert again.exports == 0 and len(onnx_files) == 2
     if engine_class is OpenVinoEngine:  # the compiled models are cached too
         assert len(os.listdir(tmp_path / "openvino")) >= 2
+
+
+def test_openvino_precision_follows_the_bf16_switch(tmp_path, monkeypatch, capsys):
+    """BSF_CPU_BF16 (default: native bf16) decides OpenVINO's precision, set explicitly either way; bf16 stays
+    within bf16 rounding of PyTorch fp32 and gets its own compiled model."""
+    monkeypatch.setattr(cpu_engine, "_printed", set())
+    net, x = _net(3), _x(4)
+    ref = _torch_out(net, x)
+    for switch, precision in (("1", "bf16"), ("0", "f32")):
+        monkeypatch.setenv("BSF_CPU_BF16", switch)
+        engine = OpenVinoEngine(str(tmp_path))
+        assert engine.precision() == {"bf16": "bf16", "f32": "fp32"}[precision]
+        net.cpu_engine = engine
+        with torch.no_grad():
+            out = net(x)
+        assert engine.failed is None
+        assert f"OpenVINO ({engine.precision()}," in capsys.readouterr().out
+        atol = 5e-2 * float(ref.abs().max()) if precision == "bf16" else 1e-4
+        torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+        onnx = next(f for f in os.listdir(tmp_path) if f.endswith(".onnx"))
+        compiled = cpu_engine.compile_openvino(str(tmp_path / onnx), str(tmp_path / "openvino"), bf16=switch == "1")
+        got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        # asked for bf16 on a CPU without it, OpenVINO may keep f32 or emulate: only native CPUs are checked
+        assert got == precision or (precision == "bf16" and not cpu_has_native_bf16()), got
 
 
 def test_engine_only_for_cpu_fp32_inference():

@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from bsf_nnunet.datasets.synthetic import build_synthetic_dataset
+from bsf_nnunet.devices import cpu_bf16_enabled
 
 
 def dice(a, b):
@@ -105,11 +106,14 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
     pred = tmp_path / "pred"
     pred_tta = tmp_path / "pred_tta"
     images_ts = os.path.join(folder, "imagesTs")
-    for out_dir, tta in ((pred, ["--disable_tta"]), (pred_tta, [])):
+    # without TTA in fp32 (the exports below are compared with it); with TTA at the default precision: bf16 where
+    # the CPU has native bf16
+    default_precision = "bf16" if cpu_bf16_enabled() else "fp32"
+    for out_dir, tta, precision in ((pred, ["--disable_tta"], "fp32"), (pred_tta, [], default_precision)):
         out = run(["nnUNetv2_predict", "-i", images_ts, "-o", str(out_dir), "-d", "991", "-c", "3d_fullres", "-tr",
                    "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"]
-                  + tta, env)
-        assert "BSF CPU engine: OpenVINO" in out, out[-3000:]
+                  + tta, dict(env, BSF_CPU_BF16="0") if precision == "fp32" else env)
+        assert f"BSF CPU engine: OpenVINO ({precision}," in out, out[-3000:]
     # one ONNX file for the fold's final weights at the patch size: written by the final validation, reused since;
     # beside it OpenVINO's compiled-model cache
     cached = sorted(os.listdir(env["BSF_CACHE_DIR"]))
