@@ -1,6 +1,9 @@
 """Trainings as jobs through ``submitit``: SLURM, or processes on this machine (docs/lowdata.md, "Running the study
 on a cluster").
 
+* ``process``: one training as a process: its ``nnUNetv2_train`` command (``Job``), its state from its folder, the
+  command that continues (``--c``) or validates it (``--val``), running it with its log, the per-fold lock, stop
+  signals passed on to it. The studies (``lowdata``, ``cv``) use it too.
 * ``options``: the executor settings (flags or a JSON/YAML file) and ``import_submitit``.
 * ``command``: ``TrainCommand``, the callable a job runs: the stock ``nnUNetv2_train`` command, continued with
   ``--c`` after a requeue.

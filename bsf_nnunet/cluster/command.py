@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..lowdata.runner import FoldLock, StopSignals, command_for, executable, job_status, run_to_measure
+from .process import FoldLock, StopSignals, command_for, executable, job_status, run_to_measure
 
 END_MARK = "bsf-nnunet: the training process exited with code"
 # printed when a training exited 0 before its end (a stop signal: it saved checkpoint_latest.pth): the job is

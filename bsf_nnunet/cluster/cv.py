@@ -16,12 +16,13 @@ from typing import Callable, List, Optional, Sequence
 
 from ..io import atomic_write_json
 from ..lowdata.common import SPLITS_FILE, fold_dir, preprocessed_dir, read_json, resolve_dataset, results_dir
-from ..lowdata.runner import Job, TrainingFailed, command_for, executable, job_status, run_sequential
+from ..lowdata.runner import run_sequential
 from ..lowdata.splits import CV_FOLDS as CV_SPLITS
 from ..lowdata.splits import CV_SEED, find_case_ids
 from .executors import job_folder, make_executor
 from .launch import launch
 from .options import ClusterOptions
+from .process import Job, TrainingFailed, command_for, executable, job_status
 from .registry import Registry, blocks_submission, job_key
 
 Out = Callable[[str], None]

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..lowdata.common import results_dir
-from ..lowdata.runner import Job, StopSignals, TrainingFailed, describe, job_status
 from .command import TrainCommand, was_stopped
 from .executors import job_folder, job_states, log_tail, make_executor
 from .options import ClusterOptions
+from .process import Job, StopSignals, TrainingFailed, describe, job_status
 from .registry import Registry, blocks_submission, job_key
 
 Out = Callable[[str], None]

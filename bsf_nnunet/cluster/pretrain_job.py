@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from ..lowdata.common import fold_dir, resolve_dataset, results_dir
-from ..lowdata.runner import job_status
 from .command import TrainCommand
 from .executors import job_folder, make_executor
 from .options import ClusterOptions
+from .process import job_status
 from .registry import Registry, blocks_submission, job_key
 
 

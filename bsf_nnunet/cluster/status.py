@@ -7,9 +7,9 @@ import json
 from typing import Callable, List, Sequence
 
 from ..lowdata.common import fmt_fraction
-from ..lowdata.runner import Job
 from .command import was_stopped
 from .executors import job_states, log_tail
+from .process import Job
 from .registry import Registry, blocks_submission, job_key
 
 STATUSES = ("done", "running", "queued", "stopped", "failed", "interrupted", "not started", "unknown")
