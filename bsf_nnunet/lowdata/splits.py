@@ -40,6 +40,7 @@ from .common import (
     read_json,
     resolve_dataset,
 )
+from .splits_json import splits_text
 
 FORMAT_VERSION = 1
 CV_SEED = 12345  # nnU-Net's seed for the default 5-fold split (nnUNetTrainer.do_split)
@@ -218,51 +219,6 @@ def _redrawn_layout(cases: List[str], fractions: List[float], repeats: int, test
 def _same_layout(a: dict, b: dict) -> bool:
     keys = ("settings", "first_fold", "pretrain_fold", "test", "folds")
     return all(a.get(k) == b.get(k) for k in keys)
-
-
-# ---------------------------------------------------------------------------------------------------- JSON text
-def _element_spans(text: str, path: str):
-    """(start, end) character offsets of the elements of the top-level JSON array in ``text``."""
-    dec = json.JSONDecoder()
-    i = len(text) - len(text.lstrip())
-    if not text[i:i + 1] == "[":
-        raise ValueError(f"{path} is not a JSON list of folds. Fix or delete it (nnU-Net re-creates its 5 folds).")
-    i += 1
-    spans = []
-    ws = " \t\r\n"
-    while True:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text[i:i + 1] == "]":
-            return spans
-        _, end = dec.raw_decode(text, i)
-        spans.append((i, end))
-        i = end
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text[i:i + 1] == ",":
-            i += 1
-
-
-def _fold_text(fold: dict) -> str:
-    """One fold as nnU-Net's save_json writes list elements (indent 4, sorted keys)."""
-    return "\n".join("    " + line for line in json.dumps(fold, indent=4, sort_keys=True).splitlines())
-
-
-def splits_text(base_text: str, base_folds: List[dict], new_folds: List[dict], path: str) -> str:
-    """The split file: ``base_folds`` exactly as they are in ``base_text`` (their first len(base_folds) elements),
-    then ``new_folds``.
-
-    For a file written by nnU-Net (``save_json``: indent 4, sorted keys) the result equals what ``save_json`` would
-    write for the whole list.
-    """
-    if not base_folds:
-        head, sep = "[", "\n"
-    else:
-        head, sep = base_text[:_element_spans(base_text, path)[len(base_folds) - 1][1]], ",\n"
-    if not new_folds:
-        return head + ("\n]" if base_folds else "]")
-    return head + sep + ",\n".join(_fold_text(f) for f in new_folds) + "\n]"
 
 
 # ---------------------------------------------------------------------------------------------------- command
