@@ -60,7 +60,7 @@ def synthetic_cases(n: int = 4, shape=(112, 136, 112)) -> list:
 
 
 def training_transforms(patch, domain_randomization: bool):
-    from bsf_nnunet.training.bsf_trainer import BSFTrainer
+    from bsf_nnunet.training.finetune import BSFTrainer
 
     fake = SimpleNamespace(bsf_domain_randomization=domain_randomization, print_to_log_file=lambda *a, **k: None)
     rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)  # as nnU-Net configures it for 3D

@@ -1,13 +1,15 @@
 """nnU-Net trainers of bsf-nnunet. nnU-Net discovers them through the shims in ``trainers/``.
 
-The bases are ``bsf_trainer.BSFTrainer`` (fine-tuning) and ``pretrain_trainer.BSFPretrainTrainer`` (self-supervised
-stages); every other trainer is a variant in ``variants/`` that changes a few class attributes. Which trainer builds
-which network variant is registered in ``plans/variants.json`` (``planning.presets.variant_trainers``); ``__all__``
-lists every trainer class. Importing the package applies bsf-nnunet's hooks into nnU-Net (``nnunet_hooks``).
+The bases are ``finetune.BSFTrainer`` (fine-tuning) and ``pretrain.BSFPretrainTrainer`` (self-supervised stages),
+both built on ``base.BSFTrainerBase`` (what they share; not a trainer to run, so ``__all__`` and nnU-Net's search
+leave it out); every other trainer is a variant in ``variants/`` that changes a few class attributes. Which trainer
+builds which network variant is registered in ``plans/variants.json`` (``planning.presets.variant_trainers``);
+``__all__`` lists every trainer class. Importing the package applies bsf-nnunet's hooks into nnU-Net (``nnunet_hooks``).
 """
 from . import nnunet_hooks
-from .bsf_trainer import BSFTrainer
-from .pretrain_trainer import BSFPretrainTrainer  # noqa: F401 (re-exported: __all__ below lists it)
+from .base import BSFTrainerBase
+from .finetune import BSFTrainer  # noqa: F401 (re-exported: __all__ below lists it)
+from .pretrain import BSFPretrainTrainer  # noqa: F401 (re-exported: __all__ below lists it)
 from .variants.finetune import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFTrainer_Big,
     BSFTrainer_DR,
@@ -40,4 +42,4 @@ from .variants.pretrain import (  # noqa: F401 (re-exported: __all__ below lists
 nnunet_hooks.install()
 
 __all__ = sorted(name for name, obj in dict(globals()).items()
-                 if isinstance(obj, type) and issubclass(obj, BSFTrainer))
+                 if isinstance(obj, type) and issubclass(obj, BSFTrainerBase) and obj is not BSFTrainerBase)

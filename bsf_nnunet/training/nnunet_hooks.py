@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 from ..versions import installed_version
-from .bsf_trainer import _unwrap
+from .base import _unwrap
 from .predict_checks import install_prediction_input_checks
 
 

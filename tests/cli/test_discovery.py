@@ -29,7 +29,7 @@ def lookup(python, env, cwd):
     assert p.returncode == 0, p.stdout[-4000:]
     found = [line.split() for line in p.stdout.splitlines() if line.startswith("FOUND")]
     assert [f[1] for f in found] == NAMES
-    assert all(f[2] == ("bsf_nnunet.training.bsf_trainer" if f[1] == "BSFTrainer" else
+    assert all(f[2] == ("bsf_nnunet.training.finetune" if f[1] == "BSFTrainer" else
                         "bsf_nnunet.training.variants.finetune") for f in found)
     ext = [line for line in p.stdout.splitlines() if line.startswith("EXT")][0]
     return found, ext
@@ -119,7 +119,7 @@ def test_info_finds_trainers_as_nnunet_train_does_despite_lazy_modules(capsys, m
             pass
     assert info.run(None) == 0
     out = capsys.readouterr().out
-    assert "trainer discovery: OK, nnUNetv2_train -tr BSFTrainer finds bsf_nnunet.training.bsf_trainer.BSFTrainer" \
+    assert "trainer discovery: OK, nnUNetv2_train -tr BSFTrainer finds bsf_nnunet.training.finetune.BSFTrainer" \
         in out, out
     for k in [k for k in sys.modules if k.startswith("_bsf_lazy_child")]:
         del sys.modules[k]

@@ -162,7 +162,7 @@ def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, capsys, engin
 def test_trainer_uses_engine_only_for_final_validation(monkeypatch):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from bsf_nnunet.training.bsf_trainer import BSFTrainer
+    from bsf_nnunet.training.finetune import BSFTrainer
 
     seen = []
     monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",

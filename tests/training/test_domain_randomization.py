@@ -127,7 +127,7 @@ def test_background_is_split_into_intensity_regions():
 
 
 def _trainer(switch):
-    from bsf_nnunet.training.bsf_trainer import BSFTrainer
+    from bsf_nnunet.training.finetune import BSFTrainer
 
     fake = SimpleNamespace(bsf_domain_randomization=switch, print_to_log_file=lambda *a, **k: None)
     return BSFTrainer.get_training_transforms.__get__(fake)

@@ -89,10 +89,11 @@ def _fake_predictor(dataset_json, plans, arch="bsf_nnunet.network.swin_unetr.BSF
 
 def test_nnunet_predictor_refuses_a_case_with_fewer_channels(tmp_path, capsys):
     """Through nnU-Net's own grouping of the -i folder (nnUNetPredictor._manage_input_and_output_lists, wrapped by
-    bsf_trainer): a case lacking _0001 is refused by name; another network's predictor is not touched."""
+    the hooks that importing bsf_nnunet.training installs): a case lacking _0001 is refused by name; another
+    network's predictor is not touched."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    import bsf_nnunet.training.bsf_trainer  # noqa: F401 - installs the check
+    import bsf_nnunet.training  # noqa: F401 - installs the check
 
     inp = tmp_path / "to_predict"
     for name in ("ok_0000", "ok_0001", "short_0000", "tail_0001"):

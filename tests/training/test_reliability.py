@@ -112,7 +112,7 @@ def test_pretrainer_kill_during_checkpoint_write_resumes(nnunet_env, prepared, r
 
 
 def test_out_of_memory_message_names_settings():
-    from bsf_nnunet.training.bsf_trainer import out_of_memory_message
+    from bsf_nnunet.training.base import out_of_memory_message
 
     msg = out_of_memory_message("BSFTrainer", "small", (128, 128, 128), 2, "cuda")
     for part in ("GPU memory", "variant small", "patch [128, 128, 128]", "batch size 2", "BSF_MEMORY_GB",

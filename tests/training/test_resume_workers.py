@@ -86,8 +86,8 @@ def test_a_stop_shuts_the_augmentation_workers_down(tmp_path):
 
     import pytest
 
-    from bsf_nnunet.training.bsf_trainer import BSFTrainer
     from bsf_nnunet.training.data import SeededDataLoader, start_augmenter
+    from bsf_nnunet.training.finetune import BSFTrainer
 
     labels = SimpleNamespace(all_labels=[0, 1], has_ignore_label=False)
     loader = SeededDataLoader(_Cases(6), 2, (8, 8, 8), (8, 8, 8), labels, seed=(1, 0, 0, 0), start=0)

@@ -1,9 +1,9 @@
-"""Fine-tuning variants of :class:`~bsf_nnunet.training.bsf_trainer.BSFTrainer`: network sizes, scratch baselines
+"""Fine-tuning variants of :class:`~bsf_nnunet.training.finetune.BSFTrainer`: network sizes, scratch baselines
 (``bsf_use_pretraining = False``), a frozen encoder, domain randomization, and the toy variants of the demo and the
 tests."""
 from __future__ import annotations
 
-from ..bsf_trainer import BSFTrainer
+from ..finetune import BSFTrainer
 
 
 class BSFTrainer_Tiny(BSFTrainer):

@@ -1,8 +1,8 @@
-"""Self-supervised pretraining variants of :class:`~bsf_nnunet.training.pretrain_trainer.BSFPretrainTrainer`:
+"""Self-supervised pretraining variants of :class:`~bsf_nnunet.training.pretrain.BSFPretrainTrainer`:
 network sizes, the official schedule lengths, and the toy variants of the demo and the tests."""
 from __future__ import annotations
 
-from ..pretrain_trainer import BSFPretrainTrainer
+from ..pretrain import BSFPretrainTrainer
 
 
 class BSFPretrainTrainer_official(BSFPretrainTrainer):

@@ -17,8 +17,12 @@ loss on the fold's validation cases (held-out cases never enter pretraining).
 Checkpoints are written atomically and carry the metadata the next stage needs (``bsf_metadata``) and nnssl's
 adaptation plan (``nnssl_adaptation_plan``, for nnssl's fine-tuning); they load with ``torch.load(weights_only=True)``.
 
-Longer than 400 lines for the reason ``bsf_trainer.py`` gives: nnU-Net's trainer methods, overridden on one class.
-Crops and intensities live in ``ssl_data.py``, views and losses in ``bsf_nnunet/ssl``, schedules in ``lr.py``.
+What it shares with fine-tuning (the configuration from the plans, precision, ``-pretrained_weights``, reading
+checkpoints, the guards) comes from ``base.BSFTrainerBase``; it needs nothing of ``finetune.BSFTrainer``.
+
+Why this module is longer than 400 lines: its methods are overrides of ``nnUNetTrainer`` that nnU-Net calls by name
+and that share the trainer's state (network, plans, fold, data loaders), so they stay on the one class. Crops and
+intensities live in ``ssl_data.py``, views and losses in ``bsf_nnunet/ssl``, schedules in ``lr.py``.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from torch import nn
 from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from ..weights.nnssl import plan_for_bsf_metadata
-from .bsf_trainer import BSFTrainer, _unwrap, saved_arch_kwargs
+from .base import BSFTrainerBase, _unwrap, saved_arch_kwargs
 from .handover import HANDOVER_CHECKPOINT
 from .lr import WarmupCosineLR
 from .precision import autocast_dtype
@@ -61,7 +65,7 @@ def _epoch_summary(log: dict, epoch: int, name: str, prefix: str) -> str:
             f"rotation accuracy {get('ssl_rot_acc'):.2f} (chance 0.25), contrastive top-1 {get('ssl_con_top1'):.2f}")
 
 
-class BSFPretrainTrainer(BSFTrainer):
+class BSFPretrainTrainer(BSFTrainerBase):
     """Self-supervised pretraining of the Small variant on 96^3 crops."""
 
     bsf_crop_size = 96
@@ -253,12 +257,7 @@ class BSFPretrainTrainer(BSFTrainer):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self):
-        from .guards import before_training
-
-        self._install_preemption_handlers()
-        before_training(self)  # one run per fold (a lock), finite raw images
-        if not self.was_initialized:
-            self.initialize()
+        self._begin_training()
         self.dataloader_train, self.dataloader_val = self.get_dataloaders()
         os.makedirs(self.output_folder, exist_ok=True)
         if self.local_rank == 0:
@@ -458,7 +457,8 @@ class BSFPretrainTrainer(BSFTrainer):
             atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """--c (and stage chaining) for pretraining; a truncated or corrupt file as in BSFTrainer._read_checkpoint."""
+        """--c (and stage chaining) for pretraining; a truncated or corrupt file as in
+        BSFTrainerBase._read_checkpoint."""
         ckpt, where = filename_or_checkpoint, "the checkpoint"
         if isinstance(ckpt, str):
             ckpt, where = self._read_checkpoint(ckpt)
