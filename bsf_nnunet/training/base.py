@@ -191,14 +191,16 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
             self._set_axis_order(axis, "the checkpoint was trained on " + axis + " arrays")
         self.bsf_pretrained_from = resolved.source
         table = (f"; channels, merging and axis order of {resolved.entry.spec} from the published-weights table"
-                 if resolved.entry is not None else "")
+                 if resolved.entry is not None else
+                 f"; what the file does not record from its sidecar {ckpt.metadata['sidecar']}"
+                 if ckpt.metadata.get("sidecar") else "")
         self.print_to_log_file(f"Initialised from {resolved.describe()} ({how}{table}):\n{report.summary()}")
 
     def _named_source_channels(self, recorded, entry=None):
-        """``BSF_PRETRAINED_CHANNELS`` names the channels of checkpoints that record none (official files given as
-        a path); a checkpoint that records its channels (ours, nnU-Net's) or a published file (``entry``, whose
-        channels the table gives) keeps them, so the variable can stay exported through a whole stage 1 -> stage
-        2 -> fine-tuning chain."""
+        """``BSF_PRETRAINED_CHANNELS`` names, for one run, the channels of checkpoints that record none (official
+        files given as a path without a sidecar); a checkpoint that records its channels (ours, nnU-Net's, or in its
+        sidecar ``FILE.bsf.json``) or a published file (``entry``, whose channels the table gives) keeps them, so the
+        variable can stay exported through a whole stage 1 -> stage 2 -> fine-tuning chain."""
         from ..weights import parse_channel_list
 
         given = settings.value(PRETRAINED_CHANNELS_ENV)

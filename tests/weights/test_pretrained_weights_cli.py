@@ -23,11 +23,14 @@ def test_official_ssl_weights_channel_mapping_axis_order_and_scratch(nnunet_env,
     ckpt = tmp_path / "ssl_official.pt"
     torch.save({"state_dict": sd, "epoch": 10, "global_step": 1000, "optimizer": {}}, ckpt)
 
+    # its channels named once, in the sidecar beside it (BSF_PRETRAINED_CHANNELS, for one run: test_fidelity.py)
+    run(["bsf-nnunet", "weights", "describe", str(ckpt), "--channels", "FLAIR,T1"], env)
     run(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", "BSFTrainer_CIfast", "-device", "cpu",
-         "-pretrained_weights", str(ckpt)], dict(env, BSF_PRETRAINED_CHANNELS="FLAIR,T1"))
+         "-pretrained_weights", str(ckpt)], env)
     res = os.path.join(env["nnUNet_results"], full, "BSFTrainer_CIfast__nnUNetPlans__3d_fullres")
     log = open(glob.glob(os.path.join(res, "fold_0", "training_log_*.txt"))[0]).read()
     assert "Initialised from" in log and "-pretrained_weights" in log
+    assert f"from its sidecar {ckpt}.bsf.json" in log
     # the dataset's only channel (T1) took the checkpoint's T1 filters, not FLAIR's
     plans = json.load(open(os.path.join(res, "plans.json")))
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["axis_order"] == "xyz"
