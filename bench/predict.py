@@ -119,6 +119,7 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
     if path.startswith("ours"):
         configure_cpu_engine(ours, ENGINE_PATHS.get(path, "torch"))
         extra["engine"] = getattr(ours.cpu_engine, "name", "torch")
+        extra["precision"] = ours.cpu_engine.precision() if ours.cpu_engine is not None else "fp32"
         run = _ours_runner(ours, x, roi, device, tta)
     else:
         run, extra["bf16"] = _monai_runner(ours, kw, x, roi, device, tta, best=path != "monai_fp32")

@@ -4,8 +4,9 @@
     python bench/tables.py --write    # replace the block between the markers in docs/performance.md
 
 One table per kind of committed result: training steps (``bench/train_step.py --out
-bench/results/train_step_<machine>.json``) with the per-round range of each speed-up, and window blending
-(``bench/blending.py``). No number in that block is typed by hand: rerun a benchmark, then this script.
+bench/results/train_step_<machine>.json``) with the per-round range of each speed-up, prediction
+(``bench/predict.py``), the CPU precision of prediction on a trained model (``bench/predict_precision.py``) and
+window blending (``bench/blending.py``). No number in that block is typed by hand: rerun a benchmark, then this script.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,6 +64,63 @@ def train_step_table() -> list:
     return lines
 
 
+def predict_table() -> list:
+    lines = ["| source | machine | case, ROI, TTA | path | precision | s (median, min-max) | vs MONAI best | "
+             "vs MONAI best + malloc | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+    for path, info in _load("predict_*.json"):
+        if "rows" not in info:  # predict_precision_*.json: its own table
+            continue
+        bf16 = "native bf16" if info["native_bf16"] else "no native bf16"
+        machine = f"{info['cpus']} cores, {info['device']}, {bf16}, torch {info['torch']}, MONAI {info['monai']}"
+        case = f"{' x '.join(map(str, info['shape']))}, ROI {info['roi'][0]}³"
+        export = info.get("export") or {}
+        for row in info["rows"]:
+            for name in ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", "ours_onnxruntime",
+                         "ours_openvino"):
+                r = row.get(name)
+                if r is None:
+                    continue
+                precision = r.get("precision") or ("bf16" if r.get("bf16") else "fp32")
+                rounds = r.get("ratio_vs_monai_best_malloc_rounds")
+                vs_malloc = (f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+                             if rounds else "n/a")
+                lines.append(f"| `{path}` ({info['reps']} repetitions) | {machine} | {case}, TTA {row['tta']} | "
+                             f"{name} | {precision} | {r['median_s']:.1f} ({min(r['times_s']):.1f}-"
+                             f"{max(r['times_s']):.1f}) | {_rounds(r['ratio_vs_monai_best_rounds'])} | {vs_malloc} | "
+                             f"{r['peak_gb']:.2f} |")
+            ours = row.get("ours_openvino")
+            if export and ours:  # a first run: the export and compilation, then the warm run
+                once = export["export_s"] + export["openvino_compile_s"]
+                cold = ours["median_s"] + once
+                vs = [f"{row[b]['median_s'] / cold:.2f}x" if b in row else "n/a"
+                      for b in ("monai_best", "monai_best_malloc")]
+                lines.append(f"| `{path}` | | {case}, TTA {row['tta']} | ours_openvino **cold** (+ export "
+                             f"{export['export_s']:.1f} s + compile {export['openvino_compile_s']:.1f} s) | "
+                             f"{ours.get('precision', 'fp32')} | {cold:.1f} | {vs[0]} | {vs[1]} | |")
+    return lines
+
+
+def _rounds(ratios: list) -> str:
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def precision_table() -> list:
+    lines = ["| source | model | fp32 s | bf16 s | bf16 speed-up (min-max) | case | Dice fp32 vs bf16 per label | "
+             "Dice vs reference fp32 / bf16 (mean over labels) |", "|---|---|---|---|---|---|---|---|"]
+    for path, info in _load("predict_precision_*.json"):
+        model = f"{info['model']['trainer']}, dataset {info['model']['dataset']}"
+        speed = info["speedup_bf16"]
+        for case, c in info["cases"].items():
+            agree = ", ".join(f"{k}: {v:.4f}" for k, v in c["dice_fp32_vs_bf16"].items())
+            ref = c.get("dice_vs_reference")
+            vs_ref = (f"{statistics.mean(ref['fp32'].values()):.4f} / {statistics.mean(ref['bf16'].values()):.4f}"
+                      if ref else "n/a")
+            lines.append(f"| `{path}` ({info['rounds']} rounds) | {model} | {info['median_s']['fp32']:.1f} | "
+                         f"{info['median_s']['bf16']:.1f} | {speed['median']:.2f}x ({speed['min']:.2f}-"
+                         f"{speed['max']:.2f}) | {case} | {agree} | {vs_ref} |")
+    return lines
+
+
 def blending_table() -> list:
     lines = ["| source | case | blending vs constant 0.4 | Dice per label |", "|---|---|---|---|"]
     for path, info in _load("blending_*.json"):
@@ -75,6 +134,11 @@ def blending_table() -> list:
 def render() -> str:
     return "\n".join([BEGIN, "", "Training step (`bench/train_step.py`; ratios: baseline time / row time, median over "
                       "all steps, in brackets the range of the per-round ratios):", "", *train_step_table(), "",
+                      "Prediction (`bench/predict.py`; ratios: baseline time / path time, median of the per-repetition "
+                      "ratios and their range; warm: the export and compilation of a first run on their own row):",
+                      "", *predict_table(), "",
+                      "CPU precision of `nnUNetv2_predict` on a trained model, OpenVINO fp32 against bf16 "
+                      "(`bench/predict_precision.py`; whole runs, one process each):", "", *precision_table(), "",
                       "Window blending, nnU-Net's Gaussian against the official constant weights, no mirroring "
                       "(`bench/blending.py`):", "", *blending_table(), "", END])
 
