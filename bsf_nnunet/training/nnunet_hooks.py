@@ -3,8 +3,9 @@ imported (by nnU-Net's trainer discovery, ``nnUNetv2_predict`` through the start
 
 * ``nnunetv2.run.run_training.load_pretrained_weights``: ``-pretrained_weights`` of a BSF trainer goes through the
   trainer's own loader (channel mapping, published ``bsf:`` / ``hf://`` names); other trainers keep nnU-Net's.
-* ``nnUNetPredictor`` input checks (``predict_checks.install_prediction_input_checks``): incomplete cases refused,
-  far-off geometry warned about.
+* ``nnUNetPredictor._manage_input_and_output_lists``: for a BSF model, the cases of ``-i`` are checked before
+  preprocessing (``predict_checks.check_prediction_cases``: incomplete cases refused, far-off geometry warned
+  about) and the CPU allocator setting is applied.
 * ``nnUNetPredictor.predict_sliding_window_return_logits``: a BSF model whose plans say
   ``bsf.inference_blending = "constant"`` (``import-model``'s default, the original's inference) is predicted with
   constant window weights; nnUNetv2_predict has no option for it (it always asks for the Gaussian). Hooked there,
@@ -16,10 +17,12 @@ naming the installed nnU-Net version when it is not (the tested versions are in 
 """
 from __future__ import annotations
 
+from ..allocator import tune_cpu_allocator
 from ..errors import ConfigurationError
+from ..planning.swin_config import NETWORK_CLASS_NAME
 from ..versions import installed_version
 from .base import _unwrap
-from .predict_checks import install_prediction_input_checks
+from .predict_checks import check_prediction_cases
 
 
 def _require(module, name: str) -> None:
@@ -49,6 +52,31 @@ def install_pretrained_weights_handler() -> None:
 
     load_pretrained_weights._bsf_original = original
     rt.load_pretrained_weights = load_pretrained_weights
+
+
+def install_prediction_input_checks() -> None:
+    """Check the cases of ``-i`` before preprocessing for BSF networks (other networks: untouched)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    # nnU-Net offers no per-case hook before preprocessing: the predictor builds the network through the trainer's
+    # static build_network_architecture, which never sees the input files. _manage_input_and_output_lists is the
+    # one place, used by predict_from_files and predict_from_files_sequential alike, where the per-case file lists
+    # exist in the main process.
+    _require(nnUNetPredictor, "_manage_input_and_output_lists")
+    original = getattr(nnUNetPredictor._manage_input_and_output_lists, "_bsf_original",
+                       nnUNetPredictor._manage_input_and_output_lists)
+
+    def _manage_input_and_output_lists(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.configuration_manager.network_arch_class_name == NETWORK_CLASS_NAME:
+            if self.device.type == "cpu":
+                print(tune_cpu_allocator(), flush=True)
+            check_prediction_cases(result[0], self.plans_manager.plans, self.configuration_manager.configuration,
+                                   self.dataset_json)
+        return result
+
+    _manage_input_and_output_lists._bsf_original = original
+    nnUNetPredictor._manage_input_and_output_lists = _manage_input_and_output_lists
 
 
 def install_blending_from_plans() -> None:

@@ -24,11 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..allocator import tune_cpu_allocator
 from ..datasets.cases import NIFTI_ENDINGS
 from ..datasets.check_layout import channel_file_errors, parse_channel_file
 from ..errors import BSFError
-from ..planning.swin_config import NETWORK_CLASS_NAME
 
 SPACING_FACTOR = 2.0  # warn when a case's spacing is more than 2x coarser or finer than the training median
 TYPICAL_SHARE = 0.25  # an orientation is typical when at least a quarter of the training images have it
@@ -265,29 +263,3 @@ def record_training_orientations(trainer) -> None:
     saved = trainer.plans_manager.plans["configurations"][trainer.configuration_name]
     for conf in {id(c): c for c in (saved, trainer.configuration_manager.configuration)}.values():
         conf.setdefault("bsf", {})[ORIENTATIONS_KEY] = counts
-
-
-def install_prediction_input_checks() -> None:
-    """Run :func:`check_prediction_cases` in nnUNetPredictor for BSF networks (other networks: untouched)."""
-    try:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    except Exception:  # pragma: no cover - nnU-Net layout changed
-        return
-    # nnU-Net offers no per-case hook before preprocessing: the predictor builds the network through the trainer's
-    # static build_network_architecture, which never sees the input files. _manage_input_and_output_lists is the
-    # one place, used by predict_from_files and predict_from_files_sequential alike, where the per-case file lists
-    # exist in the main process, so it is wrapped here (and checks BSF networks only).
-    original = getattr(nnUNetPredictor._manage_input_and_output_lists, "_bsf_original",
-                       nnUNetPredictor._manage_input_and_output_lists)
-
-    def _manage_input_and_output_lists(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        if self.configuration_manager.network_arch_class_name == NETWORK_CLASS_NAME:
-            if self.device.type == "cpu":
-                print(tune_cpu_allocator(), flush=True)
-            check_prediction_cases(result[0], self.plans_manager.plans, self.configuration_manager.configuration,
-                                   self.dataset_json)
-        return result
-
-    _manage_input_and_output_lists._bsf_original = original
-    nnUNetPredictor._manage_input_and_output_lists = _manage_input_and_output_lists
