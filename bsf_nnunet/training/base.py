@@ -247,6 +247,20 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
         if axis != getattr(_unwrap(self.network), "axis_order", axis):
             self._set_axis_order(axis, f"{os.path.basename(where)} was trained on {axis} arrays")
 
+    def _checkpoint_to_load(self, filename_or_checkpoint):
+        """The checkpoint dict that ``load_checkpoint`` applies, read without unpickling code (a truncated or
+        corrupt file: see :meth:`_read_checkpoint`; None when none loads and training starts from scratch), with
+        the trainer initialised and its network rebuilt in the architecture (axis order) the checkpoint records."""
+        checkpoint, where = filename_or_checkpoint, "the checkpoint"
+        if isinstance(checkpoint, str):
+            checkpoint, where = self._read_checkpoint(checkpoint)
+            if checkpoint is None:
+                return None  # --c, but no checkpoint loads: training starts from scratch (logged)
+        if not self.was_initialized:
+            self.initialize()
+        self._restore_architecture(saved_arch_kwargs(checkpoint, self.configuration_name), where)
+        return checkpoint
+
     def _read_checkpoint(self, path: str):
         """(checkpoint, the file it came from). When nnUNetv2_train --c continues a training (nothing trained yet in
         this process) from checkpoint_latest.pth or checkpoint_best.pth, a truncated or corrupt file is renamed to

@@ -23,7 +23,7 @@ from ..allocator import release_free_cpu_memory
 from ..io import atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
 from ..planning.presets import variant_trainers
-from .base import BSFTrainerBase, TrainingHealthError, _unwrap, saved_arch_kwargs
+from .base import BSFTrainerBase, TrainingHealthError, _unwrap
 from .lr import WarmupCosineLR
 from .precision import autocast_dtype, float_output
 from .predict_checks import record_training_orientations
@@ -232,15 +232,9 @@ class BSFTrainer(BSFTrainerBase):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading for --c, --val and --val_best, read without unpickling code, into the architecture
         (axis order) that the checkpoint was trained with. A truncated or corrupt file: see _read_checkpoint."""
-        checkpoint, where = filename_or_checkpoint, "the checkpoint"
-        if isinstance(checkpoint, str):
-            checkpoint, where = self._read_checkpoint(checkpoint)
-            if checkpoint is None:
-                return  # --c, but no checkpoint loads: training starts from scratch (logged)
-        if not self.was_initialized:
-            self.initialize()
-        self._restore_architecture(saved_arch_kwargs(checkpoint, self.configuration_name), where)
-        self._apply_checkpoint(checkpoint)
+        checkpoint = self._checkpoint_to_load(filename_or_checkpoint)
+        if checkpoint is not None:
+            self._apply_checkpoint(checkpoint)
 
     def _apply_checkpoint(self, checkpoint: dict) -> None:
         """What nnU-Net's load_checkpoint does with a loaded checkpoint (nnU-Net 2.8 itself only accepts a path)."""

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import BSFError, ConfigurationError
 from ..io import atomic_torch_save, remove_stale_temporaries
 from ..weights.nnssl import plan_for_bsf_metadata
-from .base import BSFTrainerBase, _unwrap, saved_arch_kwargs
+from .base import BSFTrainerBase, _unwrap
 from .handover import HANDOVER_CHECKPOINT
 from .lr import WarmupCosineLR
 from .precision import autocast_dtype
@@ -459,15 +459,10 @@ class BSFPretrainTrainer(BSFTrainerBase):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """--c (and stage chaining) for pretraining; a truncated or corrupt file as in
         BSFTrainerBase._read_checkpoint."""
-        ckpt, where = filename_or_checkpoint, "the checkpoint"
-        if isinstance(ckpt, str):
-            ckpt, where = self._read_checkpoint(ckpt)
-            if ckpt is None:
-                return  # --c, but no checkpoint loads: pretraining starts from scratch (logged)
-        if not self.was_initialized:
-            self.initialize()
+        ckpt = self._checkpoint_to_load(filename_or_checkpoint)
+        if ckpt is None:
+            return  # --c, but no checkpoint loads: pretraining starts from scratch (logged)
         meta = ckpt.get("bsf_metadata", {})
-        self._restore_architecture(saved_arch_kwargs(ckpt, self.configuration_name), where)
         if int(meta.get("stage", 1)) >= 2 and self.bsf_stage < 2:
             self._enter_stage2(meta.get("parent"))
         self._module.load_state_dict(ckpt["network_weights"])
