@@ -89,6 +89,23 @@ def lost_rank_message(rank: int, world_size: int, gone, remote, error: str) -> s
             f"continue. A rank that hangs instead of dying stops the others after {DIST_TIMEOUT_ENV} seconds.")
 
 
+def _train(a, device) -> None:
+    """Build, load and run the trainer. It lives only inside this call, so that it (and its DDP reducer, which holds
+    the process group) is freed while the interpreter is fully alive: left to interpreter shutdown, gloo's worker
+    threads can outlive what they use and abort the process ("terminate called without an active exception")
+    after training has finished, turning a finished run into a failed one."""
+    import gc
+
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    fold = a.fold if a.fold == "all" else int(a.fold)
+    trainer = get_trainer_from_args(a.dataset_name_or_id, a.configuration, fold, a.tr, a.p, a.c, device=device)
+    maybe_load_checkpoint(trainer, a.c, False, a.pretrained_weights)
+    trainer.run_training()
+    del trainer
+    gc.collect()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bsf_nnunet.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +121,6 @@ def main(argv=None) -> int:
 
     import torch
     import torch.distributed as dist
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     import bsf_nnunet.training  # noqa: F401  (installs the -pretrained_weights handler)
 
@@ -125,10 +141,9 @@ def main(argv=None) -> int:
         _register_rank(store, rank)
     try:
         device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-        fold = a.fold if a.fold == "all" else int(a.fold)
-        trainer = get_trainer_from_args(a.dataset_name_or_id, a.configuration, fold, a.tr, a.p, a.c, device=device)
-        maybe_load_checkpoint(trainer, a.c, False, a.pretrained_weights)
-        trainer.run_training()
+        _train(a, device)
+        if world > 1:
+            dist.barrier()  # every rank has finished before any destroys the group
     except (RuntimeError, SystemExit) as e:
         gone, remote = lost_ranks(store, rank, world) if store is not None else ([], [])
         if not gone and not (store is not None and _collective_failure(e)):
