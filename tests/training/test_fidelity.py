@@ -148,60 +148,86 @@ def _official_scale(raw):
     return np.clip((raw.astype(np.float64) - (-1000.0)) / (1000.0 - (-1000.0)) * (1.0 - 0.0) + 0.0, 0.0, 1.0)
 
 
-def test_official_ssl_intensity_matches_the_official_scaling():
-    """bsf_ssl_intensity = "official" (issue #31.5): crops from nnU-Net's z-scored case equal the official
-    ScaleIntensityRange of the raw crop (exactly when the case has the dataset's raw foreground mean/sd, which the
-    estimate assumes), padding 0 (SpatialPadd), inpainting noise min-max scaled to [0, 1]; the same losses on the toy
-    network. Off ("nnunet"): the preprocessed values and the crop-range noise, as before."""
-    import numpy as np
-    import pytest
+SHAPE = (40, 28, 36)  # (z, y, x); y and x smaller than the (32, 32, 64) crop: padded
+CROP = (32, 32, 64)  # the toy network needs 64 on one axis; the rotation plane (y, z) is square
 
-    from bsf_nnunet.errors import ConfigurationError
-    from bsf_nnunet.ssl.losses import SSLLoss
-    from bsf_nnunet.ssl.views import make_views
-    from bsf_nnunet.training import BSFPretrainTrainer, BSFPretrainTrainer_official
-    from bsf_nnunet.training.ssl_data import OfficialIntensity, SSLCropLoader
+
+def _raw_and_zscored_case():
+    """A two-channel raw case (some values above 1000: clipped), its nnU-Net z-scored copy and the plans' foreground
+    intensity properties that describe it."""
+    import numpy as np
 
     rng = np.random.default_rng(0)
-    shape = (40, 28, 36)  # (z, y, x); y and x smaller than the (32, 32, 64) crop: padded
-    crop = (32, 32, 64)  # the toy network needs 64 on one axis; the rotation plane (y, z) is square
-    fg = np.zeros(shape, bool)
+    fg = np.zeros(SHAPE, bool)
     fg[4:36, 3:25, 5:31] = True
-    raw = np.where(fg[None], rng.uniform(50, 1600, (2,) + shape), 0.0)  # two channels, some above 1000 (clipped)
+    raw = np.where(fg[None], rng.uniform(50, 1600, (2,) + SHAPE), 0.0)
     mean, std = raw[:, fg].mean(1), raw[:, fg].std(1)
     z = np.where(fg[None], (raw - mean[:, None, None, None]) / std[:, None, None, None], 0.0).astype(np.float32)
     seg = np.where(fg, 0, -1).astype(np.int8)[None]  # nnU-Net: -1 outside the non-zero mask
+    plans = {"foreground_intensity_properties_per_channel": {
+        str(c): {"mean": float(mean[c]), "std": float(std[c])} for c in range(2)}}
+    return raw, z, seg, plans
+
+
+def _loader_crops(z, seg, intensity=None):
+    import numpy as np
+
+    from bsf_nnunet.training.ssl_data import SSLCropLoader
 
     class Case:
         def load_case(self, ident):
             return z, seg, None, {}
 
-    plans = {"foreground_intensity_properties_per_channel": {
-        str(c): {"mean": float(mean[c]), "std": float(std[c])} for c in range(2)}}
-    kw = dict(crop_size=list(crop), volumes_per_batch=1, crops_per_volume=4, foreground_probability=0.0, seed=3)
-    on = next(SSLCropLoader(Case(), ["a"], intensity=OfficialIntensity.from_plans(plans, 2), **kw))["data"]
-    off = next(SSLCropLoader(Case(), ["a"], **kw))["data"]
-    # the reference: the same crop positions of the raw case, scaled by the official formula, padded with 0
+    kw = dict(crop_size=list(CROP), volumes_per_batch=1, crops_per_volume=4, foreground_probability=0.0, seed=3)
+    return np.asarray(next(SSLCropLoader(Case(), ["a"], intensity=intensity, **kw))["data"])
+
+
+def _reference_crops(raw, z):
+    """The loader's crop positions (seed 3) cut from the raw case by hand: scaled by the official formula and padded
+    with 0, and from the z-scored case padded with its crop minimum (nnU-Net's values)."""
+    import numpy as np
+
     ref_raw, ref_z = [], []
     rs = np.random.default_rng([3, 0, 0])
     for _ in range(4):
-        c = [int(rs.integers(0, s)) for s in shape]
+        c = [int(rs.integers(0, s)) for s in SHAPE]
         rs.random()
-        lo = [min(max(cc - n // 2, min(0, s - n)), max(0, s - n)) for cc, s, n in zip(c, shape, crop)]
-        src = tuple(slice(max(a, 0), min(a + n, s)) for a, s, n in zip(lo, shape, crop))
+        lo = [min(max(cc - n // 2, min(0, s - n)), max(0, s - n)) for cc, s, n in zip(c, SHAPE, CROP)]
+        src = tuple(slice(max(a, 0), min(a + n, s)) for a, s, n in zip(lo, SHAPE, CROP))
         dst = tuple(slice(max(a, 0) - a, max(a, 0) - a + (sl.stop - sl.start)) for a, sl in zip(lo, src))
-        r, q = np.zeros((2,) + crop), np.zeros((2,) + crop, np.float32)
+        r, q = np.zeros((2,) + CROP), np.zeros((2,) + CROP, np.float32)
         r[(slice(None),) + dst] = _official_scale(raw[(slice(None),) + src])
         q[:] = z[(slice(None),) + src].min(axis=(1, 2, 3), keepdims=True)
         q[(slice(None),) + dst] = z[(slice(None),) + src]
         ref_raw.append(r)
         ref_z.append(q)
-    np.testing.assert_allclose(on, np.stack(ref_raw), atol=1e-5)
-    assert on.min() == 0.0 and on.max() == 1.0 and (on == 0.5).any()  # padding 0, clipped, background 0.5
-    np.testing.assert_array_equal(off, np.stack(ref_z))  # off: nnU-Net's values, unchanged
+    return np.stack(ref_raw), np.stack(ref_z)
 
-    # views: the official noise is N(0, 1) min-max scaled to [0, 1] (pretrain/utils/ops.py:39-41), whatever the crop
-    crops = torch.from_numpy(on)
+
+def test_official_ssl_intensity_matches_the_official_scaling():
+    """bsf_ssl_intensity = "official" (issue #31.5): crops from nnU-Net's z-scored case equal the official
+    ScaleIntensityRange of the raw crop (exactly when the case has the dataset's raw foreground mean/sd, which the
+    estimate assumes), padding 0 (SpatialPadd). Off ("nnunet"): the preprocessed values, as before."""
+    import numpy as np
+
+    from bsf_nnunet.training.ssl_data import OfficialIntensity
+
+    raw, z, seg, plans = _raw_and_zscored_case()
+    on = _loader_crops(z, seg, OfficialIntensity.from_plans(plans, 2))
+    ref_raw, ref_z = _reference_crops(raw, z)
+    np.testing.assert_allclose(on, ref_raw, atol=1e-5)
+    assert on.min() == 0.0 and on.max() == 1.0 and (on == 0.5).any()  # padding 0, clipped, background 0.5
+    np.testing.assert_array_equal(_loader_crops(z, seg), ref_z)  # off: nnU-Net's values, unchanged
+
+
+def test_official_inpainting_noise_is_min_max_scaled():
+    """The official noise is N(0, 1) min-max scaled to [0, 1] (pretrain/utils/ops.py:39-41), whatever the crop;
+    ours (the default) follows the crop's range."""
+    from bsf_nnunet.ssl.views import make_views
+    from bsf_nnunet.training.ssl_data import OfficialIntensity
+
+    raw, z, seg, plans = _raw_and_zscored_case()
+    crops = torch.from_numpy(_loader_crops(z, seg, OfficialIntensity.from_plans(plans, 2)))
     v = make_views(crops, torch.Generator().manual_seed(1), mode="noise", noise_range=(0.0, 1.0))
     for i in range(v["views"].shape[0]):
         painted = v["views"][i][v["masks"][i].expand_as(v["views"][i])]
@@ -215,11 +241,19 @@ def test_official_ssl_intensity_matches_the_official_scaling():
     assert torch.equal(v_off["views"], make_views(shifted, torch.Generator().manual_seed(1), mode="noise",
                                                   noise_range=None)["views"])
 
-    # the toy network sees the same inputs and targets as the reference: the same three losses
+
+def test_official_intensity_gives_the_official_losses():
+    """The toy network sees the same inputs and targets as the hand-made reference: the same three losses."""
+    from bsf_nnunet.ssl.losses import SSLLoss
+    from bsf_nnunet.ssl.views import make_views
+    from bsf_nnunet.training.ssl_data import OfficialIntensity
+
+    raw, z, seg, plans = _raw_and_zscored_case()
+    crops = torch.from_numpy(_loader_crops(z, seg, OfficialIntensity.from_plans(plans, 2)))
     torch.manual_seed(0)
     model = BSFSSLModel(2, **variant_arch_kwargs("toy"))
     losses = []
-    for x in (crops, torch.from_numpy(np.stack(ref_raw)).float()):
+    for x in (crops, torch.from_numpy(_reference_crops(raw, z)[0]).float()):
         w = make_views(x, torch.Generator().manual_seed(2), noise_range=(0.0, 1.0))
         with torch.no_grad():
             rot, con, rec = model(w["views"])
@@ -227,7 +261,16 @@ def test_official_ssl_intensity_matches_the_official_scaling():
     for k in ("rot", "con", "rec"):
         assert torch.allclose(losses[0][k], losses[1][k], atol=1e-4), k
 
-    # the switch: a class attribute, "official" in BSFPretrainTrainer_official; refused when misspelt
+
+def test_official_intensity_switch():
+    """A class attribute, "official" in BSFPretrainTrainer_official; refused when misspelt or without the plans'
+    intensity properties."""
+    import pytest
+
+    from bsf_nnunet.errors import ConfigurationError
+    from bsf_nnunet.training import BSFPretrainTrainer, BSFPretrainTrainer_official
+    from bsf_nnunet.training.ssl_data import OfficialIntensity
+
     assert BSFPretrainTrainer.bsf_ssl_intensity == "nnunet"
     assert BSFPretrainTrainer_official.bsf_ssl_intensity == "official"
     t = object.__new__(BSFPretrainTrainer_official)
@@ -236,7 +279,7 @@ def test_official_ssl_intensity_matches_the_official_scaling():
         pass
 
     t.plans_manager, t.num_input_channels = PM(), 2
-    t.plans_manager.plans = plans
+    t.plans_manager.plans = _raw_and_zscored_case()[3]
     assert isinstance(t._ssl_intensity(), OfficialIntensity) and t._noise_range() == (0.0, 1.0)
     d = object.__new__(BSFPretrainTrainer)
     assert d._ssl_intensity() is None and d._noise_range() is None

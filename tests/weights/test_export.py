@@ -8,8 +8,8 @@ from monai.networks.nets import SwinUNETR
 
 from bsf_nnunet.cli.main import main
 from bsf_nnunet.network import BSFSwinUNETR, LegacyPatchMerging
+from bsf_nnunet.weights import description, load_checkpoint, transfer_weights
 from bsf_nnunet.weights import export as export_mod
-from bsf_nnunet.weights import load_checkpoint, transfer_weights
 from bsf_nnunet.weights.import_model import import_model
 
 TOY = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24))
@@ -56,7 +56,7 @@ def test_monai_state_dict_round_trip(results, tmp_path, merging, axis_order):
     assert meta["normalization"] == ["ZScoreNormalization"] * 2 and set(meta["intensity_properties"]) == set(CHANNELS)
     assert meta["source"]["trainer"] == "BSFTrainer_imported" and meta["source"]["fold"] == "all"
     kwargs = dict(meta["monai"]["kwargs"])
-    assert kwargs["downsample"] == export_mod.MONAI_DOWNSAMPLE[merging] and kwargs["use_v2"] is False
+    assert kwargs["downsample"] == description.MONAI_DOWNSAMPLE[merging] and kwargs["use_v2"] is False
     if merging == "legacy":  # MONAI >= 1.5 has no string option for it
         kwargs["downsample"] = LegacyPatchMerging
     sd = torch.load(out / "model.pt", weights_only=True)
