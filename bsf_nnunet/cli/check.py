@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 
+from ..paths import nnunet_folder
 from .main import CLIError
 
 EPILOG = ("Checks dataset.json, the file layout (all channels and a label per case), shapes and affines, NaN/Inf "
@@ -48,7 +49,7 @@ def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
     """The dataset folder that ``-d`` names: an ID or a DatasetXXX_Name in ``$root_var`` (the raw datasets by
     default), or a folder path."""
     spec = spec.strip()
-    raw = os.environ.get(root_var)
+    raw = nnunet_folder(root_var, required=False)
     is_id = spec.isdigit()
     is_name = bool(re.fullmatch(r"Dataset\d{3}_[^/\\]+", spec))
     if not is_id and os.path.isdir(spec):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 from ..errors import BSFError
+from ..paths import nnunet_folder
 from .cases import AFFINE_RTOL, NIFTI_ENDINGS
 
 FILE_ENDING = ".nii.gz"
@@ -69,10 +70,7 @@ def safe_case_id(name: str) -> str:
 
 def resolve_raw_root(out: Optional[str]) -> str:
     """``--out`` if given, else ``$nnUNet_raw``; a clear error when neither is set."""
-    root = out or os.environ.get("nnUNet_raw")
-    if not root:
-        raise ConversionError("where should the dataset go? Set the environment variable nnUNet_raw (nnU-Net's raw "
-                              "data folder, e.g. export nnUNet_raw=/data/nnUNet_raw) or pass -o/--out FOLDER.")
+    root = out or nnunet_folder("nnUNet_raw", instead="pass -o/--out FOLDER (where the dataset should go)")
     return os.path.abspath(os.path.expanduser(root))
 
 

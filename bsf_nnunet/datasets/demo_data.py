@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from ..io import atomic_write_json
+from ..paths import nnunet_folder
 from .convert import other_datasets_with_id
 from .convert_cases import save_nifti_atomic
 from .convert_report import write_dataset_json
@@ -255,10 +256,7 @@ def _one_case(src_key: str, split: int, i: int, rng: np.random.Generator, spacin
 def _check_build_args(raw_dir, dataset_id, name: str, num_train: int, num_test: int) -> str | os.PathLike:
     """The raw folder (default ``$nnUNet_raw``); clear errors for unusable arguments."""
     if raw_dir is None:
-        raw_dir = os.environ.get("nnUNet_raw")
-        if not raw_dir:
-            raise DemoDataError("No raw_dir given and $nnUNet_raw is not set. Fix: pass raw_dir or "
-                                "export nnUNet_raw=/path/to/nnUNet_raw.")
+        raw_dir = nnunet_folder("nnUNet_raw", instead="pass raw_dir")
     if not (isinstance(dataset_id, (int, np.integer)) and 1 <= int(dataset_id) <= 999):
         raise ValueError(f"dataset_id must be an integer in 1..999, got {dataset_id!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):

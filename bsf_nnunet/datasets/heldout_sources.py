@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BSFError
 from ..settings import value
+from .cases import affine_mismatch
 
 # FreeSurfer aseg labels (FreeSurferColorLUT) -> demo classes 1 CSF, 2 GM, 3 WM; everything else background
 ASEG_CSF = (4, 5, 14, 15, 24, 31, 43, 44, 63, 72)
@@ -145,7 +146,7 @@ def _image_on_label_grid(image: np.ndarray, img_aff: np.ndarray, shape, lab_aff:
     """The image sampled (linear) at the voxel centres of the label grid (same world; labels keep their detail)."""
     from scipy import ndimage
 
-    if image.shape == tuple(shape) and np.allclose(lab_aff, img_aff, atol=1e-3):
+    if image.shape == tuple(shape) and affine_mismatch(img_aff, lab_aff) is None:
         return image
     to_img = np.linalg.inv(img_aff) @ lab_aff                 # label index -> image index (axis-aligned grids)
     axes = [to_img[a, a] * np.arange(shape[a]) + to_img[a, 3] for a in range(3)]

@@ -9,17 +9,10 @@ import json
 import os
 from typing import List, Optional
 
+from ..paths import NNUNET_FOLDERS, nnunet_folder
+
 LAYOUT_FILE = "lowdata.json"
 SPLITS_FILE = "splits_final.json"
-
-
-def env_folder(name: str) -> str:
-    """The folder in environment variable ``name`` (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)."""
-    value = os.environ.get(name)
-    if not value:
-        raise ValueError(f"{name} is not set. Export it (e.g. export {name}=/data/{name}) as for any nnU-Net command; "
-                         f"see nnU-Net's documentation/setting_up_paths.md.")
-    return value
 
 
 def resolve_dataset(dataset) -> str:
@@ -32,34 +25,33 @@ def resolve_dataset(dataset) -> str:
         raise ValueError(f"Dataset {dataset!r} is neither an integer ID nor a name starting with 'Dataset'. Give -d "
                          f"as an ID (e.g. 4) or a full name (e.g. Dataset004_Hippocampus).") from e
     except RuntimeError as e:
+        where = ", ".join(f"{k}={nnunet_folder(k, required=False)}" for k in NNUNET_FOLDERS)
         raise ValueError(
             f"Could not resolve dataset {dataset!r}: {' '.join(str(e).split())} Check the ID, that the dataset "
-            f"exists in one of these folders (nnUNet_raw={os.environ.get('nnUNet_raw')}, nnUNet_preprocessed="
-            f"{os.environ.get('nnUNet_preprocessed')}, nnUNet_results={os.environ.get('nnUNet_results')}) and that "
+            f"exists in one of these folders ({where}) and that "
             f"exactly one folder name starts with Dataset{int(dataset) if str(dataset).isdigit() else dataset}_."
         ) from e
 
 
 def raw_dataset_dir(dataset_name: str):
-    """``$nnUNet_raw/<dataset>``, or None when nnUNet_raw is not set (the raw data is optional to these tools).
-    Read at call time, not through ``nnunetv2.paths`` (fixed when nnU-Net is first imported)."""
-    root = os.environ.get("nnUNet_raw")
+    """``$nnUNet_raw/<dataset>``, or None when nnUNet_raw is not set (the raw data is optional to these tools)."""
+    root = nnunet_folder("nnUNet_raw", required=False)
     return os.path.join(root, dataset_name) if root else None
 
 
 def preprocessed_dir(dataset_name: str) -> str:
-    return os.path.join(env_folder("nnUNet_preprocessed"), dataset_name)
+    return os.path.join(nnunet_folder("nnUNet_preprocessed"), dataset_name)
 
 
 def results_dir(dataset_name: str) -> str:
-    return os.path.join(env_folder("nnUNet_results"), dataset_name)
+    return os.path.join(nnunet_folder("nnUNet_results"), dataset_name)
 
 
 def fold_dir(dataset_name: str, trainer: str, plans: str, configuration: str, fold: int) -> str:
     """nnU-Net's output folder of one training: <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<F>."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    env_folder("nnUNet_results")  # our ValueError with the fix when it is not set (nnU-Net raises a RuntimeError)
+    nnunet_folder("nnUNet_results")  # unset: our ConfigurationError with the fix (nnU-Net: RuntimeError)
     return get_output_folder(dataset_name, trainer, plans, configuration, fold)
 
 

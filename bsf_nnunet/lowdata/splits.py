@@ -29,10 +29,10 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ..io import atomic_path, atomic_write_text
+from ..paths import nnunet_folder
 from .common import (
     LAYOUT_FILE,
     SPLITS_FILE,
-    env_folder,
     fmt_fraction,
     fold_test,
     preprocessed_dir,
@@ -373,7 +373,7 @@ def create_splits(dataset, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.
     """
     check_settings(fractions, repeats, test_fraction)
     name = resolve_dataset(dataset)
-    env_folder("nnUNet_preprocessed")
+    nnunet_folder("nnUNet_preprocessed")
     pre = preprocessed_dir(name)
     splits_path = os.path.join(pre, SPLITS_FILE)
     layout_path = os.path.join(pre, LAYOUT_FILE)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigurationError
 from ..io import atomic_write_json
+from ..paths import nnunet_folder
 from .presets import bsf_plans_defaults
 from .swin_config import check_user_patch, derive_swin_configuration
 
@@ -75,13 +76,10 @@ def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Opt
         plan_experiment_dataset,
         preprocess_dataset,
     )
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    for var, env in ((nnUNet_raw, "nnUNet_raw"), (nnUNet_preprocessed, "nnUNet_preprocessed")):
-        if not var.is_set():
-            raise ConfigurationError(f"Environment variable {env} is not set: set it as for "
-                                     "nnUNetv2_plan_and_preprocess.")
+    nnunet_folder("nnUNet_raw")
+    preprocessed = nnunet_folder("nnUNet_preprocessed")
     defaults = bsf_plans_defaults()
     variant = variant or defaults["variant"]
     patch_size = list(patch_size or defaults["patch_size"])
@@ -95,12 +93,12 @@ def plan_dataset(dataset_id: int, variant: Optional[str] = None, patch_size: Opt
         dataset_name = maybe_convert_to_dataset_name(int(dataset_id))
     except RuntimeError as e:
         raise ConfigurationError(f"Dataset {dataset_id}: {e}") from None
-    fp = os.path.join(str(nnUNet_preprocessed), dataset_name, "dataset_fingerprint.json")
+    fp = os.path.join(preprocessed, dataset_name, "dataset_fingerprint.json")
     if not os.path.isfile(fp):
         extract_fingerprint_dataset(int(dataset_id), num_processes=num_processes, check_dataset_integrity=True)
     _, plans_id = plan_experiment_dataset(int(dataset_id), ExperimentPlanner, overwrite_target_spacing=spacing,
                                           overwrite_plans_name=plans_name)
-    plans_file = os.path.join(str(nnUNet_preprocessed), dataset_name, plans_id + ".json")
+    plans_file = os.path.join(preprocessed, dataset_name, plans_id + ".json")
     with open(plans_file) as f:
         plans = json.load(f)
     new, notes = make_bsf_plans(plans, plans_name, variant, patch_size, batch_size, normalization=normalization)

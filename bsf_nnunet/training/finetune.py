@@ -81,10 +81,11 @@ class BSFTrainer(BSFTrainerBase):
 
     # ------------------------------------------------------------------ stage chaining
     def _chained_checkpoint(self):
-        from nnunetv2.paths import nnUNet_results
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-        if not nnUNet_results.is_set() or not self.bsf_pretrain_trainer:
+        from ..paths import nnunet_folder
+
+        if nnunet_folder("nnUNet_results", required=False) is None or not self.bsf_pretrain_trainer:
             return None
         from .handover import finished_checkpoint, handover_checkpoint
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..datasets.check import NIFTI_ENDINGS, count_nonfinite_voxels, nonfinite_finding
 from ..errors import BSFError
 from ..io import atomic_write_json
+from ..paths import nnunet_folder
 
 FOLD_LOCK_NAME = ".bsf_train.lock"
 FINITE_STAMP_NAME = ".bsf_finite_check.json"
@@ -232,15 +233,14 @@ def before_training(trainer) -> None:
     log = trainer.print_to_log_file
     try:
         trainer.bsf_fold_lock = hold_fold_lock(trainer.output_folder, trainer.__class__.__name__, log)
-        from nnunetv2.paths import nnUNet_raw
-
         dataset = trainer.plans_manager.dataset_name
-        if not nnUNet_raw.is_set():
+        raw = nnunet_folder("nnUNet_raw", required=False)
+        if raw is None:
             log("Raw-image NaN/Inf check skipped: nnUNet_raw is not set.")
             return
         hint = (f"re-run nnUNetv2_plan_and_preprocess -d {int(dataset[7:10])} -c {trainer.configuration_name} "
                 f"(or your bsf-nnunet plan command) and train again")
-        check_raw_images(os.path.join(str(nnUNet_raw), dataset), trainer.preprocessed_dataset_folder_base, log, hint)
+        check_raw_images(os.path.join(raw, dataset), trainer.preprocessed_dataset_folder_base, log, hint)
     except (FoldBusyError, RawDataError) as e:
         log(str(e))
         raise

@@ -124,10 +124,12 @@ def orientation_counts(files: Sequence[str]) -> Dict[str, int]:
 def raw_training_orientations(dataset_name: str, dataset_json: Optional[dict] = None) -> Optional[Dict[str, int]]:
     """Orientations of the first channel of up to MAX_HEADERS raw training images of ``dataset_name`` in
     $nnUNet_raw; None without a raw dataset or NIfTI images."""
-    from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    folder = os.path.join(nnUNet_raw, dataset_name) if nnUNet_raw and dataset_name else None
+    from ..paths import nnunet_folder
+
+    raw = nnunet_folder("nnUNet_raw", required=False)
+    folder = os.path.join(raw, dataset_name) if raw and dataset_name else None
     if folder is None or not os.path.isdir(folder):
         return None
     try:

@@ -26,6 +26,7 @@ import torch
 from ..errors import BSFError
 from ..io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..network.cpu_engine import ONNX_OPSET, export_onnx_file
+from ..paths import nnunet_folder
 from ..planning.swin_config import NETWORK_CLASS_NAME
 from .description import channel_names, model_description
 from .loader import SAFETENSORS_METADATA_FILE, load_checkpoint
@@ -63,12 +64,10 @@ class ExportSource:
 # ---------------------------------------------------------------------------------------------------- reading
 def results_fold_folder(dataset: str, trainer: str, plans: str, configuration: str, fold: str) -> str:
     """``$nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONF/fold_F`` (as nnUNetv2_predict), checked to exist."""
-    from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    if not nnUNet_results.is_set():
-        raise ExportError("nnUNet_results is not set: set it to the folder nnUNetv2_train wrote to.")
+    results = nnunet_folder("nnUNet_results")  # the folder nnUNetv2_train wrote to
     if fold != "all" and not str(fold).isdigit():
         raise ExportError(f"fold must be a number or 'all' (as for nnUNetv2_predict -f), got {fold!r}.")
     try:
@@ -77,7 +76,7 @@ def results_fold_folder(dataset: str, trainer: str, plans: str, configuration: s
         raise ExportError(f"Dataset {dataset!r}: {str(e).splitlines()[0]}") from None
     folder = get_output_folder(name, trainer, plans, configuration)
     if not os.path.isdir(folder):
-        there = os.path.join(str(nnUNet_results), name)
+        there = os.path.join(results, name)
         found = sorted(os.listdir(there)) if os.path.isdir(there) else []
         raise ExportError(f"No results folder {folder}: train it with nnUNetv2_train {dataset} {configuration} "
                           f"FOLD -tr {trainer} -p {plans}" + (f" (results of {name}: {', '.join(found)})" if found

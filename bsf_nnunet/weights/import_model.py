@@ -24,6 +24,7 @@ import os
 from typing import Optional, Sequence
 
 from ..io import atomic_folder, atomic_torch_save, atomic_write_json
+from ..paths import nnunet_folder
 from ..planning.presets import get_variant
 from ..planning.swin_config import NETWORK_CLASS_NAME, check_user_patch
 from .restore import restore_network
@@ -233,9 +234,7 @@ def import_model(checkpoint: str, dataset_id: int, channels: Optional[Sequence[s
     from .hub import resolve_checkpoint
 
     if results is None:
-        results = os.environ.get("nnUNet_results")
-        if not results:
-            raise ValueError("nnUNet_results is not set: set it (as for nnUNetv2_predict) or pass --results.")
+        results = nnunet_folder("nnUNet_results", instead="pass --results FOLDER")
     patch, note = check_user_patch(patch, allow_round=False)
     resolved = resolve_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     channels, regions, merging, axis_order = _settings(checkpoint, resolved.entry, channels, regions, merging,

@@ -236,7 +236,9 @@ def test_build_is_byte_reproducible(tmp_path):
 
 def test_raw_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    with pytest.raises(dd.DemoDataError, match="nnUNet_raw"):
+    from bsf_nnunet.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="nnUNet_raw is not set.*or pass raw_dir"):
         dd.build_demo_dataset(None, source="synthetic")
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
     p = dd.build_demo_dataset(None, dataset_id=993, num_train=1, num_test=0, source="synthetic")
