@@ -67,7 +67,7 @@ def test_training_orientations_recorded_or_read_from_raw(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     for i in range(3):
         _nii(raw / "Dataset999_None" / "imagesTr" / f"t{i}_0000.nii.gz", SWAP_IJ if i == 0 else None)
-    monkeypatch.setattr("nnunetv2.paths.nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_raw", str(raw))  # read through nnunetv2.paths at call time
     dj = {"file_ending": ".nii.gz", "channel_names": {"0": "T1"}}
     assert training_orientations(_plans(), {"bsf": {}}, dj) == {"RAS": 2, "ARS": 1}
     assert training_orientations(dict(_plans(), dataset_name="Dataset998_Gone"), {}, dj) is None
