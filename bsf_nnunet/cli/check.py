@@ -49,7 +49,6 @@ def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
     """The dataset folder that ``-d`` names: an ID or a DatasetXXX_Name in ``$root_var`` (the raw datasets by
     default), or a folder path."""
     spec = spec.strip()
-    raw = nnunet_folder(root_var, required=False)
     is_id = spec.isdigit()
     is_name = bool(re.fullmatch(r"Dataset\d{3}_[^/\\]+", spec))
     if not is_id and os.path.isdir(spec):
@@ -57,9 +56,7 @@ def resolve_dataset_folder(spec: str, root_var: str = "nnUNet_raw") -> str:
     if not (is_id or is_name):
         raise CLIError(f"{spec} is not a folder (and not a dataset ID such as 4 or a name such as "
                        f"Dataset004_Hippocampus). Pass the path of the dataset folder.")
-    if not raw:
-        raise CLIError(f"-d {spec} is looked up in ${root_var}, but the environment variable {root_var} is not set. "
-                       f"Set it (export {root_var}=/path/to/{root_var}) or pass the dataset folder path instead.")
+    raw = nnunet_folder(root_var, instead=f"pass the dataset folder path (-d {spec} is looked up in ${root_var})")
     if not os.path.isdir(raw):
         raise CLIError(f"${root_var} is {raw}, which is not a folder. Fix the environment variable or pass the "
                        f"dataset folder path instead.")

@@ -35,6 +35,7 @@ from ..errors import BSFError, ConfigurationError
 from ..io import DiskFullError
 from ..planning.presets import get_variant
 from ..planning.swin_config import NETWORK_CLASS_NAME, derive_swin_configuration
+from ..weights.description import channel_names
 from ..weights.restore import SIZE_KEYS, arch_conflicts, build_network
 from .precision import CPU_BF16_ENV, bf16_supported, cpu_has_native_bf16
 from .preemption import PreemptionMixin, StopRequested
@@ -165,8 +166,7 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ pretrained weights
     def target_channel_names(self) -> list:
-        cn = self.dataset_json["channel_names"]
-        return [str(cn[k]) for k in sorted(cn, key=int)]
+        return channel_names(self.dataset_json)
 
     def load_bsf_pretrained(self, path: str, how: str = "-pretrained_weights") -> None:
         """Initialise from any supported checkpoint (ours, nnU-Net's, official MONAI SSL/fine-tuned, raw), given as

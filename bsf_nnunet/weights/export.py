@@ -36,6 +36,8 @@ from .restore import restore_network, trained_architecture
 TARGETS = ("monai", "onnx", "hub", "nnssl")
 METADATA_FILE = SAFETENSORS_METADATA_FILE  # bsf_model.json: the loader reads it beside a .safetensors file
 ONNX_RELATIVE_TOLERANCE = 1e-3  # max |onnxruntime - torch| / max |torch|
+
+
 class ExportError(BSFError, ValueError):
     """Bad export input (folder, fold, checkpoint, output folder) or a failed check; the message says what to do."""
 
