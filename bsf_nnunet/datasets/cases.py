@@ -2,7 +2,8 @@
 (:mod:`.check_raw`, :mod:`.check_predict`), the converters (:mod:`.convert`) and the training guards.
 
 * :func:`load_nifti` / :func:`read_voxels` read a file (nibabel, one file at a time: SimpleITK, which nnU-Net uses,
-  silently reads NaN/Inf voxels as 0) and :func:`diagnose_unreadable` says why a file could not be read;
+  silently reads NaN/Inf voxels as 0), :func:`canonical_voxels` reads an image turned to RAS+ (the demo's and the
+  held-out sources' templates), and :func:`diagnose_unreadable` says why a file could not be read;
 * :func:`count_nonfinite` / :func:`count_nonfinite_voxels` count NaN/Inf voxels;
 * :func:`affine_mismatch` compares two affines with THE affine tolerance of the package, :func:`affine_tolerance`:
   :data:`AFFINE_RTOL` times the smallest voxel size of the reference file. A tolerance relative to the voxel size is
@@ -61,6 +62,14 @@ def load_nifti(path: str):
 def read_voxels(img) -> np.ndarray:
     """All voxels of a nibabel image (raises for a truncated or damaged file)."""
     return np.asanyarray(img.dataobj)
+
+
+def canonical_voxels(img, dtype=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(voxels, float64 affine) of a nibabel image turned to the closest RAS+ orientation (``as_closest_canonical``)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(img)
+    return np.asarray(img.dataobj, dtype=dtype), np.asarray(img.affine, dtype=np.float64)
 
 
 def error_text(e: BaseException, path: str, rel: str) -> str:

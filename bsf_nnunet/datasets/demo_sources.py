@@ -13,6 +13,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from ..errors import BSFError
+from .cases import canonical_voxels
 from .heldout_sources import HELDOUT_SOURCES, load_heldout_head
 
 ICBM_FILES: dict[str, str] = {
@@ -69,8 +70,7 @@ def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+        return canonical_voxels(nib.load(str(path)), dtype=np.float32)
     except Exception as e:  # corrupt / truncated file
         raise DemoDataError(f"Could not read template file {path}: {e}. "
                             f"Fix: pip install --force-reinstall nilearn") from e
@@ -251,11 +251,8 @@ def _check_file(path: Path, dist: str) -> Path:
 
 
 def _nifti_canonical(img, name: str) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
     try:
-        img = nib.as_closest_canonical(img)
-        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+        return canonical_voxels(img, dtype=np.float32)
     except Exception as e:
         raise DemoDataError(f"Could not read the demo source file {name}: {e}. Fix: reinstall its package.") from e
 

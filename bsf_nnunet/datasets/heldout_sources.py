@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import BSFError
 from ..settings import value
-from .cases import affine_mismatch
+from .cases import affine_mismatch, canonical_voxels
 
 # FreeSurfer aseg labels (FreeSurferColorLUT) -> demo classes 1 CSF, 2 GM, 3 WM; everything else background
 ASEG_CSF = (4, 5, 14, 15, 24, 31, 43, 44, 63, 72)
@@ -135,13 +135,6 @@ def _read_member(wheel: Path, member: str):
     return kind.from_file_map(kind.make_file_map({"image": io.BytesIO(raw), "header": io.BytesIO(raw)}))
 
 
-def _canonical(img) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(img)
-    return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
-
-
 def _image_on_label_grid(image: np.ndarray, img_aff: np.ndarray, shape, lab_aff: np.ndarray) -> np.ndarray:
     """The image sampled (linear) at the voxel centres of the label grid (same world; labels keep their detail)."""
     from scipy import ndimage
@@ -159,8 +152,8 @@ def load_heldout_head(name: str, folder: Path | None = None, download: bool = Tr
     the labels' grid (the image is interpolated where the labels are finer)."""
     spec = HELDOUT_SOURCES[name]
     wheel = wheel_path(name, folder, download)
-    image, img_aff = _canonical(_read_member(wheel, spec.t1))
-    labels, lab_aff = _canonical(_read_member(wheel, spec.labels))
+    image, img_aff = canonical_voxels(_read_member(wheel, spec.t1))
+    labels, lab_aff = canonical_voxels(_read_member(wheel, spec.labels))
     image = np.asarray(image, np.float32)
     if image.ndim != 3 or labels.ndim != 3:
         raise DataPackageError(f"{wheel}: expected 3D images, got {image.shape} and {labels.shape}",
