@@ -7,13 +7,13 @@ CPU forwards through it; everything else (training, gradients, autocast, CUDA, t
 ``BSF_CPU_ENGINE=openvino|onnxruntime|torch`` chooses (default: the first of these that is installed; ``torch`` is
 the exact PyTorch fp32 path). The network is exported once per window shape and weights with the legacy TorchScript
 exporter (opset 18, fixed shape) into ``BSF_CACHE_DIR`` (default ``~/.cache/bsf_nnunet/onnx``), named by a digest of
-the weights, architecture, shape and library versions, so later runs of the same model reuse the file; OpenVINO
-also keeps its compiled model there (``openvino/``: a Small model at 96^3 compiles in 18-32 s on 2 cores and loads
-from the cache in under 1 s). ONNX Runtime computes in fp32; OpenVINO in bf16 where the CPU computes bf16 natively
-(AVX512-BF16, AMX; ``BSF_CPU_BF16`` decides, as for training), else fp32. In-process the compiled model is kept
-until the weights change (nnU-Net's predictor loads each fold's weights into the same network; the change is seen
-from the parameters' version counters and data pointers). Any export or engine failure falls back to PyTorch for that
-network with one printed line, never a crash.
+the weights, architecture, shape and library versions, so later runs of the same model reuse the file; OpenVINO also
+keeps its compiled model there (``openvino/bf16`` or ``openvino/f32``: a Small model at 96^3 compiles in 18-32 s on
+2 cores and loads from the cache in under 1 s). ONNX Runtime computes in fp32; OpenVINO in bf16 where the CPU
+computes bf16 natively (AVX512-BF16, AMX; ``BSF_CPU_BF16`` decides, as for training), else fp32. In-process the
+compiled model is kept until the weights change (nnU-Net's predictor loads each fold's weights into the same
+network; the change is seen from the parameters' version counters and data pointers). Any export or engine failure
+falls back to PyTorch for that network with one printed line, never a crash.
 
 This module knows nothing about trainers or nnU-Net.
 """
@@ -142,15 +142,18 @@ def open_session(path: str):
 
 def compile_openvino(path: str, cache_dir: str, bf16: bool = False):
     """An OpenVINO CPU model compiled from the ONNX file ``path``: latency mode, PyTorch's thread count, fp32 or
-    (``bf16``) bf16 arithmetic; the compiled model is cached in ``cache_dir`` (a second compilation of the same file
-    with the same precision loads it). The precision is always set explicitly: OpenVINO's own default is bf16 on
-    CPUs with AMX, whatever the user chose."""
+    (``bf16``) bf16 arithmetic; the compiled model is cached in ``cache_dir``/``bf16`` or ``f32`` (a second
+    compilation of the same file with the same precision loads it). The precision is always set explicitly:
+    OpenVINO's own default is bf16 on CPUs with AMX, whatever the user chose. One cache folder per precision because
+    OpenVINO 2026.4 finds an f32-compiled model under the same cache key when bf16 is asked for, and the process then
+    dies of a segmentation fault at the first inference (an AMX CPU; f32 compiled, then bf16 in a new process)."""
     import openvino
 
+    precision = "bf16" if bf16 else "f32"
     core = openvino.Core()
-    core.set_property({"CACHE_DIR": cache_dir})
+    core.set_property({"CACHE_DIR": os.path.join(cache_dir, precision)})
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+              "INFERENCE_PRECISION_HINT": precision}
     return core.compile_model(path, "CPU", config)
 
 

@@ -1,5 +1,7 @@
 """OpenVINO and ONNX Runtime as CPU engines of BSFSwinUNETR inference (bsf_nnunet.network.cpu_engine)."""
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -72,7 +74,7 @@ def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path, engine_clas
     onnx_files = [f for f in os.listdir(tmp_path) if f.endswith(".onnx")]
     assert again.exports == 0 and len(onnx_files) == 2
     if engine_class is OpenVinoEngine:  # the compiled models are cached too
-        assert len(os.listdir(tmp_path / "openvino")) >= 2
+        assert len(os.listdir(tmp_path / "openvino" / "f32")) >= 2
 
 
 def test_openvino_precision_follows_the_bf16_switch(tmp_path, monkeypatch, capsys):
@@ -97,6 +99,27 @@ def test_openvino_precision_follows_the_bf16_switch(tmp_path, monkeypatch, capsy
         got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         # asked for bf16 on a CPU without it, OpenVINO may keep f32 or emulate: only native CPUs are checked
         assert got == precision or (precision == "bf16" and not cpu_has_native_bf16()), got
+
+
+_COMPILE_AND_RUN = """
+import sys, numpy as np
+from bsf_nnunet.network.cpu_engine import compile_openvino
+request = compile_openvino(sys.argv[1], sys.argv[2], bf16=sys.argv[3] == "1").create_infer_request()
+print(float(np.abs(request.infer({0: np.ones(%s, np.float32)})[0]).max()))
+""" % (SHAPE,)
+
+
+def test_openvino_cache_of_one_precision_is_never_loaded_for_the_other(tmp_path):
+    """OpenVINO 2026.4 gives an f32 and a bf16 compilation of one file the same cache key; a new process that asked
+    for bf16 loaded the f32 model and died of a segmentation fault at its first inference (AMX CPU). Each precision
+    has its own cache folder; both orders, each compilation in a fresh process as in nnUNetv2_predict runs."""
+    onnx = str(tmp_path / "toy.onnx")
+    cpu_engine.export_onnx_file(_net(5), SHAPE, onnx)
+    for switch in ("0", "1", "1", "0"):  # compile f32, then bf16 beside it, then load each from the cache
+        done = subprocess.run([sys.executable, "-c", _COMPILE_AND_RUN, onnx, str(tmp_path / "openvino"), switch],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (switch, done.returncode, done.stderr[-2000:])
+    assert sorted(os.listdir(tmp_path / "openvino")) == ["bf16", "f32"]
 
 
 def test_engine_only_for_cpu_fp32_inference():
