@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,12 +30,29 @@ def _predict(args, precision: str, out_dir: str, cache: str) -> float:
     cmd = ["nnUNetv2_predict", "-i", args.i, "-o", out_dir, "-d", args.d, "-c", args.c, "-tr", args.tr, "-f",
            *args.f, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    if f"OpenVINO ({precision}," not in p.stdout:
-        sys.exit(f"the {precision} run did not predict with OpenVINO in {precision}:\n{p.stdout[-2000:]}")
-    return time.perf_counter() - t
+    returncode, output = _run_alone(cmd, env)
+    seconds = time.perf_counter() - t
+    if returncode != 0:
+        how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        sys.exit(f"{' '.join(cmd)} failed ({how}):\n{output[-4000:]}")
+    if f"OpenVINO ({precision}," not in output:
+        sys.exit(f"the {precision} run did not predict with OpenVINO in {precision}:\n{output[-2000:]}")
+    return seconds
+
+
+def _run_alone(cmd, env) -> tuple[int, str]:
+    """(return code, stdout + stderr) of ``cmd`` in its own session. The output goes to a file, not a pipe: when
+    nnUNetv2_predict dies without cleaning up (a crash), its manager and worker processes live on and would hold a
+    pipe open for ever; whatever of the session is left is killed."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        returncode = p.wait()
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.seek(0)
+        return returncode, log.read()
 
 
 def _labels(path):
