@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from domain_randomization import training_transforms
+from domain_randomization import summary, training_transforms
 
 TISSUES = {1: 0.3, 2: 0.6, 3: 1.0}  # CSF, GM, WM: T1-like
 SCALP = 1.3
@@ -70,10 +69,11 @@ def copies(image: np.ndarray, labels: np.ndarray) -> dict:
 
 def train(cases, patch, randomize: bool, steps: int, seed: int):
     from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
+    from bsf_nnunet.planning.presets import variant_arch_kwargs
 
     torch.manual_seed(seed)
     np.random.seed(seed)  # nnU-Net's transforms and the randomization draw from the global generators
-    net = BSFSwinUNETR(1, 4, feature_size=12, depths=(1, 1, 1, 1))
+    net = BSFSwinUNETR(1, 4, **variant_arch_kwargs("toy"))
     optimizer = torch.optim.AdamW(net.parameters(), 2e-3)
     transforms = training_transforms(patch, randomize)
     draws = np.random.default_rng(seed)
@@ -99,8 +99,10 @@ def centre(array: np.ndarray, patch) -> np.ndarray:
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean([2 * ((a == t) & (b == t)).sum() / max(1, (a == t).sum() + (b == t).sum())
-                          for t in TISSUES]))
+    """Mean Dice over the tissues; a tissue absent from both counts 0 (no agreement is claimed for it)."""
+    from bsf_nnunet.dice import dice
+
+    return float(np.mean([dice(a == t, b == t, empty=0.0) for t in TISSUES]))
 
 
 def scores(net, image: np.ndarray, labels: np.ndarray, patch) -> dict:
@@ -144,8 +146,8 @@ def main() -> None:
     for name, rows in results.items():
         cells = []
         for key in ("truth", "inverted", "scalp_x3"):
-            v = [r[key] for r in rows]
-            cells.append(f"{min(v):.2f} / {statistics.median(v):.2f} / {max(v):.2f}")
+            s = summary([r[key] for r in rows])
+            cells.append(f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}")
         print(f"{name:24s} " + " ".join(f"{c:>22s}" for c in cells))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
