@@ -27,11 +27,14 @@ This module knows nothing about trainers or nnU-Net.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import swin_unetr as monai_swin_unetr
 from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR, WindowAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -112,6 +115,40 @@ def _sdpa_window_attention_forward(self: WindowAttention, x, mask):
     return self.proj_drop(self.proj(out))
 
 
+def shift_window_region_ids(dims: Sequence[int], window_size: Sequence[int], shift_size: Sequence[int]) -> np.ndarray:
+    """(windows, tokens per window) float32: the region number of every token of MONAI's shifted-window attention
+    (``compute_mask``: the padded volume ``dims`` cut into 3 slabs per axis by the window and the shift); two tokens
+    of a window may attend to each other where their numbers are equal. Windows in MONAI's ``window_partition``
+    order."""
+    ids = np.zeros(tuple(dims), dtype=np.float32)
+    slabs = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window_size, shift_size)]
+    for number, (d, h, w) in enumerate(itertools.product(*slabs)):
+        ids[d, h, w] = number
+    (nd, wd), (nh, wh), (nw, ww) = ((n // w, w) for n, w in zip(dims, window_size))
+    return ids.reshape(nd, wd, nh, wh, nw, ww).transpose(0, 2, 4, 1, 3, 5).reshape(nd * nh * nw, wd * wh * ww)
+
+
+@contextlib.contextmanager
+def shift_masks_computed_in_graph(anchor: torch.Tensor):
+    """While a forward is traced for export: MONAI's ``compute_mask`` replaced by one that computes the same mask
+    (0 or -100) from the small constant region numbers of :func:`shift_window_region_ids` plus ``anchor``, a zero
+    computed from the input. MONAI's own builds the mask with a Python loop of scatters over a volume; traced, it is a
+    constant subgraph that OpenVINO folds element by element when it compiles (25 of the 29 s for Small at 128^3)
+    and the ONNX exporter folds into a 0.5 GB constant. Tied to the input, the mask is computed when the model runs
+    (measured: same inference time)."""
+
+    def compute_mask(dims, window_size, shift_size, device):
+        ids = torch.from_numpy(shift_window_region_ids(dims, window_size, shift_size)).to(device) + anchor
+        return torch.where(ids.unsqueeze(1) != ids.unsqueeze(2), -100.0, 0.0)
+
+    original = monai_swin_unetr.compute_mask
+    monai_swin_unetr.compute_mask = compute_mask
+    try:
+        yield
+    finally:
+        monai_swin_unetr.compute_mask = original
+
+
 def cpu_attention_recompute_wanted() -> bool:
     """``BSF_CPU_ATTN_RECOMPUTE``: unset or ``1`` recomputes attention matrices in CPU training; ``0`` keeps them."""
     return value(RECOMPUTE_ENV)
@@ -154,13 +191,14 @@ class SDPAWindowAttention(WindowAttention):
 class AutoWindowAttention(WindowAttention):
     """Fused attention on CUDA tensors and without gradients (as MONAI's ``use_flash_attention``); CPU training runs
     MONAI's explicit attention (measured faster there for fs48), with the attention matrices recomputed for the
-    backward pass instead of kept (BSF_CPU_ATTN_RECOMPUTE). Traced for the CPU engines (ONNX export), it is MONAI's
+    backward pass instead of kept (BSF_CPU_ATTN_RECOMPUTE). Traced or exported for the CPU engines, it is MONAI's
     explicit attention too: the fused path's bias (relative-position bias plus shift mask, one per window and head)
     would be a constant that ONNX Runtime and OpenVINO fold into 0.8 GB for a Small model at 96^3, where the
     explicit graph adds the two small constants to the scores."""
 
     def forward(self, x, mask):
-        if (x.is_cuda or not torch.is_grad_enabled()) and not torch.jit.is_tracing():
+        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
+        if (x.is_cuda or not torch.is_grad_enabled()) and not exporting:
             return _sdpa_window_attention_forward(self, x, mask)
         if self.training and not self.attn_drop.p and not torch.compiler.is_compiling() \
                 and cpu_attention_recompute_wanted():

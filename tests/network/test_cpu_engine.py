@@ -1,4 +1,6 @@
 """OpenVINO and ONNX Runtime as CPU engines of BSFSwinUNETR inference (bsf_nnunet.network.cpu_engine)."""
+import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -52,7 +54,7 @@ def test_engine_matches_torch_legacy_zyx(tmp_path, engine_class):
     assert engine.exports == 1 and engine.failed is None and not net.training  # the exporter keeps eval mode
     torch.testing.assert_close(out, _torch_out(net, x), atol=1e-4, rtol=0)
     files = [f for f in os.listdir(tmp_path) if f != "openvino"]  # OpenVINO's compiled-model cache
-    assert len(files) == 1 and files[0].endswith(".onnx"), files  # no temporary left behind
+    assert len(files) == 1 and files[0].endswith(engine.suffix), files  # no temporary left behind
 
 
 @pytest.mark.parametrize("engine_class", ENGINES)
@@ -71,8 +73,8 @@ def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path, engine_clas
     other.cpu_engine = again = engine_class(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(other(x), second, atol=0, rtol=0)
-    onnx_files = [f for f in os.listdir(tmp_path) if f.endswith(".onnx")]
-    assert again.exports == 0 and len(onnx_files) == 2
+    exported = [f for f in os.listdir(tmp_path) if f.endswith(engine.suffix)]
+    assert again.exports == 0 and len(exported) == 2
     if engine_class is OpenVinoEngine:  # the compiled models are cached too
         assert len(os.listdir(tmp_path / "openvino" / "f32")) >= 2
 
@@ -94,8 +96,9 @@ def test_openvino_precision_follows_the_bf16_switch(tmp_path, monkeypatch, capsy
         assert f"OpenVINO ({engine.precision()}," in capsys.readouterr().out
         atol = 5e-2 * float(ref.abs().max()) if precision == "bf16" else 1e-4
         torch.testing.assert_close(out, ref, atol=atol, rtol=0)
-        onnx = next(f for f in os.listdir(tmp_path) if f.endswith(".onnx"))
-        compiled = cpu_engine.compile_openvino(str(tmp_path / onnx), str(tmp_path / "openvino"), bf16=switch == "1")
+        folder = next(f for f in os.listdir(tmp_path) if f.endswith(engine.suffix))
+        compiled = cpu_engine.compile_openvino(str(tmp_path / folder / cpu_engine.OPENVINO_MODEL),
+                                               str(tmp_path / "openvino"), bf16=switch == "1")
         got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         # asked for bf16 on a CPU without it, OpenVINO may keep f32 or emulate: only native CPUs are checked
         assert got == precision or (precision == "bf16" and not cpu_has_native_bf16()), got
@@ -169,6 +172,7 @@ def test_export_failure_falls_back_to_torch(tmp_path, monkeypatch, capsys, engin
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr(cpu_engine, "export_onnx_file", broken)
+    monkeypatch.setattr(cpu_engine, "export_openvino_model", broken)
     net = _net()
     net.cpu_engine = engine = engine_class(str(tmp_path))
     reference = torch.ones(1)
@@ -214,3 +218,61 @@ def test_export_traces_the_explicit_attention(monkeypatch):
             traced = torch.jit.trace(cpu_engine._TorchForward(net), (x,), check_trace=False)
         assert not calls
         torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=0)
+
+
+def test_torch_export_runs_the_explicit_attention(monkeypatch):
+    """The OpenVINO export (torch.export) takes the explicit path too, and the exported program computes the same."""
+    from bsf_nnunet.network import swin_unetr
+
+    calls = []
+    fused = swin_unetr._sdpa_window_attention_forward
+    monkeypatch.setattr(swin_unetr, "_sdpa_window_attention_forward", lambda *a: calls.append(1) or fused(*a))
+    net, x = _net(), _x(3)
+    with torch.no_grad():
+        eager = net.torch_forward(x)
+        calls.clear()
+        program = torch.export.export(cpu_engine._TorchForward(net), (torch.zeros(SHAPE),))
+        assert not calls
+        torch.testing.assert_close(program.module()(x), eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dims, shift", [((21, 21, 35), (3, 3, 3)), ((7, 14, 7), (3, 3, 3)), ((14, 7, 21), (3, 2, 1))])
+def test_shift_masks_from_region_ids_equal_monai(dims, shift):
+    """The mask computed in the graph (region numbers, equal or not) is MONAI's compute_mask, window by window."""
+    from monai.networks.nets import swin_unetr as monai_swin_unetr
+
+    from bsf_nnunet.network.swin_unetr import shift_masks_computed_in_graph
+
+    window = (7, 7, 7)
+    expected = monai_swin_unetr.compute_mask(list(dims), window, shift, torch.device("cpu"))
+    with shift_masks_computed_in_graph(torch.zeros(1)):
+        got = monai_swin_unetr.compute_mask(list(dims), window, shift, torch.device("cpu"))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert monai_swin_unetr.compute_mask(list(dims), window, shift, None).shape == expected.shape  # restored
+
+
+def _folded_mask_constants(folder, windows, tokens):
+    """Shapes of the constants holding a (windows, tokens, tokens) mask once OpenVINO has folded the exported model's
+    constant subgraphs, as its compiler does."""
+    import openvino
+    from openvino.passes import ConstantFolding, Manager
+
+    model = openvino.Core().read_model(os.path.join(folder, cpu_engine.OPENVINO_MODEL))
+    passes = Manager()
+    passes.register_pass(ConstantFolding())
+    passes.run_passes(model)
+    shapes = [tuple(op.get_output_shape(0)) for op in model.get_ops() if op.get_type_name() == "Constant"]
+    return [s for s in shapes if s[-2:] == (tokens, tokens) and windows in s[:-2]]
+
+
+def test_openvino_export_holds_no_folded_shift_mask(tmp_path, monkeypatch):
+    """MONAI's shift masks, traced as they are, become a (windows, 343, 343) constant that OpenVINO folds element by
+    element at compile time (25 s of 29 for Small at 128^3); the export computes them from small constants instead."""
+    windows, tokens = 3 * 3 * 5, 7 ** 3  # the first stage: 16 x 16 x 32 tokens padded to 21 x 21 x 35
+    net = BSFSwinUNETR(1, 2, **dict(variant_arch_kwargs("toy"), depths=[2, 2, 2, 2])).eval()  # shifted blocks
+    cpu_engine.export_openvino_model(net, SHAPE, str(tmp_path / "ours"))
+    assert _folded_mask_constants(tmp_path / "ours", windows, tokens) == []
+    # without the replacement the mask is there: the check above can fail
+    monkeypatch.setattr(cpu_engine, "shift_masks_computed_in_graph", lambda anchor: contextlib.nullcontext())
+    cpu_engine.export_openvino_model(net, SHAPE, str(tmp_path / "monai"))
+    assert _folded_mask_constants(tmp_path / "monai", windows, tokens)

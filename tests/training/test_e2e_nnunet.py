@@ -114,10 +114,10 @@ def test_plan_train_predict_find_best_ensemble(nnunet_env, run, tmp_path):
                    "BSFTrainer_CI", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"]
                   + tta, dict(env, BSF_CPU_BF16="0") if precision == "fp32" else env)
         assert f"BSF CPU engine: OpenVINO ({precision}," in out, out[-3000:]
-    # one ONNX file for the fold's final weights at the patch size: written by the final validation, reused since;
+    # one exported model for the fold's final weights at the patch size: written by the final validation, reused since;
     # beside it OpenVINO's compiled-model cache
     cached = sorted(os.listdir(env["BSF_CACHE_DIR"]))
-    assert len(cached) == 2 and cached[0] == "openvino" and cached[1].endswith(".onnx"), cached
+    assert len(cached) == 2 and cached[0] == "openvino" and cached[1].endswith(".openvino"), cached
     for case in ("case_006", "case_007"):
         img = sitk.ReadImage(os.path.join(images_ts, f"{case}_0000.nii.gz"))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTs", f"{case}.nii.gz")))
