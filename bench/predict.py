@@ -8,8 +8,11 @@
 * ``ours_torch``: nnU-Net's sliding window (what ``nnUNetv2_predict`` runs: step 0.5, Gaussian) with BSFSwinUNETR
   in PyTorch fp32 (``BSF_CPU_ENGINE=torch``);
 * ``ours_onnxruntime`` and ``ours_openvino``: the same through each CPU engine (OpenVINO is the default where it is
-  installed). The ONNX file is exported, and OpenVINO's compiled model cached, once in a separate process first
-  (``export_s``, ``openvino_compile_s``), as a second ``nnUNetv2_predict`` run finds them cached.
+  installed), **warm**: each engine's export (and OpenVINO's compiled model) is written once in a separate process
+  first, as a second ``nnUNetv2_predict`` run of the same model finds them cached (that process's first forward is
+  reported, ``first_forward_s``, for information);
+* ``ours_openvino_cold``: ``ours_openvino`` **cold**, as a first ``nnUNetv2_predict`` run of a model: every
+  repetition starts with an empty ``BSF_CACHE_DIR``, so its time includes the export and OpenVINO's compilation.
 
     python bench/predict.py [--device cpu|cuda] [--variant small] [--shape 155 240 240] [--roi 128 128 128]
                             [--reps 3] [--tta off|on|both] [--paths monai_best ours_openvino ...]
@@ -38,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _hw import count_flops, device_peak, gflops_row, run_child  # noqa: E402
 
-ENGINE_PATHS = {"ours_onnxruntime": "onnxruntime", "ours_openvino": "openvino"}
+ENGINE_PATHS = {"ours_onnxruntime": "onnxruntime", "ours_openvino": "openvino", "ours_openvino_cold": "openvino"}
 PATHS = ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", *ENGINE_PATHS)
 NUM_CLASSES = 3
 
@@ -140,22 +143,27 @@ def _measure(path, variant, device, tta, shape, roi, labels_out):
     return {"seconds": seconds, "peak_gb": peak, **extra}
 
 
-def _export(variant, roi):
-    """Write the ONNX file and OpenVINO's compiled model that the engine paths will find in BSF_CACHE_DIR (one
-    window, as in prediction: nnU-Net pads a smaller image up to the patch)."""
+def _warm_engines(paths) -> list:
+    """The engines whose export the warm paths expect to find cached."""
+    return sorted({ENGINE_PATHS[p] for p in paths if p in ENGINE_PATHS and not p.endswith("_cold")})
+
+
+def _export(variant, roi, engines):
+    """Write each engine's export (and OpenVINO's compiled model) that the warm engine paths will find in
+    BSF_CACHE_DIR: one window's forward, as in prediction (nnU-Net pads a smaller image up to the patch)."""
     import torch
 
     from bsf_nnunet.network.cpu_engine import configure_cpu_engine
 
     ours, _ = _networks(variant, "cpu")
-    res = {}
-    for engine, key in (("onnxruntime", "export_s"), ("openvino", "openvino_compile_s")):
+    res = {"first_forward_s": {}, "exports": {}, "failed": {}}
+    for engine in engines:
         configure_cpu_engine(ours, engine)
         t = time.perf_counter()
         with torch.no_grad():
             ours(torch.zeros(1, 4, *roi))
-        res.update({key: time.perf_counter() - t, f"{engine}_exports": ours.cpu_engine.exports,
-                    f"{engine}_failed": ours.cpu_engine.failed})
+        res["first_forward_s"][engine] = time.perf_counter() - t
+        res["exports"][engine], res["failed"][engine] = ours.cpu_engine.exports, ours.cpu_engine.failed
     return res
 
 
@@ -183,7 +191,7 @@ def prediction_flops(variant, shape, roi, tta) -> dict:
 
 def _child(args, what, env=None, labels=None):
     cmd = [sys.executable, __file__, "--variant", args.variant, "--device", args.device, "--shape",
-           *map(str, args.shape), "--roi", *map(str, args.roi), "--_child", what]
+           *map(str, args.shape), "--roi", *map(str, args.roi), "--paths", *args.paths, "--_child", what]
     if labels:
         cmd += ["--_labels", labels]
     return run_child(cmd, what, env)
@@ -213,11 +221,15 @@ def _add_gflops(row, work, peak_gflops):
 def _row(args, tta, env, tmp):
     import numpy as np
 
+    from bsf_nnunet.network.cpu_engine import CACHE_ENV
+
     runs = {p: [] for p in args.paths}
     for rep in range(args.reps):  # interleaved: every path once per repetition
         for p in args.paths:
             labels = os.path.join(tmp, f"{p}_{int(tta)}.npy") if p.startswith("ours") and rep == 0 else None
-            runs[p].append(_child(args, f"{p}:{int(tta)}", env, labels))
+            # cold: a cache folder of its own, empty, for every repetition
+            cold_cache = {CACHE_ENV: os.path.join(tmp, f"cold_{int(tta)}_{rep}")} if p.endswith("_cold") else {}
+            runs[p].append(_child(args, f"{p}:{int(tta)}", dict(env, **cold_cache), labels))
     row = {"tta": tta}
     for p in args.paths:
         row[p] = {"median_s": statistics.median(r["seconds"] for r in runs[p]),
@@ -239,7 +251,7 @@ def _row(args, tta, env, tmp):
     return row
 
 
-HEADER = (f"{'tta':>5s} {'path':17s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s} "
+HEADER = (f"{'tta':>5s} {'path':19s} {'s':>9s} {'vs best':>10s} {'vs fp32':>10s} {'peak GB':>8s} "
           f"{'GFLOP/s':>8s} {'% peak':>7s}")
 
 
@@ -251,7 +263,7 @@ def _print_row(row):
         r = row[p]
         frac = f"{100 * r['fraction_of_peak']:.1f}%" if r.get("fraction_of_peak") is not None else "-"
         vs_fp32 = f"{r['ratio_vs_monai_fp32']:10.2f}" if r["ratio_vs_monai_fp32"] is not None else f"{'-':>10s}"
-        print(f"{str(row['tta']):>5s} {p:17s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} {vs_fp32} "
+        print(f"{str(row['tta']):>5s} {p:19s} {r['median_s']:9.1f} {r['ratio_vs_monai_best']:10.2f} {vs_fp32} "
               f"{r['peak_gb']:8.2f} {r['gflops_per_s']:8.1f} {frac:>7s}")
     for p, dice in row["dice_vs_torch"].items():
         print(f"      Dice per class, {p} vs ours_torch (fp32) label maps: {', '.join(f'{d:.5f}' for d in dice)}")
@@ -278,7 +290,7 @@ def main(argv=None):
     a.paths = [p for p in PATHS if p in a.paths or p == "monai_best"]
     if a._child:
         what, _, tta = a._child.partition(":")
-        res = (_export(a.variant, a.roi) if what == "export" else
+        res = (_export(a.variant, a.roi, _warm_engines(a.paths)) if what == "export" else
                _measure(what, a.variant, a.device, tta == "1", tuple(a.shape), tuple(a.roi), a._labels))
         print("RESULT " + json.dumps(res))
         return 0
@@ -293,11 +305,10 @@ def main(argv=None):
     print(f"peak: {peak['how']}")
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, **{CACHE_ENV: os.path.join(tmp, "onnx")})
-        export = (_child(a, "export", env) if a.device == "cpu" and any(p in ENGINE_PATHS for p in a.paths)
-                  else None)
+        export = _child(a, "export", env) if a.device == "cpu" and _warm_engines(a.paths) else None
         if export:
-            print(f"ONNX export (once per model and window shape, cached): {export['export_s']:.1f} s; OpenVINO's "
-                  f"first compilation (cached): {export['openvino_compile_s']:.1f} s")
+            print("first forward per engine (export and compilation, cached for the warm paths): " +
+                  ", ".join(f"{e} {s:.1f} s" for e, s in export["first_forward_s"].items()))
         rows = []
         print(HEADER)
         for tta in {"off": [False], "on": [True], "both": [False, True]}[a.tta]:

@@ -73,10 +73,9 @@ def predict_table() -> list:
         bf16 = "native bf16" if info["native_bf16"] else "no native bf16"
         machine = f"{info['cpus']} cores, {info['device']}, {bf16}, torch {info['torch']}, MONAI {info['monai']}"
         case = f"{' x '.join(map(str, info['shape']))}, ROI {info['roi'][0]}³"
-        export = info.get("export") or {}
         for row in info["rows"]:
             for name in ("monai_fp32", "monai_best", "monai_best_malloc", "ours_torch", "ours_onnxruntime",
-                         "ours_openvino"):
+                         "ours_openvino", "ours_openvino_cold"):
                 r = row.get(name)
                 if r is None:
                     continue
@@ -88,15 +87,6 @@ def predict_table() -> list:
                              f"{name} | {precision} | {r['median_s']:.1f} ({min(r['times_s']):.1f}-"
                              f"{max(r['times_s']):.1f}) | {_rounds(r['ratio_vs_monai_best_rounds'])} | {vs_malloc} | "
                              f"{r['peak_gb']:.2f} |")
-            ours = row.get("ours_openvino")
-            if export and ours:  # a first run: the export and compilation, then the warm run
-                once = export["export_s"] + export["openvino_compile_s"]
-                cold = ours["median_s"] + once
-                vs = [f"{row[b]['median_s'] / cold:.2f}x" if b in row else "n/a"
-                      for b in ("monai_best", "monai_best_malloc")]
-                lines.append(f"| `{path}` | | {case}, TTA {row['tta']} | ours_openvino **cold** (+ export "
-                             f"{export['export_s']:.1f} s + compile {export['openvino_compile_s']:.1f} s) | "
-                             f"{ours.get('precision', 'fp32')} | {cold:.1f} | {vs[0]} | {vs[1]} | |")
     return lines
 
 
