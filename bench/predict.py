@@ -288,6 +288,8 @@ def main(argv=None):
     if a.show:
         return _show(a.show)
     a.paths = [p for p in PATHS if p in a.paths or p == "monai_best"]
+    if a.device != "cpu":  # the CPU engines never run on another device: their rows would repeat ours_torch
+        a.paths = [p for p in a.paths if p not in ENGINE_PATHS]
     if a._child:
         what, _, tta = a._child.partition(":")
         res = (_export(a.variant, a.roi, _warm_engines(a.paths)) if what == "export" else
