@@ -79,10 +79,12 @@ def atomic_path(path, keep_extension: bool = True):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, replace: bool = True):
     """``with atomic_folder(path) as tmp: <write files into tmp>``: the folder appears complete or not at all. On
     success ``tmp`` replaces ``path`` (an existing ``path`` is moved aside and deleted only once the new folder is in
-    place); on any error ``tmp`` is deleted and ``path`` stays as it was."""
+    place); on any error ``tmp`` is deleted and ``path`` stays as it was. ``replace=False`` is for caches that
+    several processes may fill with the same content at once: the first complete folder stays, later ones are
+    deleted, and ``path`` never disappears under a reader."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -90,11 +92,26 @@ def atomic_folder(path):
     os.mkdir(tmp)
     try:
         yield tmp
-        _swap_in(tmp, path)
+        if replace:
+            _swap_in(tmp, path)
+        elif not _rename_unless_present(tmp, path):
+            _remove(tmp)
     except BaseException as e:
         _discard(tmp, e, path)
         raise
     _fsync_folder(parent)
+
+
+def _rename_unless_present(tmp: str, path: str) -> bool:
+    """Rename the folder ``tmp`` to ``path`` unless ``path`` exists (atomically: rename(2) refuses a non-empty
+    target). False if it existed."""
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(path):
+            return False
+        raise
+    return True
 
 
 def _swap_in(tmp: str, path: str) -> None:

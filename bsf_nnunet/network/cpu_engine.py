@@ -144,7 +144,8 @@ def export_openvino_model(network: nn.Module, shape: tuple, folder: str) -> None
     from ..io import atomic_folder
 
     wrapper = _TorchForward(network)
-    with atomic_folder(folder) as tmp, warnings.catch_warnings(), torch.no_grad():
+    # replace=False: processes predicting in parallel (folds on a cluster) share the cache; the first export stays
+    with atomic_folder(folder, replace=False) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.export.export(wrapper, (torch.zeros(shape),))
         openvino.save_model(openvino.convert_model(program), os.path.join(tmp, OPENVINO_MODEL),
@@ -168,11 +169,12 @@ def open_session(path: str):
 
 def compile_openvino(path: str, cache_dir: str, bf16: bool = False):
     """An OpenVINO CPU model compiled from the model file ``path`` (OpenVINO's .xml or ONNX): latency mode,
-    PyTorch's thread count, fp32 or (``bf16``) bf16 arithmetic; the compiled model is cached in ``cache_dir``/``bf16`` or ``f32`` (a second
-    compilation of the same file with the same precision loads it). The precision is always set explicitly:
-    OpenVINO's own default is bf16 on CPUs with AMX, whatever the user chose. One cache folder per precision because
-    OpenVINO 2026.4 finds an f32-compiled model under the same cache key when bf16 is asked for, and the process then
-    dies of a segmentation fault at the first inference (an AMX CPU; f32 compiled, then bf16 in a new process)."""
+    PyTorch's thread count, fp32 or (``bf16``) bf16 arithmetic; the compiled model is cached in
+    ``cache_dir``/``bf16`` or ``f32`` (a second compilation of the same file with the same precision loads it). The
+    precision is always set explicitly: OpenVINO's own default is bf16 on CPUs with AMX, whatever the user chose. One
+    cache folder per precision because OpenVINO 2026.4 finds an f32-compiled model under the same cache key when bf16
+    is asked for, and the process then dies of a segmentation fault at the first inference (an AMX CPU; f32
+    compiled, then bf16 in a new process)."""
     import openvino
 
     precision = "bf16" if bf16 else "f32"

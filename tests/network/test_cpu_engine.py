@@ -1,6 +1,5 @@
 """OpenVINO and ONNX Runtime as CPU engines of BSFSwinUNETR inference (bsf_nnunet.network.cpu_engine)."""
 import contextlib
-import math
 import os
 import subprocess
 import sys

@@ -3,6 +3,7 @@ truncated or corrupt checkpoint, and weights holding NaN/Inf. Tiny objects, no n
 import errno
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -71,6 +72,14 @@ def test_atomic_writers_extensions_failures_and_stale_temporaries(tmp_path):
         bio.atomic_write_text(os.path.join(tmp, "new.txt"), "new")
         raise KeyError("boom")
     assert os.listdir(folder) == ["old.txt"] and not _temporaries(tmp_path)
+    # a cache filled by parallel processes: a writer that finishes second leaves the first one's folder in place
+    with bio.atomic_folder(folder, replace=False) as tmp:
+        bio.atomic_write_text(os.path.join(tmp, "late.txt"), "late")
+    assert os.listdir(folder) == ["old.txt"] and not _temporaries(tmp_path)
+    with bio.atomic_folder(tmp_path / "first", replace=False) as tmp:
+        bio.atomic_write_text(os.path.join(tmp, "first.txt"), "first")
+    assert os.listdir(tmp_path / "first") == ["first.txt"] and not _temporaries(tmp_path)
+    shutil.rmtree(tmp_path / "first")
 
     (tmp_path / ".tmp_checkpoint_latest.pth.0123abcd").write_bytes(b"half")
     (tmp_path / ".tmp_model.0123abcd").mkdir()
