@@ -200,8 +200,20 @@ def test_trainer_uses_engine_only_for_final_validation(monkeypatch):
     assert isinstance(seen[0], OpenVinoEngine) and trainer.network.cpu_engine is None
 
 
-def test_export_traces_the_explicit_attention(monkeypatch):
-    """Fused attention's per-window bias would become a constant the engines fold into 0.8 GB for Small at 96^3."""
+def _trace(wrapper, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python shape checks
+        return torch.jit.trace(wrapper, (x,), check_trace=False)
+
+
+def _torch_export(wrapper, x):
+    return torch.export.export(wrapper, (torch.zeros(SHAPE),)).module()
+
+
+@pytest.mark.parametrize("exporter", [_trace, _torch_export], ids=["jit_trace", "torch_export"])
+def test_export_traces_the_explicit_attention(monkeypatch, exporter):
+    """Fused attention's per-window bias would become a constant the engines fold into 0.8 GB for Small at 96^3: the
+    ONNX export (jit.trace) and the OpenVINO export (torch.export) take the explicit path and compute the same."""
     from bsf_nnunet.network import swin_unetr
 
     calls = []
@@ -212,27 +224,9 @@ def test_export_traces_the_explicit_attention(monkeypatch):
         eager = net.torch_forward(x)
         assert calls  # eager inference without gradients: fused attention
         calls.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python shape checks
-            traced = torch.jit.trace(cpu_engine._TorchForward(net), (x,), check_trace=False)
+        exported = exporter(cpu_engine._TorchForward(net), x)
         assert not calls
-        torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=0)
-
-
-def test_torch_export_runs_the_explicit_attention(monkeypatch):
-    """The OpenVINO export (torch.export) takes the explicit path too, and the exported program computes the same."""
-    from bsf_nnunet.network import swin_unetr
-
-    calls = []
-    fused = swin_unetr._sdpa_window_attention_forward
-    monkeypatch.setattr(swin_unetr, "_sdpa_window_attention_forward", lambda *a: calls.append(1) or fused(*a))
-    net, x = _net(), _x(3)
-    with torch.no_grad():
-        eager = net.torch_forward(x)
-        calls.clear()
-        program = torch.export.export(cpu_engine._TorchForward(net), (torch.zeros(SHAPE),))
-        assert not calls
-        torch.testing.assert_close(program.module()(x), eager, atol=1e-5, rtol=0)
+        torch.testing.assert_close(exported(x), eager, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dims, shift", [((21, 21, 35), (3, 3, 3)), ((7, 14, 7), (3, 3, 3)), ((14, 7, 21), (3, 2, 1))])

@@ -3,7 +3,6 @@ truncated or corrupt checkpoint, and weights holding NaN/Inf. Tiny objects, no n
 import errno
 import json
 import os
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -79,7 +78,6 @@ def test_atomic_writers_extensions_failures_and_stale_temporaries(tmp_path):
     with bio.atomic_folder(tmp_path / "first", replace=False) as tmp:
         bio.atomic_write_text(os.path.join(tmp, "first.txt"), "first")
     assert os.listdir(tmp_path / "first") == ["first.txt"] and not _temporaries(tmp_path)
-    shutil.rmtree(tmp_path / "first")
 
     (tmp_path / ".tmp_checkpoint_latest.pth.0123abcd").write_bytes(b"half")
     (tmp_path / ".tmp_model.0123abcd").mkdir()
