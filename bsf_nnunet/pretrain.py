@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import socket
 import sys
+import time
 
 DIST_TIMEOUT_ENV = "BSF_DIST_TIMEOUT"
 
@@ -66,6 +68,17 @@ def lost_ranks(store, rank: int, world_size: int) -> tuple:
         elif _process_gone(int(pid)):
             gone.append(r)
     return gone, remote
+
+
+def lost_ranks_after_failure(store, rank: int, world_size: int, grace_s: float = 3.0) -> tuple:
+    """:func:`lost_ranks`, looking again for up to ``grace_s`` seconds while none is seen gone: a killed peer's
+    sockets close (and this rank's collective fails) a moment before the kernel marks its process exited."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        gone, remote = lost_ranks(store, rank, world_size)
+        if gone or time.monotonic() >= deadline:
+            return gone, remote
+        time.sleep(0.05)
 
 
 def _collective_failure(error: BaseException) -> bool:
@@ -145,8 +158,12 @@ def main(argv=None) -> int:
         if world > 1:
             dist.barrier()  # every rank has finished before any destroys the group
     except (RuntimeError, SystemExit) as e:
-        gone, remote = lost_ranks(store, rank, world) if store is not None else ([], [])
-        if not gone and not (store is not None and _collective_failure(e)):
+        if store is None:
+            raise
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # torchrun stops the survivors: this rank is stopping already
+            signal.signal(sig, signal.SIG_IGN)
+        gone, remote = (lost_ranks_after_failure if _collective_failure(e) else lost_ranks)(store, rank, world)
+        if not gone and not _collective_failure(e):
             raise  # not a broken process group: the trainer's own message stands
         why = "stopped by a signal" if isinstance(e, SystemExit) else str(e).strip().splitlines()[0][:300]
         print(lost_rank_message(rank, world, gone, remote, why), file=sys.stderr, flush=True)
