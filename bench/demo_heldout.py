@@ -5,7 +5,7 @@ share a dataset and a pretraining differ only in what is named (normalization, f
 is an ablation. One run per row: Dice of single cases, not a distribution.
 
     python bench/demo_heldout.py --run NAME=WORKDIR [--run ...] --out bench/results/demo_heldout_<host>.json
-    python bench/demo_heldout.py --show bench/results/demo_heldout_<host>.json
+    python bench/demo_heldout.py --show bench/results/demo_heldout_<host>.json [--scratch]
 """
 from __future__ import annotations
 
@@ -28,18 +28,22 @@ def collect(name: str, workdir: str) -> dict:
     return row
 
 
-def table(result: dict) -> str:
+def table(result: dict, scratch: bool = False) -> str:
+    """Markdown: held-out GM/WM Dice (CSF) of the pretrained arm per source; with ``scratch``, "pretrained / scratch"
+    and the pretraining trainer too."""
     rows = result["runs"]
     sources = list(dict.fromkeys(src for r in rows for src in r["heldout"]))
-    head = "| run | normalization | fine-tuning | in-source GM/WM | " + " | ".join(
-        f"{s} GM/WM (CSF)" for s in sources) + " |"
-    lines = [head, "|" + "---|" * (4 + len(sources))]
+    arms = ("pretrained", "scratch") if scratch else ("pretrained",)
+    head = ("| run | normalization | " + ("pretraining | " if scratch else "") + "fine-tuning | in-source GM/WM | "
+            + " | ".join(f"{s} GM/WM (CSF)" for s in sources) + " |")
+    lines = [head, "|" + "---|" * (4 + scratch + len(sources))]
     for r in rows:
-        cells = [f"{r['in_source']['pretrained']['GM+WM']:.3f}"]
+        cells = [" / ".join(f"{r['in_source'][a]['GM+WM']:.3f}" for a in arms)]
         for s in sources:
-            d = r["heldout"].get(s, {}).get("pretrained")
-            cells.append(f"{d['GM+WM']:.3f} ({d['CSF']:.2f})" if d else "-")
-        lines.append(f"| {r['run']} | {r['normalization']} | {r['trainers']['finetune']} | " + " | ".join(cells) + " |")
+            d = r["heldout"].get(s, {})
+            cells.append(" / ".join(f"{d[a]['GM+WM']:.3f} ({d[a]['CSF']:.2f})" for a in arms) if d else "-")
+        first = [r["run"], r["normalization"]] + ([r["trainers"]["pretrain"]] if scratch else [])
+        lines.append("| " + " | ".join(first + [r["trainers"]["finetune"]] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -48,14 +52,15 @@ def main() -> None:
     p.add_argument("--run", action="append", default=[], metavar="NAME=WORKDIR")
     p.add_argument("--out")
     p.add_argument("--show")
+    p.add_argument("--scratch", action="store_true", help="show the scratch arm beside the pretrained one")
     a = p.parse_args()
     if a.show:
         with open(a.show) as f:
-            print(table(json.load(f)))
+            print(table(json.load(f), a.scratch))
         return
     result = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
               "runs": [collect(*r.split("=", 1)) for r in a.run]}
-    print(table(result))
+    print(table(result, a.scratch))
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:

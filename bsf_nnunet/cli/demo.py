@@ -2,7 +2,8 @@
 
 Steps, each an nnU-Net command a user could type (printed before it runs), each skipped when its output exists:
 build the dataset (training sources: SPM avg152 with and without skull, CAT12 IXI555) -> nnUNetv2_plan_and_preprocess
--> self-supervised pretraining (stage 2, toy variant, all training cases, labels unused) -> fine-tuning of BSFTrainer
+-> self-supervised pretraining (stage 2, toy variant, all training cases and two unlabelled whole-head volumes,
+labels unused) -> fine-tuning of BSFTrainer
 (toy) from those weights and of the scratch baseline on a small labelled subset -> nnUNetv2_predict on the test
 cases and on a held-out source (ICBM152 2009a, never seen in training or pretraining) -> Dice per tissue class for
 both, a table and a PNG of the held-out case.
@@ -27,9 +28,9 @@ PROFILES = {
     # randomization (BSFTrainer_ToyFastDR, BSFTrainer_ToyDR) did not raise the held-out scores at these training
     # lengths (docs/robustness.md, bench/results/demo_heldout_*.json), so the profiles keep nnU-Net's augmentation
     "full": dict(pretrain="BSFPretrainTrainer_Toy", finetune="BSFTrainer_Toy", scratch="BSFTrainer_Toy_scratch",
-                 num_train=8, num_labelled=3, num_test=2),
+                 num_train=8, num_labelled=3, num_test=2, num_unlabelled=2),
     "fast": dict(pretrain="BSFPretrainTrainer_ToyFast", finetune="BSFTrainer_ToyFast",
-                 scratch="BSFTrainer_ToyFast_scratch", num_train=6, num_labelled=3, num_test=2),
+                 scratch="BSFTrainer_ToyFast_scratch", num_train=6, num_labelled=3, num_test=2, num_unlabelled=1),
 }
 # nnU-Net's z-score: the robust scheme scored the same or slightly lower on every held-out source (docs/robustness.md)
 NORMALIZATION = "zscore"
@@ -109,7 +110,7 @@ class Demo:
               f"cases, source {self.source}) under {self.env['nnUNet_raw']}", flush=True)
         build_demo_dataset(self.env["nnUNet_raw"], dataset_id=DATASET_ID, name="BrainTissueDemo",
                            num_train=self.p["num_train"], num_test=self.p["num_test"], seed=0, source=self.source,
-                           log=lambda m: print("   " + m, flush=True))
+                           num_unlabelled=self.p.get("num_unlabelled", 0), log=lambda m: print("   " + m, flush=True))
         self.times["dataset"] = time.time() - t
 
     def plan(self):
@@ -144,9 +145,13 @@ class Demo:
                                "--normalization as the run that made it")
 
     def splits(self):
-        """Fold 0: fine-tune on a few labelled cases, validate on the other training cases."""
+        """Fold 0: fine-tune on a few labelled cases, validate on the other labelled training cases (the unlabelled
+        whole-head cases are for pretraining only, in no fold)."""
+        from ..datasets.demo_data import unlabelled_case_ids
+
         path = os.path.join(self.pre, "splits_final.json")
         cases = sorted(f[:-7] for f in os.listdir(os.path.join(self.raw, "labelsTr")) if f.endswith(".nii.gz"))
+        cases = [c for c in cases if c not in unlabelled_case_ids(cases)]
         n = self.p["num_labelled"]
         fold0 = {"train": cases[:n], "val": cases[n:]}
         if os.path.isfile(path):

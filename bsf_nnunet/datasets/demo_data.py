@@ -58,6 +58,7 @@ from .demo_sources import (
     ICBM_FILES,
     SOURCES,
     TRAIN_VARIANTS,
+    UNLABELLED_SPM_FILES,
     DemoDataError,
     DemoSource,
     SourceSpec,
@@ -69,6 +70,7 @@ from .demo_sources import (
     load_heldout_source,
     load_icbm_source,
     load_spm_source,
+    load_unlabelled_source,
     load_variant,
     synthetic_source,
 )
@@ -87,6 +89,8 @@ __all__ = [
     "TRAIN_VARIANTS",
     "HELD_OUT",
     "HELDOUT_PREFIX",
+    "UNLABELLED_PREFIX",
+    "unlabelled_case_ids",
     "heldout_cases",
     "heldout_source_of",
     "load_heldout_source",
@@ -107,6 +111,7 @@ LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
 BUILD_RECORD = "bsf_demo_build.json"
 FORMAT_VERSION = 4
 HELDOUT_PREFIX = "heldout_"
+UNLABELLED_PREFIX = "unlabelled_"  # training cases for pretraining only: all-background labels, not in any fold
 # extra augmentation of the multi-source build (on top of make_case's defaults)
 MULTI_CASE_KWARGS: dict = {"thick_prob": 0.3, "flip_prob": 0.2}
 
@@ -133,7 +138,7 @@ def write_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, image_p
 
 
 def _dataset_description(name: str, num_train: int, num_test: int, source: str,
-                         held: tuple[tuple[str, int], ...] = ()) -> dict:
+                         held: tuple[tuple[str, int], ...] = (), unlabelled: tuple[tuple[str, int], ...] = ()) -> dict:
     """The dataset.json keys beyond nnU-Net's (name, description, reference)."""
     if source == "multi":
         ref = "; ".join([f"{k}: {SOURCES[k].reference} ({SOURCES[k].package}, {SOURCES[k].licence})" for k in SOURCES]
@@ -152,20 +157,27 @@ def _dataset_description(name: str, num_train: int, num_test: int, source: str,
         names = sorted({n for n, _ in held})
         what += (f"; {len(held)} case(s) {HELDOUT_PREFIX}<source>_* of sources never used for training or pretraining "
                  f"({', '.join(names)})")
+    if unlabelled:
+        what += (f"; {len(unlabelled)} whole-head case(s) {UNLABELLED_PREFIX}<source>_* in imagesTr for "
+                 f"self-supervised pretraining only (all-background labels; {', '.join(UNLABELLED_SPM_FILES)} of "
+                 "spm-runtime-r2025b)")
     return {"name": name, "description": what + "; labels argmax of CSF/GM/WM maps", "reference": ref}
 
 
 def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int = 990,
                        name: str = "BrainTissueDemo", num_train: int = 8, num_test: int = 2,
                        spacing: float = 2.0, seed: int = 0, source: str = "icbm", *, num_heldout: int = 1,
-                       held_out: tuple[str, ...] = HELD_OUT, overwrite: bool = False, case_kwargs: dict | None = None,
-                       log: Callable[[str], None] | None = None) -> Path:
+                       held_out: tuple[str, ...] = HELD_OUT, num_unlabelled: int = 0, overwrite: bool = False,
+                       case_kwargs: dict | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Write ``<raw_dir>/Dataset<ID>_<name>`` (nnU-Net v2 raw format) and return its path.
 
     ``source``: ``"multi"`` (training/test case ``i`` from ``TRAIN_VARIANTS[i % 3]`` with the extra augmentation
     of :data:`MULTI_CASE_KWARGS`, plus ``num_heldout`` cases of each source in ``held_out`` (default
     :data:`HELD_OUT`) in imagesTs/labelsTs: the first the clean source, the others augmented), ``"icbm"`` or
     ``"synthetic"`` (one source, no held-out cases).
+    ``num_unlabelled`` (multi only): that many cases of each whole-head volume of :data:`UNLABELLED_SPM_FILES`
+    (the first one clean, the others augmented) in imagesTr as ``unlabelled_<source>_NNN`` with all-background
+    labels, for self-supervised pretraining only: fine-tuning folds must leave them out (:func:`unlabelled_case_ids`).
     raw_dir defaults to ``$nnUNet_raw``. Case ``i`` of the training (test, held-out) split uses the random
     stream ``default_rng([seed, 0 (1, 2), i])``, so it does not depend on the number of cases.
     Re-running with identical arguments skips finished files; if the folder was built with other
@@ -174,6 +186,7 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
     raw_dir = _check_build_args(raw_dir, dataset_id, name, num_train, num_test)
     src_key = {"synthetic": "synthetic", "phantom": "synthetic", "multi": "multi"}.get(str(source).lower(), "icbm")
     held = heldout_cases(int(num_heldout), held_out) if src_key == "multi" else ()
+    unlabelled = unlabelled_cases(int(num_unlabelled)) if src_key == "multi" else ()
     _check_sources_installed(src_key, tuple(held_out) if held else ())    # fail fast with the install hint
     log = log or (lambda msg: None)
 
@@ -187,19 +200,21 @@ def build_demo_dataset(raw_dir: str | os.PathLike | None = None, dataset_id: int
     if held:
         params["num_heldout"] = int(num_heldout)
         params["held_out"] = list(held_out)
+    if unlabelled:
+        params["num_unlabelled"] = int(num_unlabelled)
     _clear_other_build(folder, params, overwrite, log)
     atomic_write_json(folder / BUILD_RECORD, params)
 
-    todo = _missing_cases(folder, num_train, num_test, held)
+    todo = _missing_cases(folder, num_train, num_test, held, unlabelled)
     loaded: dict = {}
     for split, i, ip, lp in todo:
         t1 = time.perf_counter()
         img, lab, aff = _one_case(src_key, split, i, np.random.default_rng([int(seed), split, i]), spacing,
-                                  case_kwargs or {}, loaded, log, held)
+                                  case_kwargs or {}, loaded, log, held, unlabelled)
         write_case(img, lab, aff, ip, lp)
         log(f"wrote {ip.name} {img.shape} in {time.perf_counter() - t1:.1f}s")
-    write_dataset_json(str(folder), ["T1"], LABELS, int(num_train),
-                       **_dataset_description(name, num_train, num_test, src_key, held))
+    write_dataset_json(str(folder), ["T1"], LABELS, int(num_train) + len(unlabelled),
+                       **_dataset_description(name, num_train, num_test, src_key, held, unlabelled))
     return folder
 
 
@@ -224,30 +239,44 @@ def heldout_cases(num_heldout: int, held_out: tuple[str, ...] = HELD_OUT) -> tup
     return tuple((name, k) for name in held_out for k in range(int(num_heldout)))
 
 
-def case_source(src_key: str, split: int, i: int,
-                held: tuple[tuple[str, int], ...] = ()) -> tuple[str, bool]:
-    """(source name, skull kept) of case ``i`` of ``split`` (0 train, 1 test, 2 held-out: ``held[i]``)."""
+def unlabelled_cases(num_unlabelled: int) -> tuple[tuple[str, int], ...]:
+    """(source, index) of each unlabelled case: ``num_unlabelled`` per whole-head volume; index 0 is the clean one."""
+    return tuple((name, k) for name in UNLABELLED_SPM_FILES for k in range(int(num_unlabelled)))
+
+
+def unlabelled_case_ids(case_ids) -> list[str]:
+    """Those of ``case_ids`` that are unlabelled pretraining cases (``unlabelled_<source>_NNN``)."""
+    return [c for c in case_ids if c.startswith(UNLABELLED_PREFIX)]
+
+
+def case_source(src_key: str, split: int, i: int, held: tuple[tuple[str, int], ...] = (),
+                unlabelled: tuple[tuple[str, int], ...] = ()) -> tuple[str, bool]:
+    """(source name, skull kept) of case ``i`` of ``split`` (0 train, 1 test, 2 held-out: ``held[i]``, 3 unlabelled:
+    ``unlabelled[i]``)."""
     if src_key != "multi":
         return src_key, False
     if split == 2:
         name = (held or heldout_cases(1))[i][0]
         return name, is_whole_head(name)
+    if split == 3:
+        return unlabelled[i][0], True
     return TRAIN_VARIANTS[i % len(TRAIN_VARIANTS)]
 
 
 def _one_case(src_key: str, split: int, i: int, rng: np.random.Generator, spacing: float, case_kwargs: dict,
-              loaded: dict, log: Callable[[str], None],
-              held: tuple[tuple[str, int], ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              loaded: dict, log: Callable[[str], None], held: tuple[tuple[str, int], ...] = (),
+              unlabelled: tuple[tuple[str, int], ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image, label, affine of one case; sources are loaded once into ``loaded``."""
-    name, skull = case_source(src_key, split, i, held)
+    name, skull = case_source(src_key, split, i, held, unlabelled)
     if (name, skull) not in loaded:
         t0 = time.perf_counter()
         loaded[name, skull] = (get_source(name, spacing) if src_key != "multi"
+                               else load_unlabelled_source(name, spacing) if split == 3
                                else load_variant(name, skull, spacing))
         log(f"loaded source {name}{' (skull on)' if skull else ''} {loaded[name, skull].image.shape} "
             f"at {spacing} mm in {time.perf_counter() - t0:.1f}s")
     src = loaded[name, skull]
-    if split == 2 and held[i][1] == 0:                      # the held-out source itself, untouched
+    if (split == 2 and held[i][1] == 0) or (split == 3 and unlabelled[i][1] == 0):  # the source itself, untouched
         return src.image.copy(), probs_to_label(src.tissue_probs), src.affine.copy()
     kwargs = {**(MULTI_CASE_KWARGS if src_key == "multi" else {}), **case_kwargs}
     return make_case(src, rng, **kwargs)
@@ -308,15 +337,17 @@ def heldout_source_of(case_id: str) -> str:
     return re.sub(r"_\d{3}(_\d{4})?(\.nii\.gz)?$", "", case_id)[len(HELDOUT_PREFIX):]
 
 
-def _missing_cases(folder: Path, num_train: int, num_test: int,
-                   held: tuple[tuple[str, int], ...] = ()) -> list[tuple[int, int, Path, Path]]:
+def _missing_cases(folder: Path, num_train: int, num_test: int, held: tuple[tuple[str, int], ...] = (),
+                   unlabelled: tuple[tuple[str, int], ...] = ()) -> list[tuple[int, int, Path, Path]]:
     """(split, index, image path, label path) of the cases whose image or label file is missing."""
     cases = [("imagesTr", "labelsTr", 0, i) for i in range(int(num_train))]
     cases += [("imagesTs", "labelsTs", 1, i) for i in range(int(num_test))]
     cases += [("imagesTs", "labelsTs", 2, i) for i in range(len(held))]
+    cases += [("imagesTr", "labelsTr", 3, i) for i in range(len(unlabelled))]
     todo = []
     for img_dir, lab_dir, split, i in cases:
-        cid = (f"case_{i:03d}", f"test_{i:03d}", heldout_case_id(*held[i]) if split == 2 else "")[split]
+        cid = (f"case_{i:03d}", f"test_{i:03d}", heldout_case_id(*held[i]) if split == 2 else "",
+               f"{UNLABELLED_PREFIX}{unlabelled[i][0]}_{unlabelled[i][1]:03d}" if split == 3 else "")[split]
         ip, lp = folder / img_dir / f"{cid}_0000.nii.gz", folder / lab_dir / f"{cid}.nii.gz"
         if not (ip.is_file() and lp.is_file()):
             todo.append((split, i, ip, lp))

@@ -294,6 +294,23 @@ def load_spm_source(spacing: float = 2.0, margin_mm: float = 6.0, skull: bool = 
     return _crop_resample(image, probs, extent, aff, spacing, margin_mm)
 
 
+# whole-head volumes without labels from the same wheel, for the demo's self-supervised stage only (issue #28): Colin27
+# (one person scanned 27 times) and the MNI305 average, both with face and neck in the field of view, which no
+# labelled training source has; neither is one of the held-out sources' subjects or templates
+UNLABELLED_SPM_FILES: dict[str, str] = {"spm_colin27": "canonical/single_subj_T1.nii",
+                                        "spm_avg305": "canonical/avg305T1.nii"}
+
+
+def load_unlabelled_source(name: str, spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
+    """A whole-head T1 of :data:`UNLABELLED_SPM_FILES`, cropped to the head, with tissue maps of zeros (its label
+    map is all background: the case is for pretraining, which never reads labels)."""
+    if name not in UNLABELLED_SPM_FILES:
+        raise DemoDataError(f"unknown unlabelled source {name!r}; known: {', '.join(UNLABELLED_SPM_FILES)}")
+    ((t1, aff),) = _read_spm([UNLABELLED_SPM_FILES[name]])
+    image = np.clip(t1, 0, None) / max(float(t1.max()), 1e-6)
+    return _crop_resample(image, [np.zeros_like(image)] * 3, image > 0.05, aff, spacing, margin_mm)
+
+
 def load_cat12_source(spacing: float = 2.0, margin_mm: float = 6.0) -> DemoSource:
     """CAT12 IXI555 template from deepmriprep: 0.5 mm skull-stripped T1, GM/WM maps at 1.5 mm.
 

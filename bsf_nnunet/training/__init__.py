@@ -32,11 +32,14 @@ from .variants.finetune import (  # noqa: F401 (re-exported: __all__ below lists
 )
 from .variants.pretrain import (  # noqa: F401 (re-exported: __all__ below lists them)
     BSFPretrainTrainer_Big,
+    BSFPretrainTrainer_DR,
     BSFPretrainTrainer_Large,
     BSFPretrainTrainer_official,
     BSFPretrainTrainer_Tiny,
     BSFPretrainTrainer_Toy,
+    BSFPretrainTrainer_ToyDR,
     BSFPretrainTrainer_ToyFast,
+    BSFPretrainTrainer_ToyFastDR,
 )
 
 nnunet_hooks.install()

@@ -94,6 +94,9 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
     # what -pretrained_weights and stage chaining load: "by-name" (every tensor that fits, input filters matched by
     # channel name) or "official" (the Swin layers 1-4 only, as the official scripts' strict=False loading)
     bsf_handover = "by-name"
+    # intensity domain randomization (domain_randomization.py): of the training patches from their labels when
+    # fine-tuning, label-free of the crops when pretraining; None: decided by BSF_DOMAIN_RANDOMIZATION (off unless 1)
+    bsf_domain_randomization = None
     bsf_recipe: dict = {}  # nnU-Net's attributes (initial_lr, num_epochs, ...), set at construction; each trainer's own
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -109,6 +112,13 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
         self._adapt_configuration(configuration)
         if self.device.type == "cpu":
             self.print_to_log_file(f"  {tune_cpu_allocator()}")
+
+    def _domain_randomization_wanted(self) -> bool:
+        """``bsf_domain_randomization``, or where that is None, the ``BSF_DOMAIN_RANDOMIZATION`` switch."""
+        from .domain_randomization import DOMAIN_RANDOMIZATION_ENV
+
+        wanted = self.bsf_domain_randomization
+        return bool(settings.value(DOMAIN_RANDOMIZATION_ENV)) if wanted is None else bool(wanted)
 
     # ------------------------------------------------------------------ configuration
     def _adapt_configuration(self, configuration: str) -> None:

@@ -199,3 +199,47 @@ def with_domain_randomization(compose, transform: DomainRandomization = None):
         at += 1
     steps.insert(at, transform or DomainRandomization())
     return compose
+
+
+class LabelFreeRandomization:
+    """Intensity randomization without labels, for the crops of self-supervised pretraining (``BSFPretrainTrainer``
+    with ``bsf_domain_randomization``, or ``BSF_DOMAIN_RANDOMIZATION=1``): pretraining sees unlabelled volumes, so
+    there is no label map to draw per-tissue intensities from. Instead, with probability ``p``, each channel of a
+    crop goes through a random intensity curve: piecewise linear between the crop's quantiles at ``levels`` evenly
+    spaced ranks, each mapped to a random level in 0..1 (in any order, so tissues may swap brightness as between T1
+    and T2, and scalp and fat may end up darker or brighter than the brain), then, with probability ``p_bias``, a
+    smooth multiplicative bias field, then a z-score over the crop. Draws come from the ``rng`` given to each call
+    (the SSL loader's, seeded per epoch: --c repeats them)."""
+
+    def __init__(self, p: float = 0.5, levels: int = 6, p_bias: float = 0.5, bias_strength: float = 0.4,
+                 bias_grid: int = 4):
+        if levels < 2:
+            raise ValueError(f"LabelFreeRandomization: levels must be >= 2, got {levels}")
+        self.p, self.levels, self.p_bias = p, int(levels), p_bias
+        self.bias_strength, self.bias_grid = bias_strength, int(bias_grid)
+
+    def __call__(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``crop`` (channels, *spatial), randomized (a new array) or returned as it is."""
+        if rng.random() >= self.p:
+            return crop
+        out = np.empty_like(crop, dtype=np.float32)
+        for c in range(crop.shape[0]):
+            x = self.curve(crop[c], rng)
+            if rng.random() < self.p_bias:
+                x = x * self.bias_field(x.shape, rng)
+            out[c] = (x - x.mean()) / max(float(x.std()), 1e-6)
+        return out
+
+    def curve(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``x`` through a random piecewise-linear curve whose knots are its own quantiles."""
+        sample = x.ravel()[:: max(1, x.size // 20000)]
+        knots = np.quantile(sample, np.linspace(0, 1, self.levels)).astype(np.float64)
+        knots = knots + np.arange(self.levels) * 1e-6  # strictly increasing where quantiles tie (constant air)
+        return np.interp(x, knots, rng.uniform(0, 1, self.levels)).astype(np.float32)
+
+    def bias_field(self, shape, rng: np.random.Generator) -> np.ndarray:
+        """A smooth multiplicative field: a coarse random grid, upsampled, exponentiated."""
+        coarse = torch.from_numpy(rng.normal(0, self.bias_strength / 2, (1, 1) + (self.bias_grid,) * len(shape)))
+        mode = "trilinear" if len(shape) == 3 else "bilinear"
+        field = F.interpolate(coarse.float(), size=tuple(shape), mode=mode, align_corners=True)[0, 0]
+        return np.exp(field.numpy())

@@ -18,7 +18,6 @@ import weakref
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .. import settings
 from ..allocator import release_free_cpu_memory
 from ..io import atomic_path, remove_stale_temporaries
 from ..network.cpu_engine import configure_cpu_engine
@@ -38,9 +37,6 @@ class BSFTrainer(BSFTrainerBase):
     bsf_pretrain_trainer = "BSFPretrainTrainer"
     bsf_freeze_encoder_epochs = 0  # keep swinViT frozen for the first N epochs
     bsf_final_validation = True  # False: a training run skips nnU-Net's final validation (--val still runs it)
-    # SynthSeg-style intensity randomization of the training patches (domain_randomization.py); None: decided by
-    # BSF_DOMAIN_RANDOMIZATION (off unless set to 1)
-    bsf_domain_randomization = None
     bsf_seed = 12345  # each epoch reseeds python/numpy/torch from (seed, fold, epoch): --c repeats the same stream
     bsf_recipe = {"initial_lr": 1e-4, "weight_decay": 1e-5, "num_epochs": 1000, "num_iterations_per_epoch": 250,
                   "num_val_iterations_per_epoch": 50, "save_every": 5}
@@ -194,14 +190,11 @@ class BSFTrainer(BSFTrainerBase):
                                 do_dummy_2d_data_aug, **kwargs):
         """nnU-Net's training transforms, with intensity domain randomization after the spatial transform when
         ``bsf_domain_randomization`` (or ``BSF_DOMAIN_RANDOMIZATION=1``) asks for it."""
-        from .domain_randomization import DOMAIN_RANDOMIZATION_ENV, with_domain_randomization
+        from .domain_randomization import with_domain_randomization
 
         transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
                                                            mirror_axes, do_dummy_2d_data_aug, **kwargs)
-        wanted = self.bsf_domain_randomization
-        if wanted is None:
-            wanted = bool(settings.value(DOMAIN_RANDOMIZATION_ENV))
-        if wanted:
+        if BSFTrainerBase._domain_randomization_wanted(self):
             transforms = with_domain_randomization(transforms)
             self.print_to_log_file("  intensity domain randomization on (synthetic images from the labels, per-label "
                                    "contrast remapping, bias field)")

@@ -228,9 +228,27 @@ class BSFPretrainTrainer(BSFTrainerBase):
         if vpb * self.bsf_crops_per_volume * world < 2:
             self.print_to_log_file("WARNING: one crop per step in total: the contrastive loss has no negatives. "
                                    "Use more crops per volume or a larger batch.")
-        tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, intensity=intensity, **common)
+        tr = SSLCropLoader(ds_tr, tr_keys, seed=self.bsf_seed, intensity=intensity,
+                           randomization=self._ssl_randomization(), **common)
         val = SSLCropLoader(ds_val, val_keys, seed=self.bsf_seed + 1, fixed=True, intensity=intensity, **common)
         return tr, val
+
+    def _ssl_randomization(self):
+        """Label-free intensity randomization of the training crops (``LabelFreeRandomization``) when
+        ``bsf_domain_randomization`` or ``BSF_DOMAIN_RANDOMIZATION=1`` asks for it; None otherwise. The validation
+        crops stay as they are, so that the validation loss compares across epochs."""
+        if not self._domain_randomization_wanted():
+            return None
+        if self.bsf_ssl_intensity != "nnunet":
+            raise ConfigurationError(f"{self.__class__.__name__}: domain randomization z-scores each crop, which the "
+                                     f"official intensities (bsf_ssl_intensity = {self.bsf_ssl_intensity!r}) do not "
+                                     "allow: unset BSF_DOMAIN_RANDOMIZATION (or bsf_domain_randomization), or "
+                                     "use bsf_ssl_intensity = 'nnunet'.")
+        from .domain_randomization import LabelFreeRandomization
+
+        self.print_to_log_file("  intensity domain randomization on (label-free: a random intensity curve and bias "
+                               "field on half of the training crops)")
+        return LabelFreeRandomization()
 
     def _ssl_intensity(self):
         """None (nnU-Net's values) or the official scaling (``ssl_data.OfficialIntensity``) of this dataset."""

@@ -123,7 +123,7 @@ class SSLCropLoader:
     def __init__(self, dataset, identifiers: Sequence[str], crop_size: Sequence[int], volumes_per_batch: int = 1,
                  crops_per_volume: int = 2, foreground_probability: float = 0.9, seed: int = 12345, rank: int = 0,
                  world_size: int = 1, max_tries: int = 20, fixed: bool = False,
-                 intensity: Optional[OfficialIntensity] = None):
+                 intensity: Optional[OfficialIntensity] = None, randomization=None):
         if not identifiers:
             raise ValueError("No cases to pretrain on: the split for this fold is empty. Check splits_final.json or "
                              "use fold 'all'.")
@@ -139,6 +139,7 @@ class SSLCropLoader:
         self.max_tries = int(max_tries)
         self.fixed = fixed  # validation: the same stream every epoch
         self.intensity = intensity  # None: nnU-Net's preprocessed values
+        self.randomization = randomization  # None, or a callable (crop, rng) -> crop: LabelFreeRandomization
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -192,7 +193,7 @@ class SSLCropLoader:
         elif block.shape[1:] != tuple(self.crop_size):
             out[:] = block.min(axis=(1, 2, 3), keepdims=True) if block.size else 0
         out[(slice(None), *dst)] = block
-        return out
+        return out if self.randomization is None else self.randomization(out, self.rng)
 
     def __next__(self) -> dict:
         crops, keys = [], []

@@ -36,6 +36,14 @@ def test_demo_smallest_settings(nnunet_env, run, tmp_path, fake_heldout_wheels):
             assert held["whole_head"] == (source != "icbm152")
         train = os.listdir(work / "nnUNet_raw" / "Dataset990_BrainTissueDemo" / "imagesTr")
         assert not any(s in f for f in train for s in summary["heldout"])
+        # unlabelled whole-head cases: pretrained on (with the 6 labelled training cases), in no fine-tuning fold
+        assert sorted(f for f in train if f.startswith("unlabelled_")) == [
+            "unlabelled_spm_avg305_000_0000.nii.gz", "unlabelled_spm_colin27_000_0000.nii.gz"]
+        split = json.load(open(work / "nnUNet_preprocessed" / "Dataset990_BrainTissueDemo" / "splits_final.json"))[0]
+        assert len(split["train"] + split["val"]) == 6 and not any("unlabelled" in c for v in split.values() for c in v)
+        pre = (work / "nnUNet_results" / "Dataset990_BrainTissueDemo"
+               / "BSFPretrainTrainer_CIfast__nnUNetPlans__3d_fullres")
+        assert "Pretraining on 8 cases" in open(next((pre / "fold_all").glob("training_log_*.txt"))).read()
     else:
         assert summary["heldout"] == {}
     plans = json.load(open(work / "nnUNet_preprocessed" / "Dataset990_BrainTissueDemo" / "nnUNetPlans.json"))

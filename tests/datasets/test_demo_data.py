@@ -347,7 +347,9 @@ def test_multi_source_build_layout(tmp_path, monkeypatch):
     assert all(dd.SOURCES[s].licence for s in dd.SOURCES)
     monkeypatch.setattr(dd, "_check_sources_installed", lambda key, held=(): None)
     monkeypatch.setattr(dd, "load_variant", _fake_variant)
-    p = dd.build_demo_dataset(tmp_path, num_train=3, num_test=1, source="multi", num_heldout=2,
+    unlabelled_src = _with_skull(dd.DemoSource(_phantom4().image, 0 * _phantom4().tissue_probs, _phantom4().affine))
+    monkeypatch.setattr(dd, "load_unlabelled_source", lambda name, spacing: unlabelled_src)
+    p = dd.build_demo_dataset(tmp_path, num_train=3, num_test=1, source="multi", num_heldout=2, num_unlabelled=2,
                               case_kwargs={"elastic_mm": 0.0})
     held = [f"{dd.HELDOUT_PREFIX}{n}_{i:03d}" for n in dd.HELD_OUT for i in range(2)]
     assert sorted(f.name for f in (p / "labelsTs").iterdir()) == sorted([f"{c}.nii.gz" for c in held]
@@ -367,7 +369,16 @@ def test_multi_source_build_layout(tmp_path, monkeypatch):
     assert all(k in js["reference"] for k in list(dd.SOURCES) + list(dd.HELD_OUT))
     assert all(n in js["description"] for n in dd.HELD_OUT)
     record = json.loads((p / dd.BUILD_RECORD).read_text())
-    assert record["num_heldout"] == 2 and record["held_out"] == list(dd.HELD_OUT)
+    assert record["num_heldout"] == 2 and record["held_out"] == list(dd.HELD_OUT) and record["num_unlabelled"] == 2
+    # unlabelled whole-head cases for pretraining: in imagesTr, all-background labels, counted in numTraining
+    unlabelled = [f"{dd.UNLABELLED_PREFIX}{n}_{k:03d}" for n in dd.UNLABELLED_SPM_FILES for k in range(2)]
+    train = sorted(f.name[:-7] for f in (p / "labelsTr").iterdir())
+    assert sorted(dd.unlabelled_case_ids(train)) == sorted(unlabelled) and len(train) == 3 + len(unlabelled)
+    for c in unlabelled:
+        image, label = (_sitk_read(p / d / f"{c}{e}")[1] for d, e in (("imagesTr", "_0000.nii.gz"),
+                                                                        ("labelsTr", ".nii.gz")))
+        assert label.max() == 0 and image.max() > 0.85                 # a head, every voxel background
+    assert js["numTraining"] == 3 + len(unlabelled) and "pretraining only" in js["description"]
 
 
 def test_missing_multi_source_package(monkeypatch, tmp_path):
@@ -386,6 +397,18 @@ def test_block_mean():
     m = _block_mean(a, 3)
     assert m.shape == (2, 2, 2)
     assert m[1, 1, 1] == pytest.approx(a[2:5, 2:5, 2:5].mean())       # block centred on voxel 3
+
+
+@pytest.mark.skipif(not HAVE_SPM, reason="spm-runtime-r2025b not installed (pip install 'bsf-nnunet[demo]')")
+def test_unlabelled_whole_head_sources():
+    """Colin27 and MNI305 from the SPM wheel: whole heads (face and neck reach the bottom of the field of view, unlike
+    the labelled sources' crop), no tissue maps."""
+    for name in dd.UNLABELLED_SPM_FILES:
+        src = dd.load_unlabelled_source(name, 2.0)
+        assert src.tissue_probs.shape == (3,) + src.image.shape and not src.tissue_probs.any()
+        assert src.image.max() == pytest.approx(1.0, abs=0.05) and (src.image > 0.2).mean() > 0.3
+    with pytest.raises(dd.DemoDataError, match="unknown unlabelled source"):
+        dd.load_unlabelled_source("fsaverage6")
 
 
 @pytest.mark.skipif(not HAVE_SPM, reason="spm-runtime-r2025b not installed (pip install 'bsf-nnunet[demo]')")

@@ -214,3 +214,73 @@ def test_plans_name_the_scheme_for_every_channel():
     assert new["configurations"]["3d_fullres"]["normalization_schemes"] == ["RobustZScoreNormalization"] * 2
     with pytest.raises(ConfigurationError, match="use one of zscore, robust"):
         make_bsf_plans(plans, "BSFPlans", "toy", [64, 64, 64], 2, normalization="minmax")
+
+
+# ------------------------------------------------------------------------- label-free, for pretraining crops
+def test_label_free_randomization_remaps_intensities_and_keeps_the_anatomy():
+    """Each randomized crop is z-scored, keeps its structures' boundaries (voxels of one tissue stay alike), and
+    across draws the tissues change brightness order (inversions included); the same generator state gives the same
+    crop, and a crop not drawn for randomization comes back untouched."""
+    from bsf_nnunet.training.domain_randomization import LabelFreeRandomization
+
+    img, seg = _sample()
+    crop = img.numpy()
+    t = LabelFreeRandomization(p=1.0)
+    orders = set()
+    for seed in range(12):
+        out = t(crop, np.random.default_rng(seed))
+        assert out.shape == crop.shape and out.dtype == np.float32
+        assert abs(out.mean()) < 1e-3 and abs(out.std() - 1) < 1e-3
+        means = {v: float(out[0][seg[0].numpy() == v].mean()) for v in (1, 2, 3)}
+        spread = max(float(out[0][seg[0].numpy() == v].std()) for v in (1, 2, 3))
+        assert spread < 0.5 * (max(means.values()) - min(means.values())) + 0.2  # tissues stay distinguishable
+        orders.add(tuple(sorted(means, key=means.get)))
+        np.testing.assert_array_equal(out, t(crop, np.random.default_rng(seed)))
+    assert len(orders) >= 3 and any(o[-1] != 3 for o in orders)  # in some draws WM is not the brightest
+    assert LabelFreeRandomization(p=0.0)(crop, np.random.default_rng(0)) is crop
+
+
+def test_pretraining_randomizes_training_crops_only(monkeypatch):
+    """BSF_DOMAIN_RANDOMIZATION (or bsf_domain_randomization) gives the pretraining trainer's training loader a
+    LabelFreeRandomization; without it the crop stream is exactly the one without the option; it refuses to combine
+    with the official intensities."""
+    from bsf_nnunet.errors import ConfigurationError
+    from bsf_nnunet.training import BSFPretrainTrainer, BSFPretrainTrainer_DR, BSFPretrainTrainer_ToyFastDR, __all__
+    from bsf_nnunet.training.domain_randomization import LabelFreeRandomization
+    from bsf_nnunet.training.ssl_data import SSLCropLoader
+
+    assert {"BSFPretrainTrainer_DR", "BSFPretrainTrainer_ToyDR", "BSFPretrainTrainer_ToyFastDR"} <= set(__all__)
+    plain = object.__new__(BSFPretrainTrainer)
+    plain.print_to_log_file = lambda *a, **k: None
+    monkeypatch.delenv("BSF_DOMAIN_RANDOMIZATION", raising=False)
+    assert plain._ssl_randomization() is None
+    monkeypatch.setenv("BSF_DOMAIN_RANDOMIZATION", "1")
+    assert isinstance(plain._ssl_randomization(), LabelFreeRandomization)
+    monkeypatch.delenv("BSF_DOMAIN_RANDOMIZATION")
+    for cls in (BSFPretrainTrainer_DR, BSFPretrainTrainer_ToyFastDR):
+        t = object.__new__(cls)
+        t.print_to_log_file = lambda *a, **k: None
+        assert isinstance(t._ssl_randomization(), LabelFreeRandomization)
+        t.bsf_ssl_intensity = "official"
+        with pytest.raises(ConfigurationError, match="official intensities"):
+            t._ssl_randomization()
+
+    img, seg = _sample(shape=(70, 70, 70))
+
+    class Case:  # the one method of nnU-Net's dataset classes that the loader uses
+        def load_case(self, ident):
+            return img.numpy(), seg.numpy(), None, {}
+
+    def stream(randomization, seed=3):
+        loader = SSLCropLoader(Case(), ["a"], [64, 64, 64], crops_per_volume=4, seed=seed,
+                               randomization=randomization)
+        return [next(loader)["data"] for _ in range(3)]
+
+    plain_crops, again = stream(None), stream(None)
+    randomized = stream(LabelFreeRandomization())
+    for a, b in zip(plain_crops, again):
+        np.testing.assert_array_equal(a, b)
+    changed = [not np.allclose(r, p) for rb, pb in zip(randomized, plain_crops) for r, p in zip(rb, pb)]
+    assert 0 < sum(changed) < len(changed)  # about half of the crops (p = 0.5)
+    for a, b in zip(randomized, stream(LabelFreeRandomization())):
+        np.testing.assert_array_equal(a, b)  # seeded per epoch by the loader: --c draws the same crops

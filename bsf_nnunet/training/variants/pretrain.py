@@ -41,6 +41,20 @@ class BSFPretrainTrainer_ToyFast(BSFPretrainTrainer_Toy):
                       num_val_iterations_per_epoch=1)
 
 
+class BSFPretrainTrainer_DR(BSFPretrainTrainer):
+    """Pretraining with label-free intensity domain randomization of the crops (as BSF_DOMAIN_RANDOMIZATION=1)."""
+
+    bsf_domain_randomization = True
+
+
+class BSFPretrainTrainer_ToyDR(BSFPretrainTrainer_Toy):
+    bsf_domain_randomization = True
+
+
+class BSFPretrainTrainer_ToyFastDR(BSFPretrainTrainer_ToyFast):
+    bsf_domain_randomization = True
+
+
 class BSFPretrainTrainer_Tiny(BSFPretrainTrainer):
     bsf_variant = "tiny"
 
