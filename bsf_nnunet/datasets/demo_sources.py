@@ -295,8 +295,9 @@ def load_spm_source(spacing: float = 2.0, margin_mm: float = 6.0, skull: bool = 
 
 
 # whole-head volumes without labels from the same wheel, for the demo's self-supervised stage only (issue #28): Colin27
-# (one person scanned 27 times) and the MNI305 average, both with face and neck in the field of view, which no
-# labelled training source has; neither is one of the held-out sources' subjects or templates
+# (one person scanned 27 times: a sharp head with bright scalp fat, unlike the blurred averages) and the MNI305
+# average; SPM's canonical grid, so the same field of view as avg152 (down to the cerebellum: no neck); neither is one
+# of the held-out sources' subjects or templates
 UNLABELLED_SPM_FILES: dict[str, str] = {"spm_colin27": "canonical/single_subj_T1.nii",
                                         "spm_avg305": "canonical/avg305T1.nii"}
 

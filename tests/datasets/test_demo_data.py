@@ -401,8 +401,8 @@ def test_block_mean():
 
 @pytest.mark.skipif(not HAVE_SPM, reason="spm-runtime-r2025b not installed (pip install 'bsf-nnunet[demo]')")
 def test_unlabelled_whole_head_sources():
-    """Colin27 and MNI305 from the SPM wheel: whole heads (face and neck reach the bottom of the field of view, unlike
-    the labelled sources' crop), no tissue maps."""
+    """Colin27 and MNI305 from the SPM wheel: whole heads (skull and scalp fill much of the field of view), no tissue
+    maps."""
     for name in dd.UNLABELLED_SPM_FILES:
         src = dd.load_unlabelled_source(name, 2.0)
         assert src.tissue_probs.shape == (3,) + src.image.shape and not src.tissue_probs.any()
