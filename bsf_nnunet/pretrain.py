@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import signal
 import socket
 import sys
 import time
@@ -160,10 +159,12 @@ def main(argv=None) -> int:
     except (RuntimeError, SystemExit) as e:
         if store is None:
             raise
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # torchrun stops the survivors: this rank is stopping already
-            signal.signal(sig, signal.SIG_IGN)
-        gone, remote = (lost_ranks_after_failure if _collective_failure(e) else lost_ranks)(store, rank, world)
-        if not gone and not _collective_failure(e):
+        from .training.preemption import ignore_stop_signals
+
+        ignore_stop_signals()  # torchrun stops the survivors: this rank is stopping already
+        collective = _collective_failure(e)
+        gone, remote = (lost_ranks_after_failure if collective else lost_ranks)(store, rank, world)
+        if not gone and not collective:
             raise  # not a broken process group: the trainer's own message stands
         why = "stopped by a signal" if isinstance(e, SystemExit) else str(e).strip().splitlines()[0][:300]
         print(lost_rank_message(rank, world, gone, remote, why), file=sys.stderr, flush=True)

@@ -113,13 +113,6 @@ class BSFTrainerBase(PreemptionMixin, nnUNetTrainer):
         if self.device.type == "cpu":
             self.print_to_log_file(f"  {tune_cpu_allocator()}")
 
-    def _domain_randomization_wanted(self) -> bool:
-        """``bsf_domain_randomization``, or where that is None, the ``BSF_DOMAIN_RANDOMIZATION`` switch."""
-        from .domain_randomization import DOMAIN_RANDOMIZATION_ENV
-
-        wanted = self.bsf_domain_randomization
-        return bool(settings.value(DOMAIN_RANDOMIZATION_ENV)) if wanted is None else bool(wanted)
-
     # ------------------------------------------------------------------ configuration
     def _adapt_configuration(self, configuration: str) -> None:
         resolved = self.plans_manager._internal_resolve_configuration_inheritance(configuration)

@@ -158,11 +158,23 @@ class DomainRandomization(BasicTransform):
         return torch.where(blobs, filled.to(image.dtype), image)
 
     def bias_field(self, shape, device) -> torch.Tensor:
-        """A smooth multiplicative field: a coarse random grid, upsampled, exponentiated."""
-        coarse = torch.from_numpy(np.random.normal(0, self.bias_strength / 2, (1, 1) + (self.bias_grid,) * len(shape)))
-        mode = "trilinear" if len(shape) == 3 else "bilinear"
-        field = F.interpolate(coarse.float(), size=tuple(shape), mode=mode, align_corners=True)[0, 0]
-        return torch.exp(field).to(device)
+        """A smooth multiplicative field drawn from numpy's global generator."""
+        coarse = np.random.normal(0, self.bias_strength / 2, (self.bias_grid,) * len(shape))
+        return torch.exp(_upsampled(coarse, shape)).to(device)
+
+
+def _upsampled(coarse: np.ndarray, shape) -> torch.Tensor:
+    """The coarse random grid ``coarse`` interpolated linearly to ``shape`` (a bias field's logarithm)."""
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    return F.interpolate(torch.from_numpy(coarse)[None, None].float(), size=tuple(shape), mode=mode,
+                         align_corners=True)[0, 0]
+
+
+def randomization_wanted(switch) -> bool:
+    """A trainer's ``bsf_domain_randomization``, or where that is None, the ``BSF_DOMAIN_RANDOMIZATION`` switch."""
+    from .. import settings
+
+    return bool(settings.value(DOMAIN_RANDOMIZATION_ENV)) if switch is None else bool(switch)
 
 
 def _centre_and_spread(image: torch.Tensor, brain: torch.Tensor) -> tuple[float, float]:
@@ -238,8 +250,5 @@ class LabelFreeRandomization:
         return np.interp(x, knots, rng.uniform(0, 1, self.levels)).astype(np.float32)
 
     def bias_field(self, shape, rng: np.random.Generator) -> np.ndarray:
-        """A smooth multiplicative field: a coarse random grid, upsampled, exponentiated."""
-        coarse = torch.from_numpy(rng.normal(0, self.bias_strength / 2, (1, 1) + (self.bias_grid,) * len(shape)))
-        mode = "trilinear" if len(shape) == 3 else "bilinear"
-        field = F.interpolate(coarse.float(), size=tuple(shape), mode=mode, align_corners=True)[0, 0]
-        return np.exp(field.numpy())
+        """A smooth multiplicative field drawn from ``rng``."""
+        return np.exp(_upsampled(rng.normal(0, self.bias_strength / 2, (self.bias_grid,) * len(shape)), shape).numpy())

@@ -190,11 +190,11 @@ class BSFTrainer(BSFTrainerBase):
                                 do_dummy_2d_data_aug, **kwargs):
         """nnU-Net's training transforms, with intensity domain randomization after the spatial transform when
         ``bsf_domain_randomization`` (or ``BSF_DOMAIN_RANDOMIZATION=1``) asks for it."""
-        from .domain_randomization import with_domain_randomization
+        from .domain_randomization import randomization_wanted, with_domain_randomization
 
         transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
                                                            mirror_axes, do_dummy_2d_data_aug, **kwargs)
-        if BSFTrainerBase._domain_randomization_wanted(self):
+        if randomization_wanted(self.bsf_domain_randomization):
             transforms = with_domain_randomization(transforms)
             self.print_to_log_file("  intensity domain randomization on (synthetic images from the labels, per-label "
                                    "contrast remapping, bias field)")

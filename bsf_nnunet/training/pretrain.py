@@ -237,15 +237,15 @@ class BSFPretrainTrainer(BSFTrainerBase):
         """Label-free intensity randomization of the training crops (``LabelFreeRandomization``) when
         ``bsf_domain_randomization`` or ``BSF_DOMAIN_RANDOMIZATION=1`` asks for it; None otherwise. The validation
         crops stay as they are, so that the validation loss compares across epochs."""
-        if not self._domain_randomization_wanted():
+        from .domain_randomization import LabelFreeRandomization, randomization_wanted
+
+        if not randomization_wanted(self.bsf_domain_randomization):
             return None
         if self.bsf_ssl_intensity != "nnunet":
             raise ConfigurationError(f"{self.__class__.__name__}: domain randomization z-scores each crop, which the "
                                      f"official intensities (bsf_ssl_intensity = {self.bsf_ssl_intensity!r}) do not "
                                      "allow: unset BSF_DOMAIN_RANDOMIZATION (or bsf_domain_randomization), or "
                                      "use bsf_ssl_intensity = 'nnunet'.")
-        from .domain_randomization import LabelFreeRandomization
-
         self.print_to_log_file("  intensity domain randomization on (label-free: a random intensity curve and bias "
                                "field on half of the training crops)")
         return LabelFreeRandomization()
