@@ -3,9 +3,10 @@
 is not there is one clear error, not a stack trace from torch in the middle of a training.
 
 Also whether the CPU computes in bf16 (``BSF_CPU_BF16``), which training (autocast) and the CPU inference engine
-(OpenVINO's precision) both follow."""
+(OpenVINO's precision) both follow, and a signature of the CPU's instruction set (names OpenVINO's cache folder)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 from . import settings
@@ -55,18 +56,31 @@ def resolve_device(requested: str, executor: str = "sequential", out: Callable[[
 CPU_BF16_ENV = "BSF_CPU_BF16"
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
-    Elsewhere bf16 is emulated and slower than fp32."""
+def cpu_flags() -> frozenset:
+    """The instruction-set flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
+    Elsewhere bf16 is emulated and slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_signature() -> str:
+    """A short name for what this CPU can execute (a digest of its instruction-set flags): machines that share a
+    home folder but not a CPU model keep code compiled for one apart from the other's."""
+    flags = cpu_flags()
+    if not flags:
+        return "cpu-unknown"
+    return "cpu-" + hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:10]
 
 
 def cpu_bf16_enabled() -> bool:

@@ -11,12 +11,12 @@ so later runs of the same model reuse it: for OpenVINO a folder with its own mod
 (Small at 128^3 on 2 cores: about 12 s to export and convert, 1-2 s to compile); for ONNX Runtime an ONNX file from
 the legacy TorchScript exporter (opset 18, fixed shape). In both, the shifted-window masks are computed by the
 graph from small constants (:func:`~bsf_nnunet.network.swin_unetr.shift_masks_computed_in_graph`) instead of being
-folded into large constants. OpenVINO also keeps its compiled model there (``openvino/bf16`` or ``openvino/f32``;
-loads from the cache in under 1 s). ONNX Runtime computes in fp32; OpenVINO in bf16 where the CPU computes bf16
-natively (AVX512-BF16, AMX; ``BSF_CPU_BF16`` decides, as for training), else fp32. In-process the compiled model is
-kept until the weights change (nnU-Net's predictor loads each fold's weights into the same network; the change is
-seen from the parameters' version counters and data pointers). Any export or engine failure falls back to PyTorch
-for that network with one printed line, never a crash.
+folded into large constants. OpenVINO also keeps its compiled model there (``openvino/bf16-<cpu>`` or
+``openvino/f32-<cpu>``, one per CPU instruction set; loads from the cache in under 1 s). ONNX Runtime computes in
+fp32; OpenVINO in bf16 where the CPU computes bf16 natively (AVX512-BF16, AMX; ``BSF_CPU_BF16`` decides, as for
+training), else fp32. In-process the compiled model is kept until the weights change (nnU-Net's predictor loads each
+fold's weights into the same network; the change is seen from the parameters' version counters and data pointers). Any
+export or engine failure falls back to PyTorch for that network with one printed line, never a crash.
 
 This module knows nothing about trainers or nnU-Net.
 """
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..devices import cpu_bf16_enabled
+from ..devices import cpu_bf16_enabled, cpu_signature
 from ..settings import value
 from .swin_unetr import shift_masks_computed_in_graph
 
@@ -170,16 +170,18 @@ def open_session(path: str):
 def compile_openvino(path: str, cache_dir: str, bf16: bool = False):
     """An OpenVINO CPU model compiled from the model file ``path`` (OpenVINO's .xml or ONNX): latency mode,
     PyTorch's thread count, fp32 or (``bf16``) bf16 arithmetic; the compiled model is cached in
-    ``cache_dir``/``bf16`` or ``f32`` (a second compilation of the same file with the same precision loads it). The
-    precision is always set explicitly: OpenVINO's own default is bf16 on CPUs with AMX, whatever the user chose. One
-    cache folder per precision because OpenVINO 2026.4 finds an f32-compiled model under the same cache key when bf16
-    is asked for, and the process then dies of a segmentation fault at the first inference (an AMX CPU; f32
-    compiled, then bf16 in a new process)."""
+    ``cache_dir``/``bf16-<cpu>`` or ``f32-<cpu>`` (a second compilation of the same file with the same precision on
+    the same kind of CPU loads it). The precision is always set explicitly: OpenVINO's own default is bf16 on CPUs
+    with AMX, whatever the user chose. One cache folder per precision because OpenVINO 2026.4 finds an f32-compiled
+    model under the same cache key when bf16 is asked for, and the process then dies of a segmentation fault at the
+    first inference (an AMX CPU; f32 compiled, then bf16 in a new process). One per CPU instruction set
+    (:func:`cpu_signature`) because its cache key is not known to tell CPUs apart either, and cluster nodes of
+    different CPU generations often share one home folder (and so ``BSF_CACHE_DIR``)."""
     import openvino
 
     precision = "bf16" if bf16 else "f32"
     core = openvino.Core()
-    core.set_property({"CACHE_DIR": os.path.join(cache_dir, precision)})
+    core.set_property({"CACHE_DIR": os.path.join(cache_dir, f"{precision}-{cpu_signature()}")})
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_PRECISION_HINT": precision}
     return core.compile_model(path, "CPU", config)

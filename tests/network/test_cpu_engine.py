@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from bsf_nnunet.devices import cpu_has_native_bf16
+from bsf_nnunet.devices import cpu_has_native_bf16, cpu_signature
 from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.network import BSFSwinUNETR, cpu_engine
 from bsf_nnunet.network.cpu_engine import OnnxRuntimeEngine, OpenVinoEngine, configure_cpu_engine, cpu_engine_choice
@@ -75,7 +75,7 @@ def test_fixed_xyz_new_weights_new_session_and_cache_reuse(tmp_path, engine_clas
     exported = [f for f in os.listdir(tmp_path) if f.endswith(engine.suffix)]
     assert again.exports == 0 and len(exported) == 2
     if engine_class is OpenVinoEngine:  # the compiled models are cached too
-        assert len(os.listdir(tmp_path / "openvino" / "f32")) >= 2
+        assert len(os.listdir(tmp_path / "openvino" / f"f32-{cpu_signature()}")) >= 2
 
 
 def test_openvino_precision_follows_the_bf16_switch(tmp_path, monkeypatch, capsys):
@@ -121,7 +121,7 @@ def test_openvino_cache_of_one_precision_is_never_loaded_for_the_other(tmp_path)
         done = subprocess.run([sys.executable, "-c", _COMPILE_AND_RUN, onnx, str(tmp_path / "openvino"), switch],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (switch, done.returncode, done.stderr[-2000:])
-    assert sorted(os.listdir(tmp_path / "openvino")) == ["bf16", "f32"]
+    assert sorted(os.listdir(tmp_path / "openvino")) == [f"bf16-{cpu_signature()}", f"f32-{cpu_signature()}"]
 
 
 def test_engine_only_for_cpu_fp32_inference():

@@ -3,6 +3,7 @@ accuracy (fp32 itself equals MONAI's within 1e-4: tests/network/test_network.py)
 import pytest
 import torch
 
+from bsf_nnunet.devices import cpu_signature
 from bsf_nnunet.errors import ConfigurationError
 from bsf_nnunet.network import BSFSwinUNETR
 from bsf_nnunet.training.precision import CPU_BF16_ENV, bf16_supported, cpu_bf16_enabled, cpu_has_native_bf16
@@ -24,10 +25,11 @@ def test_default_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
         cpu_bf16_enabled()
 
 
-def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
+def test_native_bf16_detection_and_cpu_signature_read_cpu_flags(monkeypatch, tmp_path):
     import builtins
 
     real_open = builtins.open
+    signatures = set()
     for flags, expected in (("fpu sse avx512f avx512_bf16 avx512_vnni", True), ("fpu sse amx_bf16 amx_tile", True),
                             ("fpu sse avx2 avx512f avx512bw", False)):
         f = tmp_path / "cpuinfo"
@@ -35,7 +37,10 @@ def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(builtins, "open",
                             lambda p, *a, f=f, **k: real_open(f if p == "/proc/cpuinfo" else p, *a, **k))
         assert cpu_has_native_bf16() is expected
+        assert cpu_signature() == cpu_signature() and cpu_signature().startswith("cpu-")
+        signatures.add(cpu_signature())
     monkeypatch.setattr(builtins, "open", real_open)
+    assert len(signatures) == 3  # OpenVINO's cache folders keep the three CPUs' compiled models apart
 
 
 def test_bf16_autocast_forward_and_gradients_track_fp32():
