@@ -10,8 +10,9 @@ WM 3 as nested ellipsoids of random size, place and folding; background: air, a 
 than WM), z-scored as nnU-Net's preprocessing would. Each network then predicts the first training case, its
 contrast-inverted copy (inside the head: CSF brightest, WM darkest, as T2 against T1) and a copy whose scalp is 3x
 brighter; the mean Dice over CSF/GM/WM between each copy's prediction and the original's says whether it sees the
-same tissues (and Dice against the labels, whether it learnt them). This is a measurement, not a unit test: a
-useful number needs a few hundred steps per arm, minutes on 2 cores.
+same tissues (and Dice against the labels, whether it learnt them). This is a measurement from random weights over
+several cases and seeds: a useful number needs a few hundred steps per arm, minutes on 2 cores. The unit test
+(tests/training/test_dr_invariance.py) uses this phantom and its copies, from a shared start, on one case.
 """
 from __future__ import annotations
 
