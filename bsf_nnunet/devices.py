@@ -7,6 +7,7 @@ Also whether the CPU computes in bf16 (``BSF_CPU_BF16``), which training (autoca
 from __future__ import annotations
 
 import hashlib
+import platform
 from typing import Callable
 
 from . import settings
@@ -78,8 +79,8 @@ def cpu_signature() -> str:
     """A short name for what this CPU can execute (a digest of its instruction-set flags): machines that share a
     home folder but not a CPU model keep code compiled for one apart from the other's."""
     flags = cpu_flags()
-    if not flags:
-        return "cpu-unknown"
+    if not flags:  # no /proc/cpuinfo (macOS, Windows): the architecture at least
+        return f"cpu-{platform.machine() or 'unknown'}"
     return "cpu-" + hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:10]
 
 
