@@ -1,6 +1,6 @@
 """Hardware figures shared by the benchmarks: the CPU's theoretical fp32 peak, GPU bf16 peaks, FLOP counts.
 
-    from _hw import cpu_peak, count_flops, device_peak, native_cpu_bf16, gpu_bf16_peak_tflops
+    from _hw import cpu_peak, count_flops, device_peak, gpu_bf16_peak_tflops
 
 ``cpu_peak()`` derives the peak from the CPU flags and clock: usable cores x clock x fp32 FLOP per cycle per core
 (two FMA units of the widest vector ISA: AVX-512 64, AVX2+FMA 32, AVX 16, SSE 8). It is a ceiling that no
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+
+from bsf_nnunet.devices import cpu_flags, cpu_has_native_bf16
 
 # fp32 FLOP per cycle per core (2 FMA pipes x lanes x 2), widest ISA first.
 _FLOPS_PER_CYCLE = (("avx512f", 64, "AVX-512"), ("avx2", 32, "AVX2+FMA"), ("avx", 16, "AVX"), ("sse2", 8, "SSE2"))
@@ -28,16 +30,6 @@ def _cpuinfo() -> str:
             return f.read()
     except OSError:
         return ""
-
-
-def cpu_flags() -> set:
-    m = re.search(r"^flags\s*:\s*(.*)$", _cpuinfo(), re.M)
-    return set(m.group(1).split()) if m else set()
-
-
-def native_cpu_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _clock_ghz() -> tuple:
@@ -66,7 +58,7 @@ def cpu_peak() -> dict:
     how = (f"{cores} cores (threads torch uses) x {ghz:.2f} GHz ({clock_src}) x {per_cycle} fp32 FLOP/cycle "
            f"({isa}: 2 FMA units) = {gflops:.0f} GFLOP/s")
     return {"gflops": gflops, "cores": cores, "ghz": ghz, "flops_per_cycle": per_cycle, "isa": isa, "how": how,
-            "native_bf16": native_cpu_bf16()}
+            "native_bf16": cpu_has_native_bf16()}
 
 
 def gpu_bf16_peak_tflops(name: str):

@@ -68,6 +68,14 @@ def copies(image: np.ndarray, labels: np.ndarray) -> dict:
     return {"original": image, "inverted": inverted, "scalp_x3": bright}
 
 
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus 1 - the soft Dice of the tissues (over the whole batch, smoothed by 1)."""
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    p = logits.softmax(1)
+    dice = (2 * (p * one_hot).sum((0, 2, 3, 4)) + 1) / (p.sum((0, 2, 3, 4)) + one_hot.sum((0, 2, 3, 4)) + 1)
+    return F.cross_entropy(logits, target) + 1 - dice[1:].mean()
+
+
 def train(cases, patch, randomize: bool, steps: int, seed: int):
     from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
     from bsf_nnunet.planning.presets import variant_arch_kwargs
@@ -83,11 +91,7 @@ def train(cases, patch, randomize: bool, steps: int, seed: int):
                    for i in draws.integers(0, len(cases), 2)]
         images = torch.stack([s["image"] for s in samples])
         target = torch.stack([s["segmentation"][0] for s in samples]).long().clamp_min(0)
-        logits = net(images)
-        one_hot = F.one_hot(target, 4).permute(0, 4, 1, 2, 3).float()
-        p = logits.softmax(1)
-        dice = (2 * (p * one_hot).sum((0, 2, 3, 4)) + 1) / (p.sum((0, 2, 3, 4)) + one_hot.sum((0, 2, 3, 4)) + 1)
-        loss = F.cross_entropy(logits, target) + 1 - dice[1:].mean()
+        loss = segmentation_loss(net(images), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

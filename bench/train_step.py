@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _hw import device_peak, gflops_row, native_cpu_bf16, run_child, train_step_flops  # noqa: E402
+from _hw import device_peak, gflops_row, run_child, train_step_flops  # noqa: E402
 
 ROWS = ("MONAI fp32", "MONAI best", "MONAI best + malloc", "ours", "ours compiled")
 # "MONAI best + malloc": MONAI best with the glibc setting that bsf-nnunet applies on CPU (bsf_nnunet.allocator), which
@@ -97,7 +97,9 @@ def _measure(impl, variant, size, batch, device, ckpt, reps, warmup, attention, 
 def _native_bf16(device):
     import torch
 
-    return torch.cuda.is_bf16_supported() if device == "cuda" else native_cpu_bf16()
+    from bsf_nnunet.devices import cpu_has_native_bf16
+
+    return torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16()
 
 
 def _run_child(a, impl, variant, size, ck, precision, compiled, cache_dir):

@@ -14,23 +14,16 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bsf_nnunet.dice import dice
 from bsf_nnunet.network.swin_unetr import BSFSwinUNETR
 from bsf_nnunet.planning.presets import variant_arch_kwargs
 from bsf_nnunet.training.domain_randomization import DomainRandomization
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-from dr_invariance import TISSUES, copies, phantom  # the benchmark's phantom head and its copies
+from dr_invariance import copies, mean_dice, phantom, segmentation_loss, zscored  # one phantom, loss and score
 
 SHAPE = (32, 32, 64)  # the smallest input whose deepest toy-network feature map has more than one voxel
 SHARED_STEPS, ARM_STEPS, RANDOMIZED_DRAWS = 20, 20, 2
-
-
-def zscored(image: np.ndarray) -> torch.Tensor:
-    """(1, Z, Y, X), normalised as nnU-Net's ZScoreNormalization does."""
-    return torch.from_numpy((image - image.mean()) / image.std())[None]
 
 
 def fit(net, optimizer, image, labels, steps, randomization=None):
@@ -44,31 +37,20 @@ def fit(net, optimizer, image, labels, steps, randomization=None):
             draws = [randomization(image=x.clone(), segmentation=seg.clone()) for _ in range(RANDOMIZED_DRAWS)]
             assert all(torch.equal(d["segmentation"], seg) for d in draws)
             batch = torch.stack([d["image"] for d in draws])
-        target = seg.long().expand(len(batch), -1, -1, -1)
-        logits = net(batch)
-        p = logits.softmax(1)
-        one_hot = F.one_hot(target, 4).permute(0, 4, 1, 2, 3).float()
-        soft_dice = (2 * (p * one_hot).sum((0, 2, 3, 4)) + 1) / (p.sum((0, 2, 3, 4)) + one_hot.sum((0, 2, 3, 4)) + 1)
-        loss = F.cross_entropy(logits, target) + 1 - soft_dice[1:].mean()
+        loss = segmentation_loss(net(batch), seg.long().expand(len(batch), -1, -1, -1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return net.eval()
 
 
-def tissue_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice over CSF/GM/WM; a tissue absent from both counts 0, so a network that predicts only background
-    agrees with nothing."""
-    return float(np.mean([dice(a == t, b == t, empty=0.0) for t in TISSUES]))
-
-
 def scores(net, image, labels) -> dict:
-    """Agreement of the original's prediction with the labels, and of each copy's with the original's."""
+    """Agreement of the original's prediction with the labels, and of each copy's with the original's (mean Dice over
+    CSF/GM/WM; a tissue absent from both counts 0, so a network that predicts only background agrees with nothing)."""
     with torch.no_grad():
         predicted = {name: net(zscored(c)[None]).argmax(1)[0].numpy() for name, c in copies(image, labels).items()}
     original = predicted.pop("original")
-    return {"labels": tissue_agreement(original, labels),
-            **{name: tissue_agreement(p, original) for name, p in predicted.items()}}
+    return {"labels": mean_dice(original, labels), **{name: mean_dice(p, original) for name, p in predicted.items()}}
 
 
 def test_randomized_network_sees_inverted_and_bright_scalp_copies_as_the_same_tissue():
